@@ -1,0 +1,36 @@
+# The two commands a user needs:  make run  (serve on :9090)  and  make test.
+# Both create the virtualenv in .venv and install what is missing first.
+
+PYTHON  ?= python3
+VENV    ?= .venv
+PORT    ?= 9090
+WORKERS ?= 1
+THREADS ?= 4
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.PHONY: install run test lint bench-predict clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "Python >= 3.10 is required (found " + sys.version.split()[0] + ")")'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements-dev.txt -c constraints.txt
+	touch $@
+
+run: install
+	$(BIN)/gunicorn --bind 0.0.0.0:$(PORT) --workers $(WORKERS) --threads $(THREADS) --timeout 300 _wsgi:app
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check .
+
+bench-predict: install
+	$(BIN)/python -m benchmarks.predict_speed
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .ruff_cache

@@ -1,0 +1,183 @@
+"""Configuration, read once from the environment and validated.
+
+Every variable the backend reads is declared in ``_VARIABLES`` below, with its default and meaning; the README's
+configuration table lists the same ones. Invalid values raise :class:`SettingsError` naming each bad variable, so a
+misconfigured server stops at start-up with a message instead of failing on the first request.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from functools import lru_cache
+from pathlib import Path
+
+from ale_backend.scoring import STRATEGIES
+
+
+class SettingsError(ValueError):
+    """One or more environment variables have invalid values."""
+
+
+def _text(raw: str) -> str:
+    return raw.strip()
+
+
+def _path(raw: str) -> Path:
+    return Path(raw).expanduser().resolve()
+
+
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError("expected true/false")
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise ValueError("expected an integer >= 1")
+    return value
+
+
+def _unit_interval(raw: str) -> float:
+    value = float(raw)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError("expected a number between 0 and 1")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if value <= 0:
+        raise ValueError("expected a number > 0")
+    return value
+
+
+def _strategy(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in STRATEGIES:
+        raise ValueError(f"expected one of {', '.join(STRATEGIES)}")
+    return value
+
+
+def _log_level(raw: str) -> str:
+    value = raw.strip().upper()
+    if value not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+        raise ValueError("expected DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    return value
+
+
+def _url(raw: str) -> str:
+    value = raw.strip().rstrip("/")
+    if value and not value.startswith(("http://", "https://")):
+        raise ValueError("expected an http:// or https:// URL")
+    return value
+
+
+# field name -> (environment variable, default, parser)
+_VARIABLES: dict[str, tuple[str, str, Callable[[str], object]]] = {
+    "model_path": ("MODEL_PATH", "yolov5nu.yaml", _text),
+    "model_dir": ("MODEL_DIR", "data/models", _path),
+    "strategy": ("ALE_STRATEGY", "ale-entropy-sum", _strategy),
+    "random_seed": ("ALE_RANDOM_SEED", "0", int),
+    "device": ("DEVICE", "", _text),
+    "imgsz": ("IMGSZ", "640", _positive_int),
+    "inference_batch": ("INFERENCE_BATCH", "16", _positive_int),
+    "score_conf": ("SCORE_CONF", "0.25", _unit_interval),
+    "score_iou": ("SCORE_IOU", "0.45", _unit_interval),
+    "score_max_det": ("SCORE_MAX_DET", "100", _positive_int),
+    "agnostic_nms": ("SCORE_AGNOSTIC_NMS", "true", _bool),
+    "display_conf": ("DISPLAY_CONF", "0.25", _unit_interval),
+    "label_studio_url": ("LABEL_STUDIO_URL", "", _url),
+    "label_studio_api_key": ("LABEL_STUDIO_API_KEY", "", _text),
+    "fetch_workers": ("FETCH_WORKERS", "8", _positive_int),
+    "fetch_timeout": ("FETCH_TIMEOUT", "10", _positive_float),
+    "max_image_mb": ("MAX_IMAGE_MB", "50", _positive_float),
+    "log_level": ("LOG_LEVEL", "INFO", _log_level),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The backend's configuration. Build it with :meth:`from_env`; tests may pass values directly."""
+
+    model_path: str = "yolov5nu.yaml"
+    """Local weights (``.pt``) or an ultralytics model YAML; never downloaded."""
+    model_dir: Path = Path("data/models").resolve()
+    """Where the backend keeps its state (model registry, caches, ultralytics settings)."""
+    strategy: str = "ale-entropy-sum"
+    """Selection strategy that orders tasks (see :mod:`ale_backend.scoring`)."""
+    random_seed: int = 0
+    """Seed of the ``random`` strategy; a task keeps the same random score for a given seed."""
+    device: str = ""
+    """Torch device for inference (``cpu``, ``0``, ``cuda:0``); empty picks a GPU when one exists."""
+    imgsz: int = 640
+    """Inference image size (pixels, longest side after letterboxing)."""
+    inference_batch: int = 16
+    """Images per forward pass."""
+    score_conf: float = 0.25
+    """Confidence threshold for the detections that ALE scores."""
+    score_iou: float = 0.45
+    """NMS IoU threshold."""
+    score_max_det: int = 100
+    """At most this many detections per image (highest confidence first)."""
+    agnostic_nms: bool = True
+    """Class-agnostic NMS: one box per object, so N counts objects and the class confusion stays in the vector."""
+    display_conf: float = 0.25
+    """Confidence threshold for regions shown as pre-annotations."""
+    label_studio_url: str = ""
+    """Label Studio's base URL, for images under ``/data/...``."""
+    label_studio_api_key: str = ""
+    """Legacy token or personal access token of a Label Studio user."""
+    fetch_workers: int = 8
+    """Images fetched concurrently per request."""
+    fetch_timeout: float = 10.0
+    """Seconds before an image download is abandoned."""
+    max_image_mb: float = 50.0
+    """Images larger than this are refused."""
+    log_level: str = "INFO"
+    """Python logging level."""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read every variable; raise :class:`SettingsError` listing all invalid ones."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        problems: list[str] = []
+        for name, (variable, default, parse) in _VARIABLES.items():
+            raw = environ.get(variable, default)
+            try:
+                values[name] = parse(raw)
+            except ValueError as exc:
+                problems.append(f"{variable}={raw!r}: {exc}")
+        if problems:
+            raise SettingsError("invalid configuration:\n  " + "\n  ".join(problems))
+        return cls(**values)
+
+    @property
+    def max_image_bytes(self) -> int:
+        return int(self.max_image_mb * 1024 * 1024)
+
+    @property
+    def inference_conf(self) -> float:
+        """The detector keeps everything either consumer needs; each then filters by its own threshold."""
+        return min(self.score_conf, self.display_conf)
+
+
+def environment_variables() -> dict[str, str]:
+    """Variable name -> default, for documentation and checks."""
+    return {variable: default for variable, default, _ in _VARIABLES.values()}
+
+
+assert {f.name for f in fields(Settings)} == set(_VARIABLES), "Settings and _VARIABLES must list the same fields"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read from the environment on first use."""
+    return Settings.from_env()
