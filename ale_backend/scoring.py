@@ -1,0 +1,145 @@
+"""Image scores for active learning: aggregated uncertainty and the ALE extension.
+
+An image's detections each carry a class-score vector. A strategy turns the ``(N, C)`` matrix of one image into one
+number; the higher the number, the sooner the image should be labelled.
+
+* ``<measure>-<reduction>``: ``A(S)``, the per-detection uncertainty ``S`` (``entropy`` or ``lc``, see
+  :mod:`ale_backend.uncertainty`) aggregated over the image by ``sum``, ``mean`` or ``max`` (eq. 3-5).
+* ``ale-<measure>-<reduction>``: ``A(S) * sqrt(N)`` (eq. 6), N = number of detections. The paper's "ALE Entr Sum"
+  is ``ale-entropy-sum``, the default.
+* ``count``: N itself, the control for "crowded images win".
+* ``random``: a uniform random number, independent of the detections.
+
+Every strategy but ``random`` scores an image without detections 0.
+
+Label Studio wants a prediction score in [0, 1] and its "Uncertainty sampling" serves the *lowest* score first, so
+:func:`priority` maps an image score to ``1 / (1 + score)``: the highest-ALE task has the lowest priority score.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ale_backend.uncertainty import MEASURES, normalize
+
+REDUCTIONS: dict[str, Callable[[np.ndarray], float]] = {
+    "sum": np.sum,
+    "mean": np.mean,
+    "max": np.max,
+}
+"""Aggregation name -> function over an image's per-detection uncertainties (eq. 3-5)."""
+
+_UNCERTAINTY_STRATEGIES = tuple(f"{m}-{r}" for m in MEASURES for r in REDUCTIONS)
+STRATEGIES: tuple[str, ...] = (
+    "random",
+    "count",
+    *_UNCERTAINTY_STRATEGIES,
+    *(f"ale-{name}" for name in _UNCERTAINTY_STRATEGIES),
+)
+"""Every strategy name, in a stable order."""
+
+DEFAULT_STRATEGY = "ale-entropy-sum"
+
+READABLE_PRIORITY_CEILING = 1.0 - 1e-6
+"""Largest priority score a readable image gets; 1.0 itself is kept for tasks whose image could not be read."""
+UNREADABLE_PRIORITY = 1.0
+"""Priority score of a task whose image could not be read: after every readable task in the queue."""
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A parsed strategy name."""
+
+    name: str
+    measure: str | None = None
+    reduction: str | None = None
+    ale: bool = False
+
+    @classmethod
+    def parse(cls, name: str) -> Strategy:
+        if name not in STRATEGIES:
+            raise ValueError(f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGIES)}")
+        if name in {"random", "count"}:
+            return cls(name)
+        ale = name.startswith("ale-")
+        measure, reduction = name.removeprefix("ale-").split("-")
+        return cls(name, measure, reduction, ale)
+
+
+def aggregated_uncertainty(class_scores: np.ndarray, measure: str, reduction: str) -> float:
+    """``A(S)``: the image's per-detection uncertainties reduced to one number (0 without detections).
+
+    Parameters
+    ----------
+    class_scores : array of shape (N, C)
+        Raw non-negative class scores of the image's N detections; each row is normalised to sum 1 first.
+    measure : ``"entropy"`` or ``"lc"``
+    reduction : ``"sum"``, ``"mean"`` or ``"max"``
+    """
+    scores = _as_matrix(class_scores)
+    if scores.shape[0] == 0:
+        return 0.0
+    uncertainties = MEASURES[measure](normalize(scores))
+    return float(REDUCTIONS[reduction](uncertainties))
+
+
+def score_image(
+    class_scores: np.ndarray, strategy: str = DEFAULT_STRATEGY, rng: np.random.Generator | None = None
+) -> float:
+    """Score one image by ``strategy``; higher means label it sooner.
+
+    Parameters
+    ----------
+    class_scores : array of shape (N, C)
+        One row of raw class scores per detection on the image; N may be 0.
+    strategy : str
+        One of :data:`STRATEGIES`.
+    rng : numpy Generator, optional
+        Source of the ``random`` strategy's number (a fresh unseeded one when omitted).
+
+    Returns
+    -------
+    float
+        ``A(S) * sqrt(N)`` for ``ale-`` strategies, ``A(S)`` for plain ones, ``N`` for ``count``, a number in
+        [0, 1) for ``random``; 0 for an image without detections (except ``random``).
+    """
+    parsed = Strategy.parse(strategy)
+    scores = _as_matrix(class_scores)
+    n = scores.shape[0]
+    if parsed.name == "random":
+        return float((rng or np.random.default_rng()).random())
+    if parsed.name == "count":
+        return float(n)
+    value = aggregated_uncertainty(scores, parsed.measure, parsed.reduction)
+    return value * float(np.sqrt(n)) if parsed.ale else value
+
+
+def score_images(
+    images: Sequence[np.ndarray], strategy: str = DEFAULT_STRATEGY, rng: np.random.Generator | None = None
+) -> np.ndarray:
+    """:func:`score_image` over several images' class-score matrices; returns an array of shape (len(images),)."""
+    rng = rng or np.random.default_rng()
+    return np.array([score_image(scores, strategy, rng) for scores in images], dtype=np.float64)
+
+
+def priority(score: float) -> float:
+    """Map an image score (>= 0) to Label Studio's prediction score: ``1 / (1 + score)``, capped just below 1.
+
+    Decreasing in the score, so Label Studio's "Uncertainty sampling" (lowest first) and an ascending sort on the
+    prediction score serve the highest-scoring image first. Invert with ``score = 1 / priority - 1``.
+    """
+    if not score >= 0:
+        raise ValueError(f"image scores are non-negative, got {score!r}")
+    return min(1.0 / (1.0 + score), READABLE_PRIORITY_CEILING)
+
+
+def _as_matrix(class_scores: np.ndarray) -> np.ndarray:
+    scores = np.asarray(class_scores, dtype=np.float64)
+    if scores.ndim == 1 and scores.size == 0:
+        return scores.reshape(0, 1)
+    if scores.ndim != 2:
+        raise ValueError(f"class scores must be a 2-D (detections, classes) array, got shape {scores.shape}")
+    return scores

@@ -1,0 +1,132 @@
+"""ALE formulas against values computed by hand (natural log, sigmoid vectors normalised to sum 1)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from ale_backend import scoring, uncertainty
+from ale_backend.scoring import STRATEGIES, Strategy, priority, score_image, score_images
+
+# Three detections with raw (sigmoid) class scores; normalised rows are [.25 .75], [.5 .5], [1 0].
+IMAGE = np.array([[0.2, 0.6], [0.5, 0.5], [0.9, 0.0]])
+H1 = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))  # 0.562335...
+H2 = math.log(2)
+ENTROPIES = [H1, H2, 0.0]
+LCS = [1 - (0.75 - 0.25), 1 - (0.5 - 0.5), 1 - (1.0 - 0.0)]  # 0.5, 1, 0
+
+
+def test_normalize_scales_rows_and_makes_empty_evidence_uniform():
+    p = uncertainty.normalize(np.array([[0.2, 0.6], [0.0, 0.0], [3.0, 1.0]]))
+    np.testing.assert_allclose(p, [[0.25, 0.75], [0.5, 0.5], [0.75, 0.25]])
+
+
+@pytest.mark.parametrize("bad", [np.array([[-0.1, 0.5]]), np.array([[np.nan, 0.5]]), np.zeros((2, 0)), np.ones(3)])
+def test_normalize_rejects_invalid_scores(bad):
+    with pytest.raises(ValueError):
+        uncertainty.normalize(bad)
+
+
+def test_entropy_matches_hand_values():
+    p = uncertainty.normalize(IMAGE)
+    np.testing.assert_allclose(uncertainty.entropy(p), ENTROPIES, atol=1e-12)
+
+
+def test_least_confidence_matches_hand_values():
+    p = uncertainty.normalize(IMAGE)
+    np.testing.assert_allclose(uncertainty.least_confidence(p), LCS, atol=1e-12)
+
+
+def test_ties_between_top_classes_are_maximally_uncertain_for_lc():
+    p = uncertainty.normalize(np.array([[0.4, 0.4, 0.2]]))
+    assert uncertainty.least_confidence(p)[0] == pytest.approx(1.0)
+    expected = -(2 * 0.4 * math.log(0.4) + 0.2 * math.log(0.2))
+    assert uncertainty.entropy(p)[0] == pytest.approx(expected)
+
+
+def test_single_class_detections_are_certain():
+    scores = np.array([[0.3], [0.9]])
+    for strategy in ("entropy-sum", "lc-max", "ale-entropy-sum", "ale-lc-mean"):
+        assert score_image(scores, strategy) == 0.0
+    assert score_image(scores, "count") == 2.0
+
+
+@pytest.mark.parametrize(
+    "strategy, expected",
+    [
+        ("entropy-sum", H1 + H2),
+        ("entropy-mean", (H1 + H2) / 3),
+        ("entropy-max", H2),
+        ("lc-sum", 1.5),
+        ("lc-mean", 0.5),
+        ("lc-max", 1.0),
+        ("ale-entropy-sum", (H1 + H2) * math.sqrt(3)),
+        ("ale-entropy-mean", (H1 + H2) / 3 * math.sqrt(3)),
+        ("ale-entropy-max", H2 * math.sqrt(3)),
+        ("ale-lc-sum", 1.5 * math.sqrt(3)),
+        ("ale-lc-mean", 0.5 * math.sqrt(3)),
+        ("ale-lc-max", math.sqrt(3)),
+        ("count", 3.0),
+    ],
+)
+def test_image_scores_match_hand_values(strategy, expected):
+    assert score_image(IMAGE, strategy) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s.startswith("ale-")])
+def test_ale_is_the_plain_strategy_times_sqrt_n(strategy):
+    rng = np.random.default_rng(7)
+    for n in (1, 2, 5, 9):
+        scores = rng.random((n, 4))
+        plain = score_image(scores, strategy.removeprefix("ale-"))
+        assert score_image(scores, strategy) == pytest.approx(plain * math.sqrt(n))
+
+
+def test_one_detection_ale_equals_plain():
+    scores = np.array([[0.2, 0.6]])
+    assert score_image(scores, "ale-entropy-max") == pytest.approx(H1)
+    assert score_image(scores, "ale-lc-sum") == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "random"])
+@pytest.mark.parametrize("empty", [np.zeros((0, 5)), np.array([]), []])
+def test_no_detection_scores_zero(strategy, empty):
+    assert score_image(empty, strategy) == 0.0
+
+
+def test_ale_prefers_more_objects_at_equal_uncertainty():
+    one = np.array([[0.5, 0.5]])
+    four = np.repeat(one, 4, axis=0)
+    assert score_image(four, "ale-entropy-mean") == pytest.approx(2 * score_image(one, "ale-entropy-mean"))
+    assert score_image(four, "entropy-mean") == pytest.approx(score_image(one, "entropy-mean"))
+
+
+def test_random_is_seeded_and_ignores_detections():
+    a = score_image(IMAGE, "random", np.random.default_rng(3))
+    b = score_image(np.zeros((0, 2)), "random", np.random.default_rng(3))
+    assert a == b and 0.0 <= a < 1.0
+    assert score_image(IMAGE, "random", np.random.default_rng(4)) != a
+
+
+def test_score_images_scores_each_image():
+    images = [IMAGE, np.zeros((0, 2)), IMAGE[:1]]
+    np.testing.assert_allclose(score_images(images, "ale-lc-sum"), [1.5 * math.sqrt(3), 0.0, 0.5])
+
+
+def test_strategy_names_cover_the_paper_and_controls():
+    assert len(STRATEGIES) == 14 and len(set(STRATEGIES)) == 14
+    assert Strategy.parse("ale-entropy-sum") == Strategy("ale-entropy-sum", "entropy", "sum", True)
+    assert Strategy.parse("lc-max") == Strategy("lc-max", "lc", "max", False)
+    with pytest.raises(ValueError, match="ale-entropy-sum"):
+        Strategy.parse("ale-count")
+
+
+def test_priority_decreases_with_the_score_and_stays_in_unit_interval():
+    assert priority(1.0) == pytest.approx(0.5)
+    assert priority(3.0) == pytest.approx(0.25)
+    assert priority(0.0) < scoring.UNREADABLE_PRIORITY <= 1.0
+    values = [priority(s) for s in (0.0, 0.01, 0.5, 2.0, 40.0)]
+    assert values == sorted(values, reverse=True) and all(0 < v < 1 for v in values)
+    assert 1 / priority(2.5) - 1 == pytest.approx(2.5)
+    with pytest.raises(ValueError):
+        priority(-0.1)
