@@ -1,0 +1,237 @@
+"""YOLOv5-family detector over ultralytics, returning each detection's full class-score vector.
+
+ALE needs, per kept detection, the scores of *every* class, not only the winning one. ultralytics' NMS can return the
+anchor index of each kept box; :class:`_ClassScorePredictor` uses that to slice the class rows of the raw head output.
+Boxes, classes and confidences are exactly those of plain ``YOLO.predict`` and ``max(class_scores) == confidence``.
+
+Weights are loaded once per process (:func:`get_detector`): Label Studio calls ``/setup`` before every ``/predict``
+with a 3 s timeout, so nothing in the request path may load a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ale_backend.settings import Settings
+from ale_backend.ultralytics_setup import ultralytics_module
+
+logger = logging.getLogger(__name__)
+
+_YAML_SUFFIXES = (".yaml", ".yml")
+# ultralytics silently renames these to their "u" variant and downloads it: refuse them instead.
+_RENAMED_BY_ULTRALYTICS = re.compile(r"^yolov[35][nsmlx]6?\.pt$")
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """``MODEL_PATH`` names nothing that can be loaded without a download."""
+
+
+@dataclass(frozen=True)
+class Detections:
+    """One image's detections, in the original image's pixel coordinates."""
+
+    boxes: np.ndarray
+    """(N, 4) float: x1, y1, x2, y2."""
+    class_ids: np.ndarray
+    """(N,) int: index into the model's class names."""
+    confidences: np.ndarray
+    """(N,) float: the winning class's score."""
+    class_scores: np.ndarray
+    """(N, C) float: every class's score (independent sigmoids, not normalised)."""
+    width: int
+    height: int
+
+    def __len__(self) -> int:
+        return len(self.class_ids)
+
+    def above(self, threshold: float) -> Detections:
+        """The detections whose confidence is at least ``threshold``."""
+        keep = self.confidences >= threshold
+        return Detections(
+            self.boxes[keep], self.class_ids[keep], self.confidences[keep], self.class_scores[keep],
+            self.width, self.height,
+        )
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights come from and the version string Label Studio sees."""
+
+    path: str
+    version: str
+    is_config: bool
+
+
+def resolve_model_source(model_path: str) -> ModelSource:
+    """Check ``model_path`` and name its version, without loading it.
+
+    A ``.pt`` file must exist; its version is ``<stem>-<first 10 hex of its SHA-256>``. A model YAML may be a file or
+    the name of a config that ships with ultralytics (``yolov5nu.yaml``); its weights are untrained (seeded, so every
+    process builds the same ones) and its version is ``<stem>-untrained``.
+    """
+    path = Path(model_path).expanduser()
+    if path.suffix in _YAML_SUFFIXES:
+        # Whether a bare name ships with ultralytics is checked when the model is built (it needs the import).
+        return ModelSource(str(path.resolve()) if path.exists() else path.name, f"{path.stem}-untrained", True)
+    if _RENAMED_BY_ULTRALYTICS.match(path.name):
+        raise ModelNotFoundError(
+            f"MODEL_PATH={model_path!r}: ultralytics would replace a file with this name by a download; "
+            "rename the file (e.g. to my-yolov5n.pt)"
+        )
+    if not path.is_file():
+        raise ModelNotFoundError(f"MODEL_PATH={model_path!r}: weights file not found (nothing is downloaded)")
+    return ModelSource(str(path.resolve()), f"{path.stem}-{_file_digest(path)[:10]}", False)
+
+
+class Detector:
+    """A loaded model and its inference settings. Thread-safe: concurrent calls run one after another."""
+
+    def __init__(self, source: ModelSource, settings: Settings):
+        ultralytics = ultralytics_module(settings.model_dir)
+        self.source = source
+        self.version = source.version
+        self._settings = settings
+        self._lock = threading.Lock()
+        if source.is_config:
+            import torch
+
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                try:
+                    self._yolo = ultralytics.YOLO(source.path, task="detect")
+                except FileNotFoundError as exc:
+                    raise ModelNotFoundError(
+                        f"MODEL_PATH={source.path!r}: no such file, and not a model config shipped with ultralytics"
+                    ) from exc
+        else:
+            self._yolo = ultralytics.YOLO(source.path, task="detect")
+        self.names: dict[int, str] = dict(self._yolo.names)
+        logger.info("loaded model %s (%d classes) from %s", self.version, len(self.names), source.path)
+
+    def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
+        """Detect objects on BGR ``uint8`` images, ``inference_batch`` at a time; one result per image, in order."""
+        batch = self._settings.inference_batch
+        out: list[Detections] = []
+        with self._lock:
+            for start in range(0, len(images), batch):
+                out.extend(self._detect_batch(list(images[start:start + batch])))
+        return out
+
+    def warm_up(self) -> None:
+        """Run one small inference so the first request does not pay for setting up the predictor."""
+        self.detect([np.zeros((64, 64, 3), dtype=np.uint8)])
+
+    def _detect_batch(self, images: list[np.ndarray]) -> list[Detections]:
+        s = self._settings
+        results = self._yolo.predict(
+            images,
+            predictor=_predictor_class(),
+            conf=s.inference_conf,
+            iou=s.score_iou,
+            max_det=s.score_max_det,
+            agnostic_nms=s.agnostic_nms,
+            imgsz=s.imgsz,
+            device=s.device or None,
+            half=False,
+            verbose=False,
+            save=False,
+        )
+        return [_to_detections(result, len(self.names)) for result in results]
+
+
+def _to_detections(result, num_classes: int) -> Detections:
+    height, width = result.orig_shape[:2]
+    boxes = result.boxes
+    feats = result.feats
+    class_scores = (
+        feats.detach().float().cpu().numpy() if hasattr(feats, "detach") else np.zeros((0, num_classes))
+    )
+    return Detections(
+        boxes=boxes.xyxy.detach().float().cpu().numpy(),
+        class_ids=boxes.cls.detach().cpu().numpy().astype(np.int64),
+        confidences=boxes.conf.detach().float().cpu().numpy(),
+        class_scores=class_scores.reshape(-1, num_classes),
+        width=int(width),
+        height=int(height),
+    )
+
+
+_predictor_type = None
+
+
+def _predictor_class():
+    """A ``DetectionPredictor`` that attaches each kept box's class-score row to ``Results.feats``.
+
+    The stock predictor already asks NMS for the kept anchor indices when ``_feats`` is set, and hands them to
+    ``get_obj_feats``; pointing ``_feats`` at the raw head output ``(B, 4 + C, anchors)`` and slicing its class rows
+    there gives the ``(N, C)`` class scores without re-implementing any post-processing.
+    """
+    global _predictor_type
+    if _predictor_type is None:
+        from ultralytics.models.yolo.detect import DetectionPredictor
+
+        class _ClassScorePredictor(DetectionPredictor):
+            def postprocess(self, preds, img, orig_imgs, **kwargs):
+                self._feats = preds[0] if isinstance(preds, (list, tuple)) else preds
+                try:
+                    return super().postprocess(preds, img, orig_imgs, **kwargs)
+                finally:
+                    self._feats = None
+
+            @staticmethod
+            def get_obj_feats(raw, idxs):
+                return [raw[image, 4:, kept.long().view(-1)].transpose(0, 1) for image, kept in enumerate(idxs)]
+
+        _predictor_type = _ClassScorePredictor
+    return _predictor_type
+
+
+_detectors: dict[tuple, Detector] = {}
+_detectors_lock = threading.Lock()
+_digests: dict[tuple, str] = {}
+
+
+def get_detector(settings: Settings) -> Detector:
+    """The process's detector for these settings, loaded on first use and reused after.
+
+    The cache key includes the weights file's size and modification time, so replaced weights load anew; only the
+    newest detector is kept.
+    """
+    source = resolve_model_source(settings.model_path)
+    key = (source, _stat_key(source), settings)
+    with _detectors_lock:
+        detector = _detectors.get(key)
+        if detector is None:
+            detector = Detector(source, settings)
+            _detectors.clear()
+            _detectors[key] = detector
+        return detector
+
+
+def _stat_key(source: ModelSource) -> tuple:
+    path = Path(source.path)
+    if not path.exists():
+        return ()
+    stat = path.stat()
+    return (stat.st_size, stat.st_mtime_ns)
+
+
+def _file_digest(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    digest = _digests.get(key)
+    if digest is None:
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        digest = _digests[key] = h.hexdigest()
+    return digest

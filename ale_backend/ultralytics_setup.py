@@ -1,0 +1,59 @@
+"""Import ultralytics so that it never touches the network.
+
+ultralytics probes the network on import, checks for pip updates when training, downloads ``Arial.ttf`` on every
+train/val (even with plots off), sends analytics and may ``pip install`` optional requirements. This module sets the
+environment before the first import and keeps its settings and caches under ``MODEL_DIR``:
+
+* ``YOLO_OFFLINE=1`` (no online probes, no update checks), ``YOLO_AUTOINSTALL=0`` (no pip installs);
+* ``YOLO_CONFIG_DIR`` and ``MPLCONFIGDIR`` under ``<MODEL_DIR>/ultralytics`` instead of the home directory;
+* the fonts ultralytics looks for are copied there from matplotlib's bundled DejaVuSans;
+* analytics (``sync``) and the logging integrations are switched off in ultralytics' settings.
+
+Always import ultralytics through :func:`ultralytics_module`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from pathlib import Path
+from types import ModuleType
+
+_FONTS = ("Arial.ttf", "Arial.Unicode.ttf")
+_INTEGRATIONS = ("clearml", "comet", "dvc", "mlflow", "raytune", "tensorboard", "wandb")
+_lock = threading.Lock()
+_module: ModuleType | None = None
+
+
+def prepare_environment(state_dir: Path) -> None:
+    """Set the variables ultralytics reads at import; safe to call more than once."""
+    config_dir = Path(state_dir) / "ultralytics"
+    os.environ["YOLO_OFFLINE"] = "1"
+    os.environ["YOLO_AUTOINSTALL"] = "0"
+    os.environ.setdefault("YOLO_VERBOSE", "False")
+    os.environ.setdefault("YOLO_CONFIG_DIR", str(config_dir))
+    os.environ.setdefault("MPLCONFIGDIR", str(config_dir / "matplotlib"))
+    fonts_dir = Path(os.environ["YOLO_CONFIG_DIR"]) / "Ultralytics"
+    fonts_dir.mkdir(parents=True, exist_ok=True)
+    Path(os.environ["MPLCONFIGDIR"]).mkdir(parents=True, exist_ok=True)
+    missing = [fonts_dir / name for name in _FONTS if not (fonts_dir / name).exists()]
+    if missing:
+        import matplotlib
+
+        source = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+        for target in missing:
+            shutil.copyfile(source, target)
+
+
+def ultralytics_module(state_dir: Path) -> ModuleType:
+    """The ``ultralytics`` package, imported offline (see the module docstring)."""
+    global _module
+    with _lock:
+        if _module is None:
+            prepare_environment(state_dir)
+            import ultralytics
+
+            ultralytics.settings.update({"sync": False, **{name: False for name in _INTEGRATIONS}})
+            _module = ultralytics
+        return _module

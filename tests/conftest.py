@@ -1,0 +1,193 @@
+"""Shared fixtures: generated images, a tiny YOLOv5 model trained on them, and a local image server.
+
+The model is trained once per test session (about 100 s on 2 CPU cores) and cached under ``.cache/`` keyed by
+everything that shapes it, so a second run on the same checkout reuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import shutil
+import threading
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from ale_backend import synthetic
+from ale_backend.settings import Settings
+from ale_backend.ultralytics_setup import ultralytics_module
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / ".cache" / "test-model"
+TRAIN = {"epochs": 40, "imgsz": 160, "batch": 16, "seed": 0, "mosaic": 0.0}  # no mosaic: converges in 40 epochs
+COUNTS = {"train": 96, "val": 16}
+
+LABEL_CONFIG = """
+<View>
+  <Image name="image" value="$image"/>
+  <RectangleLabels name="label" toName="image">
+    <Label value="Circle"/>
+    <Label value="box" predicted_values="square"/>
+    <Label value="Springtail"/>
+  </RectangleLabels>
+</View>
+"""
+"""A project config: "Circle" matches by name (case-insensitive), "box" by predicted_values, "Springtail" is a class
+the model does not know; the model's "triangle" has no label."""
+
+
+@pytest.fixture(scope="session")
+def state_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("state")
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory) -> Path:
+    """The generated YOLO dataset the tiny model is trained on; returns its root."""
+    root = tmp_path_factory.mktemp("shapes")
+    synthetic.write_yolo_dataset(root, COUNTS, seed=0, size=TRAIN["imgsz"])
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_weights(dataset, state_dir) -> Path:
+    """A yolov5n trained from scratch for a few epochs on the generated shapes (cached across runs)."""
+    ultralytics = ultralytics_module(state_dir)
+    key = hashlib.sha256(
+        Path(synthetic.__file__).read_bytes() + repr((TRAIN, COUNTS, ultralytics.__version__)).encode()
+    ).hexdigest()[:16]
+    cached = CACHE / f"shapes-{key}.pt"
+    if not cached.exists():
+        model = ultralytics.YOLO("yolov5nu.yaml")
+        model.train(
+            data=str(dataset / "data.yaml"), epochs=TRAIN["epochs"], imgsz=TRAIN["imgsz"], batch=TRAIN["batch"],
+            seed=TRAIN["seed"], mosaic=TRAIN["mosaic"], deterministic=True, workers=0, device="cpu", plots=False,
+            amp=False, verbose=False, val=False,
+            project=str(state_dir / "runs"), name="shapes", exist_ok=True,
+        )
+        CACHE.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(model.trainer.last, cached)
+    return cached
+
+
+@pytest.fixture(scope="session")
+def settings(trained_weights, state_dir) -> Settings:
+    """Settings for the trained model on CPU, with thresholds low enough that the tiny model detects things."""
+    return Settings(
+        model_path=str(trained_weights), model_dir=state_dir, device="cpu", imgsz=TRAIN["imgsz"],
+        score_conf=0.05, display_conf=0.2, fetch_workers=4, fetch_timeout=5.0,
+    )
+
+
+@pytest.fixture(scope="session")
+def sample_images(dataset) -> list[Path]:
+    """Held-out generated images (the validation split)."""
+    return sorted((dataset / "val" / "images").glob("*.png"))
+
+
+class ImageServer:
+    """A local HTTP server for image files that, like Label Studio, wants a credential.
+
+    It accepts ``Authorization: Token <legacy_token>`` or ``Bearer <access token>``, where the access token comes from
+    ``POST /api/token/refresh/ {"refresh": <PAT>}`` as Label Studio 1.23 does it. Files are served from ``root``
+    under ``/data/upload/...``, ``/data/local-files/?d=...`` and ``/public/...`` (the last one without auth);
+    ``/together/...`` answers only when ``barrier.parties`` requests wait at once (proof of concurrent fetching).
+    """
+
+    def __init__(self, root: Path, legacy_token: str, refresh_token: str, access_token: str):
+        self.root, self.legacy_token = root, legacy_token
+        self.refresh_token, self.access_token = refresh_token, access_token
+        self.requests: list[tuple[str, str | None]] = []
+        self.barrier: threading.Barrier | None = None
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                import json
+
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length) or b"{}")
+                if self.path == "/api/token/refresh/" and body.get("refresh") == server.refresh_token:
+                    self._send(200, json.dumps({"access": server.access_token}).encode(), "application/json")
+                else:
+                    self._send(401, b'{"detail": "bad refresh token"}', "application/json")
+
+            def do_GET(self):
+                from urllib.parse import parse_qs, unquote, urlsplit
+
+                auth = self.headers.get("Authorization")
+                server.requests.append((self.path, auth))
+                parts = urlsplit(self.path)
+                if parts.path.startswith("/together/"):
+                    # Answers only once `barrier.parties` requests are in flight at the same time.
+                    try:
+                        server.barrier.wait(timeout=5)
+                    except threading.BrokenBarrierError:
+                        return self._send(503, b"requests did not arrive concurrently", "text/plain")
+                    relative = unquote(parts.path[len("/together/"):])
+                elif parts.path.startswith("/public/"):
+                    relative = unquote(parts.path[len("/public/"):])
+                elif auth not in (f"Token {server.legacy_token}", f"Bearer {server.access_token}"):
+                    return self._send(401, b'{"detail": "Authentication credentials were not provided."}',
+                                      "application/json")
+                elif parts.path.startswith("/data/upload/"):
+                    relative = unquote(parts.path[len("/data/upload/"):])
+                elif parts.path == "/data/local-files/":
+                    relative = parse_qs(parts.query).get("d", [""])[0]
+                else:
+                    return self._send(404, b"not found", "text/plain")
+                path = (server.root / relative).resolve()
+                if server.root.resolve() not in path.parents or not path.is_file():
+                    return self._send(404, b"not found", "text/plain")
+                self._send(200, path.read_bytes(), "image/png")
+
+            def _send(self, status, body, content_type):
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+def make_jwt(token_type: str, lifetime_s: int = 3600) -> str:
+    """An unsigned-looking JWT of the kind Label Studio issues (only its claims are read by the client)."""
+    import time
+
+    import jwt
+
+    now = int(time.time())
+    return jwt.encode({"token_type": token_type, "exp": now + lifetime_s, "iat": now, "jti": token_type},
+                      "a-test-secret-that-is-32-bytes-long!", algorithm="HS256")
+
+
+@pytest.fixture()
+def image_server(tmp_path, sample_images):
+    """An authenticated image server over a folder holding good, corrupt and non-image files."""
+    root = tmp_path / "served"
+    (root / "1").mkdir(parents=True)
+    for path in sample_images[:8]:
+        shutil.copy(path, root / "1" / path.name)
+    (root / "1" / "corrupt.png").write_bytes(sample_images[0].read_bytes()[:200])
+    (root / "1" / "notes.txt").write_text("not an image")
+    cv2.imwrite(str(root / "1" / "grey.png"), np.full((50, 70), 128, dtype=np.uint8))
+    with ImageServer(root, "legacy-token-123", make_jwt("refresh"), make_jwt("access")) as server:
+        yield server

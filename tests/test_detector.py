@@ -1,0 +1,96 @@
+"""The detector on a real (tiny) YOLOv5 trained on generated shapes."""
+
+import dataclasses
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+
+from ale_backend.detector import ModelNotFoundError, get_detector, resolve_model_source
+from ale_backend.ultralytics_setup import ultralytics_module
+
+
+@pytest.fixture(scope="module")
+def images(sample_images):
+    return [cv2.imread(str(p)) for p in sample_images]
+
+
+def test_the_tiny_model_finds_the_shapes(settings, images):
+    detector = get_detector(settings)
+    assert detector.names == {0: "circle", 1: "square", 2: "triangle"}
+    detections = detector.detect(images)
+    assert len(detections) == len(images)
+    assert sum(len(d.above(0.25)) for d in detections) >= len(images) // 2
+
+
+def test_class_score_vectors_match_the_boxes(settings, images):
+    for d in get_detector(settings).detect(images):
+        assert d.class_scores.shape == (len(d), 3)
+        if len(d):
+            np.testing.assert_allclose(d.class_scores.max(axis=1), d.confidences, rtol=1e-6)
+            np.testing.assert_array_equal(d.class_scores.argmax(axis=1), d.class_ids)
+            assert (d.class_scores >= 0).all() and (d.class_scores <= 1).all()
+
+
+def test_boxes_are_those_of_plain_ultralytics_predict(settings, images, trained_weights):
+    ours = get_detector(settings).detect(images)
+    plain = ultralytics_module(settings.model_dir).YOLO(str(trained_weights)).predict(
+        images, conf=settings.inference_conf, iou=settings.score_iou, max_det=settings.score_max_det,
+        agnostic_nms=settings.agnostic_nms, imgsz=settings.imgsz, device="cpu", verbose=False,
+    )
+    assert sum(len(d) for d in ours) > 0
+    for mine, theirs in zip(ours, plain):
+        np.testing.assert_allclose(mine.boxes, theirs.boxes.xyxy.numpy(), atol=1e-4)
+        np.testing.assert_allclose(mine.confidences, theirs.boxes.conf.numpy(), atol=1e-6)
+        np.testing.assert_array_equal(mine.class_ids, theirs.boxes.cls.numpy().astype(int))
+        assert (mine.width, mine.height) == (theirs.orig_shape[1], theirs.orig_shape[0])
+
+
+def test_batches_give_the_same_result_as_one_call(settings, images):
+    whole = get_detector(settings).detect(images)
+    small = get_detector(dataclasses.replace(settings, inference_batch=3)).detect(images)
+    for a, b in zip(whole, small):
+        np.testing.assert_allclose(a.confidences, b.confidences, atol=1e-5)
+
+
+def test_weights_are_loaded_once_per_process(settings):
+    assert get_detector(settings) is get_detector(dataclasses.replace(settings))
+
+
+def test_replaced_weights_load_anew_with_a_new_version(settings, trained_weights, tmp_path):
+    path = tmp_path / "mine.pt"
+    shutil.copyfile(trained_weights, path)
+    first = get_detector(dataclasses.replace(settings, model_path=str(path)))
+    assert first.version.startswith("mine-") and len(first.version) == len("mine-") + 10
+    data = bytearray(path.read_bytes())
+    path.write_bytes(bytes(data) + b"\0")  # a different file (torch ignores trailing bytes)
+    second = get_detector(dataclasses.replace(settings, model_path=str(path)))
+    assert second is not first and second.version != first.version
+
+
+def test_untrained_configs_are_deterministic_across_loads(settings, images):
+    config = dataclasses.replace(settings, model_path="yolov5nu.yaml", score_conf=0.0001, display_conf=0.0001)
+    detector = get_detector(config)
+    assert detector.version == "yolov5nu-untrained" and len(detector.names) == 80
+    first = detector.detect(images[:2])
+    rebuilt = type(detector)(detector.source, config).detect(images[:2])
+    for a, b in zip(first, rebuilt):
+        np.testing.assert_allclose(a.confidences, b.confidences)
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("missing.pt", "weights file not found"),
+    ("yolov5n.pt", "rename the file"),
+])
+def test_model_paths_that_would_need_a_download_are_refused(tmp_path, name, reason):
+    path = tmp_path / name
+    if name == "yolov5n.pt":
+        path.write_bytes(b"x")
+    with pytest.raises(ModelNotFoundError, match=reason):
+        resolve_model_source(str(path))
+
+
+def test_unknown_model_config_is_refused(settings):
+    with pytest.raises(ModelNotFoundError, match="not a model config"):
+        get_detector(dataclasses.replace(settings, model_path="no-such-model.yaml"))
