@@ -1,0 +1,180 @@
+"""Load task images: Label Studio uploads and local files, plain http(s) URLs and local paths.
+
+* ``/data/upload/...`` and ``/data/local-files/?d=...`` are fetched from ``LABEL_STUDIO_URL`` with the API key;
+* ``http(s)://`` URLs are fetched as they are (with the API key only when they point at Label Studio itself);
+* anything else without a scheme is a path on this machine.
+
+Images are decoded with OpenCV to BGR ``uint8`` arrays (EXIF orientation applied, as browsers show them). Loading
+many images runs concurrently and never raises: each URL yields an array or an :class:`ImageLoadError` saying why,
+so one broken image fails its own task only.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import cv2
+import numpy as np
+import requests
+
+from ale_backend.label_studio import LabelStudioClient, LabelStudioError
+
+logger = logging.getLogger(__name__)
+
+_LABEL_STUDIO_PREFIXES = ("/data/upload/", "/data/local-files/")
+_CLOUD_SCHEMES = {"s3", "gs", "azure-blob", "gcs"}
+
+
+class ImageLoadError(Exception):
+    """A task's image could not be loaded; ``str()`` is the reason, safe to log (no credentials)."""
+
+
+class ImageLoader:
+    """Fetches and decodes images for many tasks at once.
+
+    Parameters
+    ----------
+    label_studio : LabelStudioClient or None
+        Needed for Label Studio URLs (``/data/...``); without it they fail with a clear reason.
+    workers : int
+        Images fetched concurrently.
+    timeout : float
+        Seconds for each download (connect and read).
+    max_bytes : int
+        Larger files are refused before being read whole.
+    """
+
+    def __init__(
+        self, label_studio: LabelStudioClient | None, workers: int = 8, timeout: float = 10.0,
+        max_bytes: int = 50 * 1024 * 1024,
+    ):
+        self._label_studio = label_studio
+        self._timeout = timeout
+        self._max_bytes = max_bytes
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="image-fetch")
+        self._local = threading.local()
+
+    def load_many(self, urls: Sequence[str]) -> list[np.ndarray | ImageLoadError]:
+        """Load every URL concurrently; the result at index i belongs to ``urls[i]``."""
+        return list(self._pool.map(self._load_or_error, urls))
+
+    def load(self, url: str) -> np.ndarray:
+        """Load one image or raise :class:`ImageLoadError`."""
+        return decode_image(self.read_bytes(url), url)
+
+    def read_bytes(self, url: str) -> bytes:
+        """The raw bytes behind ``url``, or :class:`ImageLoadError`."""
+        if not isinstance(url, str) or not url.strip():
+            raise ImageLoadError("the task has no image URL")
+        url = url.strip()
+        if url.startswith(_LABEL_STUDIO_PREFIXES):
+            if self._label_studio is None:
+                raise ImageLoadError(f"{_short(url)} is a Label Studio file, but LABEL_STUDIO_URL is not set")
+            return self._download(self._label_studio.absolute_url(url))
+        scheme = urlsplit(url).scheme.lower()
+        if scheme in {"http", "https"}:
+            return self._download(url)
+        if scheme in _CLOUD_SCHEMES:
+            raise ImageLoadError(
+                f"{_short(url)}: cloud storage URLs are not read directly; add the bucket as a Label Studio "
+                "source storage so that tasks carry URLs Label Studio serves"
+            )
+        if scheme and len(scheme) > 1:  # a one-letter scheme is a Windows drive
+            raise ImageLoadError(f"{_short(url)}: unsupported URL scheme {scheme!r}")
+        return self._read_file(Path(url))
+
+    def _load_or_error(self, url: str) -> np.ndarray | ImageLoadError:
+        try:
+            return self.load(url)
+        except ImageLoadError as exc:
+            return exc
+        except Exception as exc:  # never let one image break the batch
+            logger.exception("unexpected error loading %s", _short(url))
+            return ImageLoadError(f"{_short(url)}: {type(exc).__name__}: {exc}")
+
+    def _session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+        return session
+
+    def _download(self, url: str) -> bytes:
+        headers = {}
+        if self._label_studio is not None and self._label_studio.owns(url):
+            try:
+                headers.update(self._label_studio.auth_headers())
+            except LabelStudioError as exc:
+                raise ImageLoadError(f"{_short(url)}: {exc}") from exc
+        try:
+            with self._session().get(url, headers=headers, timeout=self._timeout, stream=True) as response:
+                if response.status_code != 200:
+                    hint = " (check LABEL_STUDIO_API_KEY)" if response.status_code in (401, 403) else ""
+                    raise ImageLoadError(f"{_short(url)}: HTTP {response.status_code}{hint}")
+                declared = int(response.headers.get("Content-Length") or 0)
+                if declared > self._max_bytes:
+                    raise ImageLoadError(f"{_short(url)}: {declared} bytes is over the {self._max_bytes} byte limit")
+                body = bytearray()
+                for chunk in response.iter_content(chunk_size=1 << 16):
+                    body += chunk
+                    if len(body) > self._max_bytes:
+                        raise ImageLoadError(f"{_short(url)}: larger than the {self._max_bytes} byte limit")
+                return bytes(body)
+        except requests.RequestException as exc:
+            raise ImageLoadError(f"{_short(url)}: {type(exc).__name__}: {exc}") from exc
+
+    def _read_file(self, path: Path) -> bytes:
+        try:
+            size = path.stat().st_size
+            if size > self._max_bytes:
+                raise ImageLoadError(f"{path}: {size} bytes is over the {self._max_bytes} byte limit")
+            return path.read_bytes()
+        except FileNotFoundError as exc:
+            raise ImageLoadError(f"{path}: no such file") from exc
+        except IsADirectoryError as exc:
+            raise ImageLoadError(f"{path}: is a directory") from exc
+        except PermissionError as exc:
+            raise ImageLoadError(f"{path}: permission denied") from exc
+
+
+def decode_image(data: bytes, name: str = "image") -> np.ndarray:
+    """Decode encoded image bytes to a BGR ``uint8`` array, or raise :class:`ImageLoadError`."""
+    if not data:
+        raise ImageLoadError(f"{_short(name)}: empty file")
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if image is None or image.size == 0:
+        raise ImageLoadError(f"{_short(name)}: not a decodable image ({len(data)} bytes)")
+    return image
+
+
+def _short(url: str, limit: int = 200) -> str:
+    """The URL without its query string (it may carry signatures), cut to ``limit`` characters."""
+    text = str(url)
+    if "?" in text and not text.startswith("/data/local-files/"):
+        text = text.split("?", 1)[0] + "?..."
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+_loaders: dict[tuple, ImageLoader] = {}
+_loaders_lock = threading.Lock()
+
+
+def get_image_loader(settings) -> ImageLoader:
+    """The process's loader for these settings (one thread pool and HTTP connection pool, reused)."""
+    key = (settings.label_studio_url, settings.label_studio_api_key, settings.fetch_workers,
+           settings.fetch_timeout, settings.max_image_bytes)
+    with _loaders_lock:
+        loader = _loaders.get(key)
+        if loader is None:
+            client = (
+                LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key, settings.fetch_timeout)
+                if settings.label_studio_url else None
+            )
+            loader = _loaders[key] = ImageLoader(
+                client, settings.fetch_workers, settings.fetch_timeout, settings.max_image_bytes
+            )
+        return loader

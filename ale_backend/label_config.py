@@ -1,0 +1,118 @@
+"""The project's labelling config and the mapping from model classes to its labels.
+
+The backend works on a ``<RectangleLabels>`` control attached to an ``<Image>``. A model class maps to a label when
+the names are equal ignoring case, or when the class name is listed in the label's ``predicted_values`` attribute
+(comma-separated), e.g. ``<Label value="Collembola" predicted_values="springtail,collembolan"/>``. Model classes
+without a label are left out of the pre-annotations; labels no model class maps to are the project's *new classes*,
+which training teaches the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+
+logger = logging.getLogger(__name__)
+
+
+class LabelConfigError(ValueError):
+    """The labelling config cannot be used by this backend; the message says why and what to change."""
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """What the backend needs from a project's labelling config."""
+
+    from_name: str
+    """``name`` of the RectangleLabels control."""
+    to_name: str
+    """``name`` of the Image object it labels."""
+    image_key: str
+    """Key of the image URL in task data (``$image`` -> ``image``)."""
+    labels: tuple[str, ...]
+    """Label values, in config order."""
+    aliases: Mapping[str, tuple[str, ...]]
+    """Label value -> model class names it accepts (its own name and its ``predicted_values``), lower-cased."""
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """How one model's classes meet one project's labels."""
+
+    class_to_label: Mapping[int, str]
+    """Model class id -> label value, for classes that have a label."""
+    new_labels: tuple[str, ...]
+    """Labels that no model class maps to: classes the model has yet to learn."""
+    unmapped_classes: tuple[str, ...]
+    """Model class names without a label (their detections are not shown)."""
+
+
+@lru_cache(maxsize=64)
+def parse_label_config(config: str) -> LabelConfig:
+    """Find the first ``<RectangleLabels>`` whose ``toName`` is an ``<Image>`` and read its labels."""
+    if not isinstance(config, str) or not config.strip():
+        raise LabelConfigError("the project has no labelling config")
+    try:
+        root = ET.fromstring(config)
+    except ET.ParseError as exc:
+        raise LabelConfigError(f"the labelling config is not valid XML: {exc}") from exc
+
+    images = {el.get("name"): el for el in root.iter() if el.tag == "Image" and el.get("name")}
+    controls = [el for el in root.iter() if el.tag == "RectangleLabels"]
+    if not controls:
+        raise LabelConfigError(
+            "the labelling config has no <RectangleLabels> control: this backend predicts bounding boxes; "
+            'add e.g. <RectangleLabels name="label" toName="image"> with <Label value="..."/> children'
+        )
+    for control in controls:
+        to_name = (control.get("toName") or "").split(",")[0].strip()
+        image = images.get(to_name)
+        if image is None:
+            continue
+        value = image.get("value") or ""
+        if not value.startswith("$") or len(value) < 2:
+            raise LabelConfigError(f'<Image name="{to_name}"> needs value="$<task data key>", got {value!r}')
+        labels, aliases = [], {}
+        for label in control.iter("Label"):
+            name = label.get("value")
+            if not name or name in aliases:
+                continue
+            extra = [v.strip().lower() for v in (label.get("predicted_values") or "").split(",") if v.strip()]
+            labels.append(name)
+            aliases[name] = (name.lower(), *extra)
+        if not labels:
+            raise LabelConfigError(f'<RectangleLabels name="{control.get("name")}"> has no <Label value="..."/>')
+        if len(controls) > 1:
+            logger.warning("label config has %d RectangleLabels controls; using %r", len(controls), control.get("name"))
+        return LabelConfig(control.get("name") or "", to_name, value[1:], tuple(labels), aliases)
+    raise LabelConfigError("no <RectangleLabels> in the labelling config has toName pointing at an <Image> tag")
+
+
+def map_labels(class_names: Mapping[int, str], config: LabelConfig) -> LabelMap:
+    """Map model class ids to the project's labels by name (case-insensitive) or ``predicted_values``.
+
+    When two labels claim the same class, the first in the config wins (and a warning is logged).
+    """
+    claimed: dict[str, str] = {}
+    for label in config.labels:
+        for alias in config.aliases[label]:
+            if alias in claimed and claimed[alias] != label:
+                logger.warning("model class %r matches labels %r and %r; using %r", alias, claimed[alias], label,
+                               claimed[alias])
+                continue
+            claimed.setdefault(alias, label)
+
+    class_to_label: dict[int, str] = {}
+    unmapped: list[str] = []
+    for class_id, name in sorted(class_names.items()):
+        label = claimed.get(str(name).lower())
+        if label is None:
+            unmapped.append(str(name))
+        else:
+            class_to_label[int(class_id)] = label
+    known = set(class_to_label.values())
+    new_labels = tuple(label for label in config.labels if label not in known)
+    return LabelMap(class_to_label, new_labels, tuple(unmapped))

@@ -1,0 +1,109 @@
+"""Image loading against a real local HTTP server that checks credentials like Label Studio does."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from ale_backend.images import ImageLoader, ImageLoadError, decode_image
+from ale_backend.label_studio import LabelStudioClient, LabelStudioError
+from tests.conftest import ImageServer, make_jwt
+
+
+def loader_for(server, api_key, **kwargs):
+    return ImageLoader(LabelStudioClient(server.url, api_key), **kwargs)
+
+
+def test_upload_url_is_fetched_with_a_legacy_token(image_server, sample_images):
+    image = loader_for(image_server, image_server.legacy_token).load(f"/data/upload/1/{sample_images[0].name}")
+    assert image.shape == (160, 160, 3) and image.dtype == np.uint8
+    assert image_server.requests[-1][1] == f"Token {image_server.legacy_token}"
+
+
+def test_personal_access_token_is_exchanged_for_a_bearer_access_token(image_server, sample_images):
+    loader = loader_for(image_server, image_server.refresh_token)
+    image = loader.load(f"/data/local-files/?d=1/{sample_images[1].name}")
+    assert image.shape == (160, 160, 3)
+    assert image_server.requests[-1][1] == f"Bearer {image_server.access_token}"
+    assert image_server.refresh_token not in str(image_server.requests)  # the PAT itself never goes out
+
+
+def test_a_wrong_key_fails_with_the_http_status_and_a_hint(image_server, sample_images):
+    with pytest.raises(ImageLoadError, match=r"HTTP 401 \(check LABEL_STUDIO_API_KEY\)"):
+        loader_for(image_server, "wrong-token").load(f"/data/upload/1/{sample_images[0].name}")
+
+
+def test_an_expired_personal_access_token_is_reported(image_server, sample_images):
+    loader = loader_for(image_server, make_jwt("refresh", lifetime_s=-60))
+    with pytest.raises(ImageLoadError, match="expired"):
+        loader.load(f"/data/upload/1/{sample_images[0].name}")
+
+
+def test_the_key_goes_only_to_label_studio(image_server, sample_images, tmp_path):
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x.png").write_bytes(sample_images[0].read_bytes())
+    with ImageServer(tmp_path / "other", "t", "r", "a") as elsewhere:
+        image = loader_for(image_server, image_server.legacy_token).load(f"{elsewhere.url}/public/x.png")
+    assert image.shape == (160, 160, 3)
+    assert elsewhere.requests == [("/public/x.png", None)]
+
+
+def test_label_studio_urls_need_label_studio_url():
+    with pytest.raises(ImageLoadError, match="LABEL_STUDIO_URL is not set"):
+        ImageLoader(None).load("/data/upload/1/a.png")
+
+
+def test_a_mixed_batch_keeps_order_and_says_why_each_bad_image_failed(image_server, sample_images, tmp_path):
+    local = tmp_path / "local.png"
+    local.write_bytes(sample_images[2].read_bytes())
+    urls = [
+        f"/data/upload/1/{sample_images[0].name}",
+        "/data/upload/1/missing.png",
+        "/data/upload/1/corrupt.png",
+        "/data/upload/1/notes.txt",
+        str(local),
+        str(tmp_path / "nope.png"),
+        "",
+        "s3://bucket/key.png",
+        f"{image_server.url}/public/1/grey.png",
+        "http://127.0.0.1:9/unreachable.png",
+    ]
+    results = loader_for(image_server, image_server.legacy_token, timeout=2).load_many(urls)
+    assert len(results) == len(urls)
+    ok = [i for i, r in enumerate(results) if isinstance(r, np.ndarray)]
+    assert ok == [0, 4, 8]
+    assert results[8].shape == (50, 70, 3)  # grey images come back as 3-channel BGR
+    reasons = {i: str(r) for i, r in enumerate(results) if isinstance(r, ImageLoadError)}
+    assert "HTTP 404" in reasons[1]
+    assert "not a decodable image" in reasons[2] and "not a decodable image" in reasons[3]
+    assert "no such file" in reasons[5]
+    assert "no image URL" in reasons[6]
+    assert "cloud storage" in reasons[7]
+    assert "ConnectionError" in reasons[9]
+
+
+def test_images_are_fetched_concurrently(image_server, sample_images):
+    image_server.barrier = threading.Barrier(4)
+    urls = [f"{image_server.url}/together/1/{p.name}" for p in sample_images[:4]]
+    results = ImageLoader(None, workers=4).load_many(urls)
+    assert all(isinstance(r, np.ndarray) for r in results), results
+
+
+def test_oversized_images_are_refused(image_server, sample_images):
+    loader = loader_for(image_server, image_server.legacy_token, max_bytes=1000)
+    with pytest.raises(ImageLoadError, match="byte limit"):
+        loader.load(f"/data/upload/1/{sample_images[0].name}")
+    with pytest.raises(ImageLoadError, match="byte limit"):
+        loader.load(str(sample_images[0]))
+
+
+def test_decode_rejects_empty_bytes():
+    with pytest.raises(ImageLoadError, match="empty"):
+        decode_image(b"")
+
+
+def test_client_needs_a_url_and_a_key():
+    with pytest.raises(LabelStudioError, match="LABEL_STUDIO_URL"):
+        LabelStudioClient("", "key")
+    with pytest.raises(LabelStudioError, match="LABEL_STUDIO_API_KEY is not set"):
+        LabelStudioClient("http://127.0.0.1:1", "").auth_headers()

@@ -1,0 +1,54 @@
+import pytest
+
+from ale_backend.label_config import LabelConfigError, map_labels, parse_label_config
+from tests.conftest import LABEL_CONFIG
+
+
+def test_parses_the_rectangle_labels_on_the_image():
+    config = parse_label_config(LABEL_CONFIG)
+    assert (config.from_name, config.to_name, config.image_key) == ("label", "image", "image")
+    assert config.labels == ("Circle", "box", "Springtail")
+    assert config.aliases["box"] == ("box", "square")
+
+
+def test_maps_by_name_ignoring_case_and_by_predicted_values():
+    label_map = map_labels({0: "circle", 1: "square", 2: "triangle"}, parse_label_config(LABEL_CONFIG))
+    assert dict(label_map.class_to_label) == {0: "Circle", 1: "box"}
+    assert label_map.unmapped_classes == ("triangle",)
+    assert label_map.new_labels == ("Springtail",)
+
+
+def test_first_label_wins_when_two_claim_a_class():
+    config = parse_label_config(
+        '<View><Image name="img" value="$url"/><RectangleLabels name="r" toName="img">'
+        '<Label value="Cat"/><Label value="Feline" predicted_values="cat"/></RectangleLabels></View>'
+    )
+    label_map = map_labels({0: "cat"}, config)
+    assert dict(label_map.class_to_label) == {0: "Cat"} and label_map.new_labels == ("Feline",)
+    assert config.image_key == "url"
+
+
+def test_picks_the_control_that_labels_an_image():
+    config = parse_label_config(
+        '<View><Text name="t" value="$text"/><RectangleLabels name="wrong" toName="t"><Label value="A"/>'
+        '</RectangleLabels><Image name="photo" value="$img"/><RectangleLabels name="boxes" toName="photo">'
+        '<Label value="B"/></RectangleLabels></View>'
+    )
+    assert (config.from_name, config.labels) == ("boxes", ("B",))
+
+
+@pytest.mark.parametrize(
+    "xml, reason",
+    [
+        ("", "no labelling config"),
+        ("<View><Image", "not valid XML"),
+        ('<View><Image name="i" value="$i"/><Choices name="c" toName="i"><Choice value="x"/></Choices></View>',
+         "no <RectangleLabels>"),
+        ('<View><Image name="i" value="$i"/><RectangleLabels name="r" toName="i"/></View>', "no <Label"),
+        ('<View><Text name="t" value="$t"/><RectangleLabels name="r" toName="t"><Label value="a"/>'
+         "</RectangleLabels></View>", "pointing at an <Image>"),
+    ],
+)
+def test_unusable_configs_say_why(xml, reason):
+    with pytest.raises(LabelConfigError, match=reason.replace("<", r"\<")):
+        parse_label_config(xml)

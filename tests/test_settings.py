@@ -1,0 +1,33 @@
+from pathlib import Path
+
+import pytest
+
+from ale_backend.settings import Settings, SettingsError, environment_variables
+
+
+def test_defaults_are_the_documented_ones():
+    s = Settings.from_env({})
+    assert s.strategy == "ale-entropy-sum"
+    assert s.model_path == "yolov5nu.yaml"
+    assert s.model_dir == Path("data/models").resolve()
+    assert s.agnostic_nms is True
+    assert environment_variables()["ALE_STRATEGY"] == "ale-entropy-sum"
+
+
+def test_values_are_parsed():
+    s = Settings.from_env({"ALE_STRATEGY": "LC-Max", "SCORE_CONF": "0.1", "DISPLAY_CONF": "0.5",
+                           "SCORE_AGNOSTIC_NMS": "no", "LABEL_STUDIO_URL": "http://ls:8080/", "IMGSZ": "320"})
+    assert (s.strategy, s.score_conf, s.agnostic_nms, s.label_studio_url, s.imgsz) == (
+        "lc-max", 0.1, False, "http://ls:8080", 320)
+    assert s.inference_conf == 0.1
+
+
+def test_every_bad_value_is_reported_with_its_variable():
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({"ALE_STRATEGY": "most-uncertain", "SCORE_CONF": "1.5", "IMGSZ": "0",
+                           "LABEL_STUDIO_URL": "ls:8080", "LOG_LEVEL": "chatty"})
+    message = str(info.value)
+    for variable in ("ALE_STRATEGY='most-uncertain'", "SCORE_CONF='1.5'", "IMGSZ='0'", "LABEL_STUDIO_URL",
+                     "LOG_LEVEL"):
+        assert variable in message
+    assert "ale-entropy-sum" in message  # the valid strategies are listed
