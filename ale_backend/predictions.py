@@ -1,0 +1,151 @@
+"""Tasks in, Label Studio predictions out: the pipeline behind ``/predict`` (and any batch re-scoring).
+
+For each task, in order: load its image, detect, score the image by the strategy, and write
+
+* ``result``: RectangleLabels regions (percent of the original image) for detections at or above
+  ``DISPLAY_CONF`` whose class maps to a project label, each with its confidence as ``score``;
+* ``score``: the priority :func:`ale_backend.scoring.priority` of the image score, ``1 / (1 + ALE)``; Label Studio's
+  "Uncertainty sampling" serves the lowest first, i.e. the highest ALE;
+* ``model_version``;
+* ``ale``: ``{"strategy", "value", "detections"}``, the raw image score and N, for people and tools calling the API
+  (Label Studio stores only the three keys above).
+
+The image score is computed over all detections at or above ``SCORE_CONF`` (after NMS with ``SCORE_IOU`` and
+``SCORE_MAX_DET``), whatever their class: it measures the model's uncertainty, including on objects it can only
+call by a wrong name, which is how new classes show up. A task whose image cannot be read gets an empty result, the
+priority :data:`ale_backend.scoring.UNREADABLE_PRIORITY` (served last) and ``ale.error`` with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ale_backend.detector import Detections, Detector
+from ale_backend.images import ImageLoader, ImageLoadError
+from ale_backend.label_config import LabelConfig, LabelMap, map_labels
+from ale_backend.scoring import UNREADABLE_PRIORITY, priority, score_image
+from ale_backend.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TaskScore:
+    """How one task was scored."""
+
+    task_id: Any
+    strategy: str
+    value: float | None
+    """The strategy's image score (ALE for ``ale-`` strategies); None when the image could not be read."""
+    detections: int
+    """N: detections at or above the scoring threshold."""
+    priority: float
+    """The prediction score sent to Label Studio."""
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"strategy": self.strategy, "value": self.value, "detections": self.detections}
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+def predict_tasks(
+    tasks: Sequence[dict],
+    config: LabelConfig,
+    *,
+    detector: Detector,
+    loader: ImageLoader,
+    settings: Settings,
+) -> list[dict]:
+    """One Label Studio prediction per task, in the order given (never fewer: Label Studio drops uneven batches)."""
+    started = time.perf_counter()
+    label_map = map_labels(detector.names, config)
+    urls = [_image_url(task, config) for task in tasks]
+    loaded = loader.load_many(urls)
+    readable = [i for i, item in enumerate(loaded) if not isinstance(item, ImageLoadError)]
+    detections = dict(zip(readable, detector.detect([loaded[i] for i in readable])))
+
+    predictions = []
+    for i, task in enumerate(tasks):
+        task_id = task.get("id")
+        if i in detections:
+            task_score = _score(task_id, urls[i], detections[i], settings)
+            result = regions(detections[i].above(settings.display_conf), label_map, config)
+        else:
+            reason = str(loaded[i])
+            logger.warning("task %s: image not usable, served last: %s", task_id, reason)
+            task_score = TaskScore(task_id, settings.strategy, None, 0, UNREADABLE_PRIORITY, reason)
+            result = []
+        logger.debug("task %s: %s=%s N=%d score=%.6f", task_id, task_score.strategy, task_score.value,
+                     task_score.detections, task_score.priority)
+        predictions.append({
+            "result": result,
+            "score": task_score.priority,
+            "model_version": detector.version,
+            "ale": task_score.as_dict(),
+        })
+    logger.info(
+        "predicted %d tasks (%d unreadable) with %s, strategy %s, in %.2f s",
+        len(tasks), len(tasks) - len(readable), detector.version, settings.strategy, time.perf_counter() - started,
+    )
+    return predictions
+
+
+def regions(detections: Detections, label_map: LabelMap, config: LabelConfig) -> list[dict]:
+    """RectangleLabels results for the detections whose class has a project label."""
+    width, height = detections.width, detections.height
+    out = []
+    for box, class_id, confidence in zip(detections.boxes, detections.class_ids, detections.confidences):
+        label = label_map.class_to_label.get(int(class_id))
+        if label is None:
+            continue
+        x1, y1, x2, y2 = (float(v) for v in box)
+        x1, x2 = (min(max(v, 0.0), width) for v in (x1, x2))
+        y1, y2 = (min(max(v, 0.0), height) for v in (y1, y2))
+        if x2 <= x1 or y2 <= y1:
+            continue
+        out.append({
+            "id": uuid.uuid4().hex[:10],
+            "from_name": config.from_name,
+            "to_name": config.to_name,
+            "type": "rectanglelabels",
+            "original_width": width,
+            "original_height": height,
+            "image_rotation": 0,
+            "value": {
+                "x": 100.0 * x1 / width,
+                "y": 100.0 * y1 / height,
+                "width": 100.0 * (x2 - x1) / width,
+                "height": 100.0 * (y2 - y1) / height,
+                "rotation": 0,
+                "rectanglelabels": [label],
+            },
+            "score": float(confidence),
+        })
+    return out
+
+
+def _score(task_id: Any, url: str, detections: Detections, settings: Settings) -> TaskScore:
+    scored = detections.above(settings.score_conf)
+    # The random strategy draws from a generator seeded by the task, so a task keeps its number across requests.
+    task_key = task_id if isinstance(task_id, int) and task_id >= 0 else zlib.crc32(str(url).encode())
+    rng = np.random.default_rng([settings.random_seed, task_key])
+    value = score_image(scored.class_scores, settings.strategy, rng)
+    return TaskScore(task_id, settings.strategy, value, len(scored), priority(value))
+
+
+def _image_url(task: dict, config: LabelConfig) -> str:
+    data = task.get("data") if isinstance(task, dict) else None
+    if not isinstance(data, dict):
+        return ""
+    value = data.get(config.image_key)
+    return value if isinstance(value, str) else ""

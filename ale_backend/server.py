@@ -1,0 +1,130 @@
+"""The web edge: label-studio-ml 1.0.9's Flask app, with its gaps for this backend closed here and only here.
+
+label-studio-ml provides the routes Label Studio calls (``/health``, ``/setup``, ``/predict``, ``/webhook``,
+``/versions``) and its ``exception_handler``. Where 1.0.9 falls short, this module extends it:
+
+* **One model per process, not per /setup.** Its manager rebuilds the model on every ``/setup`` (which Label Studio
+  sends before every ``/predict``, with a 3 s timeout) and keeps a single global model whatever the project.
+  :class:`ALEManager` builds a cheap :class:`~ale_backend.model.ALEModel` from the request's own labelling config
+  each time; the weights live in a process-wide cache, so ``/setup`` never loads a model and two projects served
+  by one process never see each other's config.
+* **Bad requests get a 4xx with a reason.** Its views turn any exception, malformed JSON included, into a 500;
+  :func:`_check_request` answers 415/400 before a view runs, an unusable labelling config included.
+* **No accidental training.** Without Redis its ``/webhook`` forks a process per event that runs the model's
+  ``fit``; here webhooks are acknowledged and ignored until training exists.
+* **GET /versions.** Label Studio calls GET; 1.0.9 only answers POST.
+* **Undeclared dependencies.** label-studio-ml imports ``redis`` and ``rq`` without declaring them: both are pinned
+  in ``requirements.txt``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from flask import Flask, jsonify, request
+from label_studio_ml import api as ls_api
+from label_studio_ml.model import LabelStudioMLManager, ModelWrapper
+
+from ale_backend.detector import get_detector, resolve_model_source
+from ale_backend.label_config import LabelConfigError, parse_label_config
+from ale_backend.model import ALEModel
+from ale_backend.settings import Settings, get_settings
+
+logger = logging.getLogger(__name__)
+
+# endpoint -> (JSON field, expected type, what to say when it is missing or wrong)
+_REQUIRED_FIELDS = {
+    "/predict": (
+        ("tasks", list, "a non-empty list of task objects"),
+        ("label_config", str, "the project's labelling config (XML string)"),
+    ),
+    "/setup": (("schema", str, "the project's labelling config (XML string)"),),
+    "/webhook": (("action", str, "the event name, e.g. ANNOTATION_CREATED"),),
+}
+
+
+class ALEManager(LabelStudioMLManager):
+    """label-studio-ml's manager with per-request models (see the module docstring)."""
+
+    @classmethod
+    def fetch(cls, project=None, label_config=None, force_reload=False, **kwargs):
+        model = cls.model_class(label_config=label_config, **cls.init_kwargs)
+        return ModelWrapper(model=model, model_version=model.model_version)
+
+    @classmethod
+    def predict(cls, tasks, project=None, label_config=None, force_reload=False, try_fetch=True, **kwargs):
+        wrapper = cls.fetch(project, label_config)
+        return wrapper.model.predict(tasks, **kwargs), wrapper
+
+    @classmethod
+    def webhook(cls, event, data):
+        return {"status": "ignored", "event": event, "reason": "this backend does not train on events yet"}
+
+    @classmethod
+    def _get_models_from_workdir(cls, project):
+        return [resolve_model_source(cls.init_kwargs["settings"].model_path).version]
+
+
+def create_app(settings: Settings | None = None, warm_up: bool = True) -> Flask:
+    """The WSGI app for gunicorn (``_wsgi:app``) and for tests.
+
+    ``warm_up`` loads the model in a background thread at start, so the first ``/predict`` does not pay for it.
+    """
+    settings = settings or get_settings()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    resolve_model_source(settings.model_path)  # fail at start-up on a missing weights file
+    if not isinstance(ls_api._manager, ALEManager):
+        ls_api._manager = ALEManager()
+    app = ls_api.init_app(model_class=ALEModel, model_dir=str(settings.model_dir), settings=settings)
+    if not app.config.get("ALE_EXTENDED"):
+        app.before_request(_check_request)
+        app.add_url_rule("/versions", "versions_get", _versions, methods=["GET"])
+        app.config["ALE_EXTENDED"] = True
+    if warm_up:
+        threading.Thread(target=_warm_up, args=(settings,), name="model-warm-up", daemon=True).start()
+    return app
+
+
+def _check_request():
+    """Reject what label-studio-ml's views would turn into a 500."""
+    if request.method != "POST":
+        return None
+    if not request.is_json:
+        return _error(415, "send a JSON body with Content-Type: application/json")
+    payload = request.get_json(silent=True)
+    if not isinstance(payload, dict):
+        return _error(400, "the request body must be a JSON object")
+    for field, kind, meaning in _REQUIRED_FIELDS.get(request.path, ()):
+        value = payload.get(field)
+        if not isinstance(value, kind) or not value:
+            return _error(400, f"'{field}' must be {meaning}")
+    if request.path == "/predict":
+        bad = [i for i, task in enumerate(payload["tasks"]) if not isinstance(task, dict)]
+        if bad:
+            return _error(400, f"tasks at positions {bad[:10]} are not JSON objects")
+    config = payload.get("schema") if request.path == "/setup" else payload.get("label_config")
+    if request.path in ("/setup", "/predict"):
+        try:
+            parse_label_config(config)
+        except LabelConfigError as exc:
+            return _error(400, f"unusable labelling config: {exc}")
+    return None
+
+
+def _versions():
+    versions = ls_api._manager._get_models_from_workdir(request.args.get("project"))
+    return jsonify({"versions": versions})
+
+
+def _error(status: int, reason: str):
+    response = jsonify({"error": reason})
+    response.status_code = status
+    return response
+
+
+def _warm_up(settings: Settings) -> None:
+    try:
+        get_detector(settings).warm_up()
+    except Exception:
+        logger.exception("model warm-up failed; /predict will report the error")

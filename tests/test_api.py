@@ -1,0 +1,151 @@
+"""The backend's HTTP API through Flask's test client, with the real model and a real image server."""
+
+import dataclasses
+import time
+
+import pytest
+from label_studio_sdk.label_interface import LabelInterface
+
+from ale_backend import detector as detector_module
+from ale_backend.scoring import UNREADABLE_PRIORITY, priority
+from ale_backend.server import create_app
+from tests.conftest import LABEL_CONFIG
+
+
+@pytest.fixture()
+def served(settings, image_server):
+    """The app with the trained model, reading Label Studio images from the local image server."""
+    app_settings = dataclasses.replace(
+        settings, label_studio_url=image_server.url, label_studio_api_key=image_server.legacy_token
+    )
+    return create_app(app_settings, warm_up=False).test_client(), app_settings
+
+
+def predict(client, tasks, config=LABEL_CONFIG):
+    return client.post("/predict", json={"tasks": tasks, "project": "1.1700000000", "label_config": config})
+
+
+def upload_tasks(sample_images, count=8):
+    return [{"id": 100 + i, "data": {"image": f"/data/upload/1/{p.name}"}} for i, p in enumerate(sample_images[:count])]
+
+
+def test_health_answers(served):
+    client, _ = served
+    response = client.get("/health")
+    assert response.status_code == 200 and response.json["status"] == "UP"
+
+
+def test_setup_reports_the_model_version_without_loading_the_model(served, monkeypatch):
+    client, app_settings = served
+    monkeypatch.setattr(detector_module, "_detectors", {})  # nothing loaded in this process
+    started = time.perf_counter()
+    response = client.post("/setup", json={"project": "1.1700000000", "schema": LABEL_CONFIG, "hostname": "",
+                                           "access_token": ""})
+    elapsed = time.perf_counter() - started
+    assert response.status_code == 200
+    assert response.json["model_version"] == detector_module.resolve_model_source(app_settings.model_path).version
+    assert detector_module._detectors == {}
+    assert elapsed < 3.0  # Label Studio's /setup read timeout
+
+
+def test_predictions_are_valid_for_label_studio_and_ordered_by_ale(served, sample_images):
+    client, app_settings = served
+    tasks = upload_tasks(sample_images)
+    response = predict(client, tasks)
+    assert response.status_code == 200, response.json
+    results = response.json["results"]
+    assert len(results) == len(tasks)
+
+    interface = LabelInterface(LABEL_CONFIG)
+    version = detector_module.resolve_model_source(app_settings.model_path).version
+    regions = 0
+    for prediction in results:
+        assert prediction["model_version"] == version
+        assert interface.validate_prediction(
+            {k: prediction[k] for k in ("result", "score", "model_version")}, return_errors=True
+        ) == []
+        ale = prediction["ale"]
+        assert ale["strategy"] == "ale-entropy-sum" and ale["detections"] >= 0
+        assert prediction["score"] == pytest.approx(priority(ale["value"]))
+        for region in prediction["result"]:
+            regions += 1
+            assert region["value"]["rectanglelabels"][0] in {"Circle", "box"}  # never the unlabelled "triangle"
+            assert region["score"] >= app_settings.display_conf
+            assert (region["original_width"], region["original_height"]) == (160, 160)
+            value = region["value"]
+            assert 0 <= value["x"] and value["x"] + value["width"] <= 100 + 1e-6
+            assert 0 <= value["y"] and value["y"] + value["height"] <= 100 + 1e-6
+    assert regions > 0
+
+    # Label Studio serves the lowest score first: that must be the highest-ALE task.
+    by_score = min(results, key=lambda p: p["score"])
+    by_ale = max(results, key=lambda p: p["ale"]["value"])
+    assert by_score is by_ale
+    assert len({p["ale"]["value"] for p in results}) > 1  # the scores do discriminate
+
+
+def test_a_broken_image_fails_only_its_own_task(served, sample_images):
+    client, _ = served
+    good = upload_tasks(sample_images, 3)
+    tasks = [good[0], {"id": 7, "data": {"image": "/data/upload/1/corrupt.png"}}, good[1],
+             {"id": 8, "data": {"image": "http://127.0.0.1:9/gone.png"}}, {"id": 9, "data": {"other": "x"}}, good[2]]
+    response = predict(client, tasks)
+    assert response.status_code == 200
+    results = response.json["results"]
+    assert len(results) == len(tasks)
+    for i in (1, 3, 4):
+        assert results[i]["result"] == [] and results[i]["score"] == UNREADABLE_PRIORITY
+        assert results[i]["ale"]["error"]
+    assert "not a decodable image" in results[1]["ale"]["error"]
+    for i in (0, 2, 5):
+        assert "error" not in results[i]["ale"] and results[i]["score"] < UNREADABLE_PRIORITY
+    # the good tasks get the same predictions as when sent alone
+    alone = predict(client, good).json["results"]
+    assert [results[i]["ale"]["value"] for i in (0, 2, 5)] == pytest.approx([p["ale"]["value"] for p in alone])
+
+
+def test_labels_are_mapped_and_unlabelled_classes_dropped(served, sample_images):
+    client, _ = served
+    only_circles = LABEL_CONFIG.replace('<Label value="box" predicted_values="square"/>', "")
+    results = predict(client, upload_tasks(sample_images), only_circles).json["results"]
+    labels = {r["value"]["rectanglelabels"][0] for p in results for r in p["result"]}
+    assert labels <= {"Circle"}
+
+
+@pytest.mark.parametrize(
+    "kwargs, status, reason",
+    [
+        ({"data": "{not json", "content_type": "application/json"}, 400, "JSON object"),
+        ({"data": "tasks=1", "content_type": "application/x-www-form-urlencoded"}, 415, "Content-Type"),
+        ({"json": [1, 2]}, 400, "JSON object"),
+        ({"json": {"tasks": [], "label_config": LABEL_CONFIG}}, 400, "'tasks'"),
+        ({"json": {"tasks": [1], "label_config": LABEL_CONFIG}}, 400, "not JSON objects"),
+        ({"json": {"tasks": [{"data": {}}]}}, 400, "'label_config'"),
+        ({"json": {"tasks": [{"data": {}}], "label_config": "<View/>"}}, 400, "RectangleLabels"),
+    ],
+)
+def test_bad_predict_requests_get_a_4xx_with_a_reason(served, kwargs, status, reason):
+    client, _ = served
+    response = client.post("/predict", **kwargs)
+    assert response.status_code == status
+    assert reason in response.json["error"]
+
+
+def test_setup_refuses_a_config_without_rectangle_labels(served):
+    client, _ = served
+    response = client.post("/setup", json={"project": "1.1", "schema": '<View><Image name="i" value="$i"/></View>'})
+    assert response.status_code == 400 and "RectangleLabels" in response.json["error"]
+
+
+def test_webhook_is_acknowledged_without_training(served):
+    client, _ = served
+    response = client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 1}})
+    assert response.status_code == 201 and response.json["status"] == "ignored"
+    assert client.post("/webhook", json={"project": {}}).status_code == 400
+
+
+def test_versions_answers_get_and_post(served):
+    client, app_settings = served
+    version = detector_module.resolve_model_source(app_settings.model_path).version
+    assert client.get("/versions").json["versions"] == [version]
+    assert client.post("/versions", json={"project": "1.1"}).json["versions"] == [version]
