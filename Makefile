@@ -1,4 +1,5 @@
-# The two commands a user needs:  make run  (serve on :9090)  and  make test.
+# The two commands a user needs:  make run  (Redis if needed, the training worker, the backend on :9090)
+# and  make test.
 # Both create the virtualenv in .venv and install what is missing first.
 
 PYTHON  ?= python3
@@ -21,7 +22,7 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 	touch $@
 
 run: install
-	$(BIN)/gunicorn --bind 0.0.0.0:$(PORT) --workers $(WORKERS) --threads $(THREADS) --timeout 300 _wsgi:app
+	VENV=$(VENV) PORT=$(PORT) WORKERS=$(WORKERS) THREADS=$(THREADS) scripts/serve
 
 test: install
 	$(BIN)/python -m pytest

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import re
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,24 +96,11 @@ class Detector:
     """A loaded model and its inference settings. Thread-safe: concurrent calls run one after another."""
 
     def __init__(self, source: ModelSource, settings: Settings):
-        ultralytics = ultralytics_module(settings.model_dir)
         self.source = source
         self.version = source.version
         self._settings = settings
         self._lock = threading.Lock()
-        if source.is_config:
-            import torch
-
-            with torch.random.fork_rng():
-                torch.manual_seed(0)
-                try:
-                    self._yolo = ultralytics.YOLO(source.path, task="detect")
-                except FileNotFoundError as exc:
-                    raise ModelNotFoundError(
-                        f"MODEL_PATH={source.path!r}: no such file, and not a model config shipped with ultralytics"
-                    ) from exc
-        else:
-            self._yolo = ultralytics.YOLO(source.path, task="detect")
+        self._yolo = load_model(source, settings.model_dir)
         self.names: dict[int, str] = dict(self._yolo.names)
         logger.info("loaded model %s (%d classes) from %s", self.version, len(self.names), source.path)
 
@@ -145,6 +133,24 @@ class Detector:
             save=False,
         )
         return [_to_detections(result, len(self.names)) for result in results]
+
+
+def load_model(source: ModelSource, state_dir: Path):
+    """An ultralytics ``YOLO`` for ``source``. Configs are built with a fixed seed, so every process (web workers,
+    training) gets the same untrained weights."""
+    ultralytics = ultralytics_module(state_dir)
+    if not source.is_config:
+        return ultralytics.YOLO(source.path, task="detect")
+    import torch
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        try:
+            return ultralytics.YOLO(source.path, task="detect")
+        except FileNotFoundError as exc:
+            raise ModelNotFoundError(
+                f"MODEL_PATH={source.path!r}: no such file, and not a model config shipped with ultralytics"
+            ) from exc
 
 
 def _to_detections(result, num_classes: int) -> Detections:
@@ -194,25 +200,28 @@ def _predictor_class():
     return _predictor_type
 
 
-_detectors: dict[tuple, Detector] = {}
+_CACHED_DETECTORS = 4
+_detectors: OrderedDict[tuple, Detector] = OrderedDict()
 _detectors_lock = threading.Lock()
 _digests: dict[tuple, str] = {}
 
 
-def get_detector(settings: Settings) -> Detector:
-    """The process's detector for these settings, loaded on first use and reused after.
+def get_detector(settings: Settings, source: ModelSource | None = None) -> Detector:
+    """The process's detector for ``source`` (default: ``MODEL_PATH``), loaded on first use and reused after.
 
-    The cache key includes the weights file's size and modification time, so replaced weights load anew; only the
-    newest detector is kept.
+    The cache key includes the weights file's size and modification time, so replaced weights load anew. The most
+    recently used few detectors are kept (one process may serve several projects, each with its own version).
     """
-    source = resolve_model_source(settings.model_path)
+    source = source or resolve_model_source(settings.model_path)
     key = (source, _stat_key(source), settings)
     with _detectors_lock:
         detector = _detectors.get(key)
         if detector is None:
             detector = Detector(source, settings)
-            _detectors.clear()
             _detectors[key] = detector
+            while len(_detectors) > _CACHED_DETECTORS:
+                _detectors.popitem(last=False)
+        _detectors.move_to_end(key)
         return detector
 
 

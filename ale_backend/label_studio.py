@@ -7,8 +7,22 @@ a long-lived JWT *refresh* token that Label Studio does not accept as a credenti
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
+import time
+from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urljoin, urlsplit
+
+import requests
+
+logger = logging.getLogger(__name__)
+
+ANNOTATED = {"conjunction": "and", "items": [
+    {"filter": "filters:tasks:total_annotations", "operator": "greater", "type": "Number", "value": 0}
+]}
+"""Data Manager filter: tasks with at least one (non-cancelled) annotation."""
 
 
 class LabelStudioError(RuntimeError):
@@ -18,14 +32,68 @@ class LabelStudioError(RuntimeError):
 class LabelStudioClient:
     """Label Studio at ``url``, authenticated with ``api_key``."""
 
-    def __init__(self, url: str, api_key: str, timeout: float = 30.0):
+    def __init__(self, url: str, api_key: str, timeout: float = 30.0, retries: int = 4, backoff: float = 0.5):
         if not url:
             raise LabelStudioError("LABEL_STUDIO_URL is not set")
         self.url = url.rstrip("/")
         self._api_key = api_key
         self._timeout = timeout
+        self._retries = retries
+        self._backoff = backoff
         self._sdk = None
         self._lock = threading.Lock()
+        self._session = requests.Session()
+
+    def request(self, method: str, path: str, **kwargs) -> Any:
+        """Call the API and return its JSON; connection errors and 5xx are retried with exponential backoff.
+
+        Raises :class:`LabelStudioError` with Label Studio's own explanation when it refuses the request (4xx) or
+        keeps failing.
+        """
+        url = self.absolute_url(path)
+        last = ""
+        for attempt in range(self._retries + 1):
+            if attempt:
+                time.sleep(self._backoff * 2 ** (attempt - 1))
+            try:
+                response = self._session.request(method, url, headers=self.auth_headers(), timeout=self._timeout,
+                                                 **kwargs)
+            except requests.RequestException as exc:
+                last = f"{type(exc).__name__}: {exc}"
+                logger.warning("Label Studio %s %s failed (attempt %d): %s", method, path, attempt + 1, last)
+                continue
+            if response.status_code >= 500:
+                last = f"HTTP {response.status_code}: {response.text[:300]}"
+                logger.warning("Label Studio %s %s failed (attempt %d): %s", method, path, attempt + 1, last)
+                continue
+            if response.status_code >= 400:
+                raise LabelStudioError(
+                    f"Label Studio refused {method} {path}: HTTP {response.status_code}: {_body_detail(response)}"
+                )
+            return response.json() if response.content else None
+        raise LabelStudioError(
+            f"Label Studio at {self.url} kept failing on {method} {path} after {self._retries + 1} attempts: {last}"
+        )
+
+    def project(self, project_id: int) -> dict:
+        """The project (title, label_config, model_version, ...)."""
+        return self.request("GET", f"/api/projects/{int(project_id)}/")
+
+    def tasks(self, project_id: int, filters: dict | None = None, page_size: int = 100) -> Iterator[dict]:
+        """Every task of the project (with annotations and predictions), a page at a time."""
+        params: dict[str, Any] = {"project": int(project_id), "fields": "all", "page_size": page_size}
+        if filters:
+            params["query"] = json.dumps({"filters": filters})
+        seen, page = 0, 1
+        while True:
+            body = self.request("GET", "/api/tasks/", params={**params, "page": page})
+            tasks = body.get("tasks", []) if isinstance(body, dict) else body
+            yield from tasks
+            seen += len(tasks)
+            total = body.get("total", seen) if isinstance(body, dict) else seen
+            if not tasks or seen >= total:
+                return
+            page += 1
 
     @property
     def sdk(self):
@@ -73,6 +141,16 @@ class LabelStudioClient:
 
 def _port(parts) -> int | None:
     return parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+
+
+def _body_detail(response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:300]
+    if isinstance(body, dict):
+        return str(body.get("detail") or body.get("validation_errors") or body)[:300]
+    return str(body)[:300]
 
 
 def _detail(exc) -> str:

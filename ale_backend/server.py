@@ -10,9 +10,13 @@ label-studio-ml provides the routes Label Studio calls (``/health``, ``/setup``,
   by one process never see each other's config.
 * **Bad requests get a 4xx with a reason.** Its views turn any exception, malformed JSON included, into a 500;
   :func:`_check_request` answers 415/400 before a view runs, an unusable labelling config included.
-* **No accidental training.** Without Redis its ``/webhook`` forks a process per event that runs the model's
-  ``fit``; here webhooks are acknowledged and ignored until training exists.
-* **GET /versions.** Label Studio calls GET; 1.0.9 only answers POST.
+* **Training through our queue.** Its ``/webhook`` trains only on some events (not ``START_TRAINING``, not the
+  plural ``ANNOTATIONS_DELETED``), drops jobs while one waits, and without Redis forks a process per event. Here
+  ``/webhook`` hands the event to :class:`~ale_backend.jobs.TrainingQueue` (RQ over Redis, coalescing per project)
+  and answers at once: 201 queued, 200 coalesced / pending / ignored, 400 for an event without a project, 503 with
+  the reason when Redis is down (``/predict`` does not need Redis).
+* **Versions per project.** ``/versions`` (GET, which Label Studio calls, and POST) lists the project's registry
+  versions; ``/status?project=<id>`` shows the training queue and the served version.
 * **Undeclared dependencies.** label-studio-ml imports ``redis`` and ``rq`` without declaring them: both are pinned
   in ``requirements.txt``.
 """
@@ -22,13 +26,16 @@ from __future__ import annotations
 import logging
 import threading
 
-from flask import Flask, jsonify, request
+import redis
+from flask import Flask, current_app, jsonify, request
 from label_studio_ml import api as ls_api
 from label_studio_ml.model import LabelStudioMLManager, ModelWrapper
 
 from ale_backend.detector import get_detector, resolve_model_source
+from ale_backend.jobs import QueueUnavailable, TrainingQueue
 from ale_backend.label_config import LabelConfigError, parse_label_config
 from ale_backend.model import ALEModel
+from ale_backend.registry import Registry, project_id
 from ale_backend.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
@@ -49,7 +56,7 @@ class ALEManager(LabelStudioMLManager):
 
     @classmethod
     def fetch(cls, project=None, label_config=None, force_reload=False, **kwargs):
-        model = cls.model_class(label_config=label_config, **cls.init_kwargs)
+        model = cls.model_class(label_config=label_config, project=project, **cls.init_kwargs)
         return ModelWrapper(model=model, model_version=model.model_version)
 
     @classmethod
@@ -58,12 +65,11 @@ class ALEManager(LabelStudioMLManager):
         return wrapper.model.predict(tasks, **kwargs), wrapper
 
     @classmethod
-    def webhook(cls, event, data):
-        return {"status": "ignored", "event": event, "reason": "this backend does not train on events yet"}
-
-    @classmethod
     def _get_models_from_workdir(cls, project):
-        return [resolve_model_source(cls.init_kwargs["settings"].model_path).version]
+        settings = cls.init_kwargs["settings"]
+        pid = project_id(project)
+        trained = [info.version for info in Registry(settings.model_dir).versions(pid)] if pid is not None else []
+        return [resolve_model_source(settings.model_path).version, *trained]
 
 
 def create_app(settings: Settings | None = None, warm_up: bool = True) -> Flask:
@@ -80,7 +86,11 @@ def create_app(settings: Settings | None = None, warm_up: bool = True) -> Flask:
     if not app.config.get("ALE_EXTENDED"):
         app.before_request(_check_request)
         app.add_url_rule("/versions", "versions_get", _versions, methods=["GET"])
+        app.add_url_rule("/status", "status", _status, methods=["GET"])
+        app.view_functions["webhook"] = _webhook
         app.config["ALE_EXTENDED"] = True
+    app.config["ALE_SETTINGS"] = settings
+    app.config["ALE_QUEUE"] = None  # connected on first use
     if warm_up:
         threading.Thread(target=_warm_up, args=(settings,), name="model-warm-up", daemon=True).start()
     return app
@@ -115,6 +125,33 @@ def _check_request():
 def _versions():
     versions = ls_api._manager._get_models_from_workdir(request.args.get("project"))
     return jsonify({"versions": versions})
+
+
+def _queue() -> TrainingQueue:
+    if current_app.config["ALE_QUEUE"] is None:
+        current_app.config["ALE_QUEUE"] = TrainingQueue(current_app.config["ALE_SETTINGS"])
+    return current_app.config["ALE_QUEUE"]
+
+
+def _webhook():
+    payload = request.get_json()
+    try:
+        status, body = _queue().handle_event(payload["action"], payload)
+    except QueueUnavailable as exc:
+        logger.error("webhook %s not queued: %s", payload["action"], exc)
+        return _error(503, str(exc))
+    logger.info("webhook %s: %s", payload["action"], body)
+    return jsonify(body), status
+
+
+def _status():
+    pid = project_id(request.args.get("project"))
+    if pid is None:
+        return _error(400, "give the project id: /status?project=<id>")
+    try:
+        return jsonify(_queue().status(pid))
+    except redis.exceptions.RedisError as exc:
+        return _error(503, f"the training queue is unavailable ({type(exc).__name__}); predictions still work")
 
 
 def _error(status: int, reason: str):

@@ -72,6 +72,40 @@ def _log_level(raw: str) -> str:
     return value
 
 
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError("expected an integer >= 0")
+    return value
+
+
+def _optional_int(raw: str) -> int | None:
+    return None if not raw.strip() else _non_negative_int(raw)
+
+
+def _percent(raw: str) -> int:
+    value = int(raw)
+    if not 0 <= value < 100:
+        raise ValueError("expected an integer from 0 to 99")
+    return value
+
+
+def _optional_file(raw: str) -> Path | None:
+    if not raw.strip():
+        return None
+    path = Path(raw).expanduser().resolve()
+    if not path.is_file():
+        raise ValueError("no such file")
+    return path
+
+
+def _redis_url(raw: str) -> str:
+    value = raw.strip()
+    if not value.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("expected redis://host:port/db")
+    return value
+
+
 def _url(raw: str) -> str:
     value = raw.strip().rstrip("/")
     if value and not value.startswith(("http://", "https://")):
@@ -99,6 +133,21 @@ _VARIABLES: dict[str, tuple[str, str, Callable[[str], object]]] = {
     "fetch_timeout": ("FETCH_TIMEOUT", "10", _positive_float),
     "max_image_mb": ("MAX_IMAGE_MB", "50", _positive_float),
     "log_level": ("LOG_LEVEL", "INFO", _log_level),
+    "redis_url": ("REDIS_URL", "redis://localhost:6379/0", _redis_url),
+    "queue_name": ("TRAIN_QUEUE", "ale-training", _text),
+    "min_new_annotations": ("MIN_NEW_ANNOTATIONS", "10", _non_negative_int),
+    "train_epochs": ("TRAIN_EPOCHS", "20", _positive_int),
+    "train_patience": ("TRAIN_PATIENCE", "10", _positive_int),
+    "train_imgsz": ("TRAIN_IMGSZ", "640", _positive_int),
+    "train_batch": ("TRAIN_BATCH", "16", _positive_int),
+    "train_device": ("TRAIN_DEVICE", "", _text),
+    "train_warmup_epochs": ("TRAIN_WARMUP_EPOCHS", "", _optional_int),
+    "train_val_percent": ("TRAIN_VAL_PERCENT", "20", _percent),
+    "train_seed": ("TRAIN_SEED", "0", int),
+    "train_timeout": ("TRAIN_TIMEOUT", "21600", _positive_int),
+    "base_dataset": ("BASE_DATASET", "", _optional_file),
+    "promotion_tolerance": ("PROMOTION_TOLERANCE", "0.02", _unit_interval),
+    "keep_versions": ("KEEP_VERSIONS", "5", _positive_int),
 }
 
 
@@ -142,6 +191,36 @@ class Settings:
     """Images larger than this are refused."""
     log_level: str = "INFO"
     """Python logging level."""
+    redis_url: str = "redis://localhost:6379/0"
+    """Redis for the training queue."""
+    queue_name: str = "ale-training"
+    """RQ queue the web app enqueues on and the worker listens to."""
+    min_new_annotations: int = 10
+    """Annotation events since the last training before a new one starts (START_TRAINING always starts one)."""
+    train_epochs: int = 20
+    """Fine-tuning epochs per round."""
+    train_patience: int = 10
+    """Stop early after this many epochs without validation improvement."""
+    train_imgsz: int = 640
+    """Training image size."""
+    train_batch: int = 16
+    """Training batch size."""
+    train_device: str = ""
+    """Torch device for training; empty uses DEVICE's choice."""
+    train_warmup_epochs: int | None = None
+    """Warm-up epochs; unset: 0 when fine-tuning trained weights, 3 when training from a config."""
+    train_val_percent: int = 20
+    """Share of annotated tasks held out for validation (chosen by a hash of the task id: stable across rounds)."""
+    train_seed: int = 0
+    """Training seed (deterministic on CPU)."""
+    train_timeout: int = 21600
+    """Seconds before the worker abandons a training job."""
+    base_dataset: Path | None = None
+    """A YOLO data.yaml whose training images are replayed in every round, so known classes are not forgotten."""
+    promotion_tolerance: float = 0.02
+    """A new version is served unless its validation mAP50-95 is worse than the current one's by more than this."""
+    keep_versions: int = 5
+    """Versions kept per project (the current one is never deleted)."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,7 +26,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks.common import default_model, free_port, wait_for_port
+
 CONFIG = (
     '<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">'
     '<Label value="circle"/><Label value="square"/><Label value="triangle"/></RectangleLabels></View>'
@@ -51,7 +51,7 @@ def main() -> None:
     from ale_backend.settings import Settings
     from ale_backend.ultralytics_setup import ultralytics_module
 
-    model = args.model or _default_model()
+    model = args.model or default_model()
     work = Path(tempfile.mkdtemp(prefix="ale-bench-"))
     images_dir = work / "images"
     images_dir.mkdir()
@@ -68,13 +68,13 @@ def main() -> None:
     yolo = ultralytics_module(settings.model_dir).YOLO(model, task="detect")
     paths = [str(images_dir / n) for n in names]
 
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(images_dir)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        _wait_for_port(port)
+        wait_for_port(port)
         tasks = [{"id": i, "data": {"image": f"http://127.0.0.1:{port}/{n}"}} for i, n in enumerate(names)]
 
         def plain() -> int:
@@ -122,28 +122,6 @@ def main() -> None:
     print(f"backend /predict (HTTP)   : {backend_rate:7.1f} images/s  (rounds: {_fmt(timings['backend'])})")
     ratio = backend_rate / plain_rate
     print(f"ratio backend / plain     : {ratio:.3f}  (target >= 0.85: {'met' if ratio >= 0.85 else 'NOT met'})")
-
-
-def _default_model() -> str:
-    cached = sorted((ROOT / ".cache" / "test-model").glob("*.pt"), key=lambda p: p.stat().st_mtime)
-    return str(cached[-1]) if cached else "yolov5nu.yaml"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"the image server did not start on port {port}")
 
 
 def _fmt(values: list[float]) -> str:

@@ -88,13 +88,18 @@ def sample_images(dataset) -> list[Path]:
     return sorted((dataset / "val" / "images").glob("*.png"))
 
 
-class ImageServer:
-    """A local HTTP server for image files that, like Label Studio, wants a credential.
+class FakeLabelStudio:
+    """A local HTTP stand-in for Label Studio's file serving and the few API calls the worker makes.
+
+    (The one stand-in the test suite allows itself; the integration suite drives the real Label Studio.)
+    Like Label Studio it wants a credential.
 
     It accepts ``Authorization: Token <legacy_token>`` or ``Bearer <access token>``, where the access token comes from
     ``POST /api/token/refresh/ {"refresh": <PAT>}`` as Label Studio 1.23 does it. Files are served from ``root``
     under ``/data/upload/...``, ``/data/local-files/?d=...`` and ``/public/...`` (the last one without auth);
     ``/together/...`` answers only when ``barrier.parties`` requests wait at once (proof of concurrent fetching).
+    ``projects`` maps a project id to ``{"label_config": ..., "tasks": [...]}``, served by ``/api/projects/<id>/``
+    and ``/api/tasks/?project=<id>&page=&page_size=`` (paginated like Label Studio: ``{"tasks", "total"}``).
     """
 
     def __init__(self, root: Path, legacy_token: str, refresh_token: str, access_token: str):
@@ -102,6 +107,7 @@ class ImageServer:
         self.refresh_token, self.access_token = refresh_token, access_token
         self.requests: list[tuple[str, str | None]] = []
         self.barrier: threading.Barrier | None = None
+        self.projects: dict[int, dict] = {}
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -136,6 +142,8 @@ class ImageServer:
                 elif auth not in (f"Token {server.legacy_token}", f"Bearer {server.access_token}"):
                     return self._send(401, b'{"detail": "Authentication credentials were not provided."}',
                                       "application/json")
+                elif parts.path.startswith("/api/"):
+                    return self._api(parts.path, parse_qs(parts.query))
                 elif parts.path.startswith("/data/upload/"):
                     relative = unquote(parts.path[len("/data/upload/"):])
                 elif parts.path == "/data/local-files/":
@@ -146,6 +154,27 @@ class ImageServer:
                 if server.root.resolve() not in path.parents or not path.is_file():
                     return self._send(404, b"not found", "text/plain")
                 self._send(200, path.read_bytes(), "image/png")
+
+            def _api(self, path, query):
+                import json
+
+                if path.startswith("/api/projects/"):
+                    project = server.projects.get(int(path.strip("/").split("/")[2]))
+                    if project is None:
+                        return self._send(404, b'{"detail": "Not found."}', "application/json")
+                    body = {"id": int(path.strip("/").split("/")[2]), "label_config": project["label_config"]}
+                    return self._send(200, json.dumps(body).encode(), "application/json")
+                if path == "/api/tasks/":
+                    project = server.projects.get(int(query["project"][0]))
+                    if project is None:
+                        return self._send(404, b'{"detail": "Not found."}', "application/json")
+                    page, size = int(query.get("page", ["1"])[0]), int(query.get("page_size", ["100"])[0])
+                    tasks = project["tasks"][(page - 1) * size: page * size]
+                    if page > 1 and not tasks:
+                        return self._send(404, b'{"detail": "Invalid page."}', "application/json")
+                    body = {"tasks": tasks, "total": len(project["tasks"])}
+                    return self._send(200, json.dumps(body).encode(), "application/json")
+                return self._send(404, b'{"detail": "Not found."}', "application/json")
 
             def _send(self, status, body, content_type):
                 self.send_response(status)
@@ -189,5 +218,100 @@ def image_server(tmp_path, sample_images):
     (root / "1" / "corrupt.png").write_bytes(sample_images[0].read_bytes()[:200])
     (root / "1" / "notes.txt").write_text("not an image")
     cv2.imwrite(str(root / "1" / "grey.png"), np.full((50, 70), 128, dtype=np.uint8))
-    with ImageServer(root, "legacy-token-123", make_jwt("refresh"), make_jwt("access")) as server:
+    with FakeLabelStudio(root, "legacy-token-123", make_jwt("refresh"), make_jwt("access")) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """A private Redis server for the session (``redis-server`` from PATH), stopped at the end.
+
+    Set ``TEST_REDIS_URL`` to use an existing server instead (its database is flushed by the tests).
+    """
+    import os
+    import socket
+    import subprocess
+    import time
+
+    if os.environ.get("TEST_REDIS_URL"):
+        yield os.environ["TEST_REDIS_URL"]
+        return
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed: install it (Debian/Ubuntu: apt-get install redis-server; "
+                    "macOS: brew install redis) or set TEST_REDIS_URL")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    folder = tmp_path_factory.mktemp("redis")
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    import redis
+
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.exceptions.ConnectionError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                pytest.fail("the test Redis server did not start")
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    process.terminate()
+    process.wait(timeout=10)
+
+
+LABELS = {"circle": "Circle", "square": "box", "triangle": "Springtail"}
+"""Ground truth of generated shapes as LABEL_CONFIG labels: triangles are the model's unlabelled class and become
+the project's new class "Springtail"."""
+
+
+def annotated_task(task_id: int, file_name: str, sample, project: int = 1, cancelled: bool = False) -> dict:
+    """A Label Studio task (``fields=all`` shape) whose annotation is the generated image's ground truth."""
+    height, width = sample.image.shape[:2]
+    result = []
+    for class_id, (x1, y1, x2, y2) in zip(sample.class_ids, sample.boxes):
+        result.append({
+            "id": f"r{task_id}-{len(result)}", "from_name": "label", "to_name": "image", "type": "rectanglelabels",
+            "original_width": width, "original_height": height,
+            "value": {"x": 100 * x1 / width, "y": 100 * y1 / height, "width": 100 * (x2 - x1) / width,
+                      "height": 100 * (y2 - y1) / height, "rotation": 0,
+                      "rectanglelabels": [LABELS[synthetic.SHAPES[class_id]]]},
+        })
+    return {
+        "id": task_id, "project": project, "data": {"image": f"/data/upload/{project}/{file_name}"},
+        "annotations": [{"id": task_id * 10, "result": result, "was_cancelled": cancelled, "ground_truth": False,
+                         "created_at": "2026-11-26T10:00:00Z", "updated_at": "2026-11-26T10:00:00Z"}],
+        "predictions": [],
+    }
+
+
+@pytest.fixture()
+def label_studio(tmp_path):
+    """A running :class:`FakeLabelStudio` with an empty file root; add projects with :func:`add_project`."""
+    root = tmp_path / "label-studio"
+    root.mkdir()
+    with FakeLabelStudio(root, "legacy-token-123", make_jwt("refresh"), make_jwt("access")) as server:
+        yield server
+
+
+def add_project(server: FakeLabelStudio, project: int, n_tasks: int, seed: int, size: int = 160,
+                config: str = LABEL_CONFIG) -> list:
+    """Generate ``n_tasks`` annotated image tasks for ``project`` on ``server``; returns the generated samples."""
+    rng = np.random.default_rng(seed)
+    folder = server.root / str(project)
+    folder.mkdir(parents=True, exist_ok=True)
+    tasks, samples = [], []
+    for i in range(n_tasks):
+        sample = synthetic.shapes_image(rng, size)
+        name = f"img{i:04d}.png"
+        cv2.imwrite(str(folder / name), sample.image)
+        tasks.append(annotated_task(project * 1000 + i, name, sample, project))
+        samples.append(sample)
+    server.projects[project] = {"label_config": config, "tasks": tasks}
+    return samples

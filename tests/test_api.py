@@ -2,6 +2,7 @@
 
 import dataclasses
 import time
+from collections import OrderedDict
 
 import pytest
 from label_studio_sdk.label_interface import LabelInterface
@@ -37,14 +38,14 @@ def test_health_answers(served):
 
 def test_setup_reports_the_model_version_without_loading_the_model(served, monkeypatch):
     client, app_settings = served
-    monkeypatch.setattr(detector_module, "_detectors", {})  # nothing loaded in this process
+    monkeypatch.setattr(detector_module, "_detectors", OrderedDict())  # nothing loaded in this process
     started = time.perf_counter()
     response = client.post("/setup", json={"project": "1.1700000000", "schema": LABEL_CONFIG, "hostname": "",
                                            "access_token": ""})
     elapsed = time.perf_counter() - started
     assert response.status_code == 200
     assert response.json["model_version"] == detector_module.resolve_model_source(app_settings.model_path).version
-    assert detector_module._detectors == {}
+    assert not detector_module._detectors
     assert elapsed < 3.0  # Label Studio's /setup read timeout
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from ale_backend.images import ImageLoader, ImageLoadError, decode_image
 from ale_backend.label_studio import LabelStudioClient, LabelStudioError
-from tests.conftest import ImageServer, make_jwt
+from tests.conftest import FakeLabelStudio, make_jwt
 
 
 def loader_for(server, api_key, **kwargs):
@@ -42,7 +42,7 @@ def test_an_expired_personal_access_token_is_reported(image_server, sample_image
 def test_the_key_goes_only_to_label_studio(image_server, sample_images, tmp_path):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "x.png").write_bytes(sample_images[0].read_bytes())
-    with ImageServer(tmp_path / "other", "t", "r", "a") as elsewhere:
+    with FakeLabelStudio(tmp_path / "other", "t", "r", "a") as elsewhere:
         image = loader_for(image_server, image_server.legacy_token).load(f"{elsewhere.url}/public/x.png")
     assert image.shape == (160, 160, 3)
     assert elsewhere.requests == [("/public/x.png", None)]

@@ -1,0 +1,268 @@
+"""The training queue: Label Studio events -> RQ jobs, at most one running and one waiting per project.
+
+Web side (:class:`TrainingQueue`, called by ``/webhook``): an event adds to the project's count of new annotations;
+once it reaches ``MIN_NEW_ANNOTATIONS`` (or at once for ``START_TRAINING``) the project gets a training job, unless
+one is already waiting, in which case the event folds into it: a job reads all annotations when it starts, so
+nothing is lost. Each waiting job has the id ``ale-train-p<project>-g<generation>`` and is enqueued with RQ's atomic
+``unique=True``, so concurrent web processes cannot create two.
+
+Worker side (:func:`run_training_job`): the job takes the project's Redis lock (renewed while it runs, so a killed
+worker frees it within ``LOCK_SECONDS``), then moves the project to the next generation (new events now make a new
+waiting job), resets the count, runs :func:`ale_backend.training.train_project` and records the outcome. Progress
+(stage, epoch) is kept in the job's meta; :meth:`TrainingQueue.status` gathers it all per project.
+
+Redis keys, per project: ``ale:p<id>:generation``, ``:new``, ``:running``, ``:lock``, ``:last-result``,
+``:last-failure``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import traceback
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis
+from rq import Queue, Worker, get_current_job
+from rq.exceptions import DuplicateJobError, NoSuchJobError
+from rq.job import Job, JobStatus
+
+from ale_backend.registry import Registry, project_id
+from ale_backend.settings import Settings, get_settings
+
+logger = logging.getLogger(__name__)
+
+FORCING_EVENTS = {"START_TRAINING"}
+"""Start a training whatever the count of new annotations (Label Studio's Start Training button and
+"Start model training on annotation submission")."""
+COUNTING_EVENTS = {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED", "ANNOTATIONS_DELETED"}
+"""Add to the count of new annotations; train once it reaches MIN_NEW_ANNOTATIONS."""
+LOCK_SECONDS = 60
+RESULT_TTL = 7 * 24 * 3600
+_WAITING = {JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED, JobStatus.CREATED}
+
+# Move the generation from ARGV[1] to ARGV[1] + 1, unless someone already did.
+_BUMP = (
+    "if tonumber(redis.call('GET', KEYS[1]) or '0') == tonumber(ARGV[1]) then "
+    "redis.call('SET', KEYS[1], ARGV[1] + 1) end"
+)
+# A starting job: bump its generation, mark itself running, take (and reset) the count of new annotations.
+_CLAIM = _BUMP + " redis.call('SET', KEYS[2], ARGV[2]) return redis.call('GETSET', KEYS[3], 0)"
+
+
+class QueueUnavailable(RuntimeError):
+    """Redis does not answer; the message says where it was expected."""
+
+
+def key(project: int, name: str) -> str:
+    return f"ale:p{int(project)}:{name}"
+
+
+def job_id(project: int, generation: int) -> str:
+    return f"ale-train-p{int(project)}-g{int(generation)}"
+
+
+class TrainingQueue:
+    """The web side of the queue, for one Redis and queue name."""
+
+    def __init__(self, settings: Settings, connection: redis.Redis | None = None):
+        self.settings = settings
+        self.redis = connection or redis.Redis.from_url(
+            settings.redis_url, socket_connect_timeout=0.5, socket_timeout=2.0
+        )
+        self.queue = Queue(settings.queue_name, connection=self.redis, default_timeout=settings.train_timeout)
+
+    def handle_event(self, event: str, payload: dict) -> tuple[int, dict]:
+        """Answer a Label Studio webhook: ``(HTTP status, JSON body)``. Never blocks on training."""
+        if event not in FORCING_EVENTS | COUNTING_EVENTS:
+            return 200, {"status": "ignored", "event": event,
+                         "reason": f"{event} does not affect training; handled: "
+                                   f"{', '.join(sorted(FORCING_EVENTS | COUNTING_EVENTS))}"}
+        project = project_id(payload.get("project"))
+        if project is None:
+            return 400, {"error": "the event names no project (expected 'project': {'id': ...})"}
+        try:
+            if event in COUNTING_EVENTS:
+                if (payload.get("annotation") or {}).get("was_cancelled"):
+                    return 200, {"status": "ignored", "event": event, "reason": "a skipped task is not an annotation"}
+                added = len(payload.get("annotations") or []) or 1
+                count = self.redis.incrby(key(project, "new"), added)
+                if count < self.settings.min_new_annotations:
+                    return 200, {"status": "pending", "project": project, "new_annotations": count,
+                                 "min_new_annotations": self.settings.min_new_annotations}
+            job, created = self.submit(project)
+        except redis.exceptions.RedisError as exc:
+            raise QueueUnavailable(
+                f"the training queue is unavailable: Redis at {where(self.settings.redis_url)} does not answer "
+                f"({type(exc).__name__}); predictions still work"
+            ) from exc
+        return (201 if created else 200), {"status": "queued" if created else "coalesced", "project": project,
+                                           "job": job, "event": event}
+
+    def submit(self, project: int) -> tuple[str, bool]:
+        """Make sure a training job is waiting for ``project``: ``(job id, whether this call created it)``."""
+        for _ in range(10):
+            generation = int(self.redis.get(key(project, "generation")) or 0)
+            jid = job_id(project, generation)
+            try:
+                self.queue.enqueue_call(
+                    "ale_backend.jobs.run_training_job", args=(project, generation), job_id=jid, unique=True,
+                    timeout=self.settings.train_timeout, result_ttl=RESULT_TTL, failure_ttl=RESULT_TTL,
+                    description=f"train project {project}", meta={"project": project, "stage": "queued"},
+                )
+                logger.info("project %s: training job %s queued", project, jid)
+                return jid, True
+            except DuplicateJobError:
+                pass
+            try:
+                status = Job.fetch(jid, connection=self.redis).get_status(refresh=True)
+            except NoSuchJobError:
+                continue  # expired between the two calls: try again
+            moved_on = int(self.redis.get(key(project, "generation")) or 0) != generation
+            if status in _WAITING or (status == JobStatus.STARTED and not moved_on):
+                return jid, False  # it has not read the annotations yet: this event is covered
+            if not moved_on:  # that job ended before claiming its generation (e.g. killed): retire it
+                self._bump_generation(project, generation)
+        raise RuntimeError(f"could not queue a training job for project {project}")
+
+    def _bump_generation(self, project: int, expected: int) -> None:
+        self.redis.eval(_BUMP, 1, key(project, "generation"), expected)
+
+    def status(self, project: int) -> dict[str, Any]:
+        """Running and waiting jobs with their progress, the served version and the last outcome."""
+        generation = int(self.redis.get(key(project, "generation")) or 0)
+        out: dict[str, Any] = {
+            "project": project,
+            "current_version": Registry(self.settings.model_dir).current(project),
+            "new_annotations": int(self.redis.get(key(project, "new")) or 0),
+            "min_new_annotations": self.settings.min_new_annotations,
+            "running": None,
+            "waiting": None,
+            "last_result": _json(self.redis.get(key(project, "last-result"))),
+            "last_failure": _json(self.redis.get(key(project, "last-failure"))),
+        }
+        running = self.redis.get(key(project, "running"))
+        if running:
+            out["running"] = _describe(running.decode(), self.redis)
+        waiting = _describe(job_id(project, generation), self.redis)
+        if waiting and waiting["status"] in {s.value for s in _WAITING | {JobStatus.STARTED}}:
+            out["waiting"] = waiting
+        previous = _describe(job_id(project, generation - 1), self.redis) if generation else None
+        if previous and previous["status"] == JobStatus.FAILED.value:
+            failure = out["last_failure"] or {}
+            if failure.get("job") != previous["id"]:  # died without recording why (worker killed)
+                out["last_failure"] = {"job": previous["id"], "at": previous.get("ended_at"),
+                                       "error": previous.get("error") or "the training job died"}
+        return out
+
+
+def run_training_job(project: int, generation: int) -> dict[str, Any]:
+    """The RQ job: claim the project's generation, train, record the outcome."""
+    from ale_backend.training import NothingToTrain, train_project
+
+    settings = get_settings()
+    connection = redis.Redis.from_url(settings.redis_url)
+    job = get_current_job()
+    jid = job.id if job else job_id(project, generation)
+
+    def report(stage: str, **details: Any) -> None:
+        if job is not None:
+            job.meta.update({"stage": stage, **details})
+            job.save_meta()
+        logger.info("project %s: %s %s", project, stage, details or "")
+
+    report("waiting for the project lock")
+    with _project_lock(connection, project):
+        new = connection.eval(_CLAIM, 3, key(project, "generation"), key(project, "running"), key(project, "new"),
+                              generation, jid)
+        logger.info("project %s: job %s starts (%s new annotation events)", project, jid, int(new or 0))
+        try:
+            result = train_project(project, settings, report, run_name=jid)
+        except NothingToTrain as exc:
+            result = {"status": "nothing to train", "reason": str(exc)}
+        except Exception as exc:
+            failure = {"job": jid, "at": _now(), "error": f"{type(exc).__name__}: {exc}",
+                       "traceback": traceback.format_exc(limit=8)}
+            connection.set(key(project, "last-failure"), json.dumps(failure))
+            report("failed", error=failure["error"])
+            raise
+        finally:
+            connection.delete(key(project, "running"))
+        summary = {"job": jid, "at": _now(), **{k: result.get(k) for k in (
+            "status", "reason", "version", "promoted", "metrics", "annotations", "boxes", "train_seconds")
+            if k in result}}
+        connection.set(key(project, "last-result"), json.dumps(summary))
+        report("done", version=result.get("version"), promoted=result.get("promoted"))
+        return result
+
+
+@contextmanager
+def _project_lock(connection: redis.Redis, project: int):
+    """The project's training lock, held (and renewed) for the whole block."""
+    lock = connection.lock(key(project, "lock"), timeout=LOCK_SECONDS, thread_local=False)
+    lock.acquire(blocking=True)
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(LOCK_SECONDS / 3):
+            try:
+                lock.extend(LOCK_SECONDS, replace_ttl=True)
+            except redis.exceptions.RedisError:
+                logger.exception("could not renew the training lock of project %s", project)
+
+    renewer = threading.Thread(target=renew, name=f"lock-p{project}", daemon=True)
+    renewer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        renewer.join()
+        try:
+            lock.release()
+        except redis.exceptions.LockError:
+            logger.warning("the training lock of project %s had expired", project)
+
+
+def work(settings: Settings, burst: bool = False) -> None:
+    """Run an RQ worker on the training queue (forks one process per job)."""
+    connection = redis.Redis.from_url(settings.redis_url)
+    connection.ping()
+    Worker([Queue(settings.queue_name, connection=connection)], connection=connection).work(
+        burst=burst, logging_level=settings.log_level
+    )
+
+
+def _describe(jid: str, connection: redis.Redis) -> dict[str, Any] | None:
+    try:
+        job = Job.fetch(jid, connection=connection)
+    except NoSuchJobError:
+        return None
+    status = job.get_status(refresh=True)
+    info = {"id": jid, "status": status.value if status else None, **{k: v for k, v in job.meta.items()}}
+    for name in ("enqueued_at", "started_at", "ended_at"):
+        value = getattr(job, name, None)
+        if value:
+            info[name] = value.isoformat(timespec="seconds")
+    if status == JobStatus.FAILED:
+        result = job.latest_result()
+        lines = (result.exc_string or "").strip().splitlines() if result else []
+        info["error"] = lines[-1] if lines else None
+    return info
+
+
+def _json(raw: bytes | None) -> Any:
+    return json.loads(raw) if raw else None
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def where(url: str) -> str:
+    """host:port of a Redis URL, without credentials."""
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port or 6379}" if parts.hostname else url.split("?")[0]

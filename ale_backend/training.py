@@ -1,0 +1,173 @@
+"""One training round for a project: annotations -> dataset -> fine-tune -> evaluate -> register.
+
+Runs in the RQ worker (:func:`ale_backend.jobs.run_training_job` wraps it with the queue's bookkeeping). The round:
+
+1. reads the project's labelling config and every annotated task from the Label Studio API;
+2. writes a YOLO dataset (:mod:`ale_backend.dataset`): images from the project's cache, a stable validation split,
+   optionally the base dataset replayed;
+3. fine-tunes the project's current version (or the base model) with ultralytics. Classes of the labelling config
+   that the model lacks are added: ultralytics keeps the known classes' head rows (matched by name) and starts new
+   rows fresh. Defaults follow the paper: Adam, lr0 0.01, momentum (beta1) 0.937, weight decay 0.005, ultralytics'
+   YOLOv5-style augmentations; no warm-up when fine-tuning trained weights (a short fine-tune would be all warm-up);
+4. scores the new weights and the current ones on the same validation images (the current model on labels
+   renumbered to its own classes, so the comparison is fair);
+5. registers the version (:mod:`ale_backend.registry`) and serves it unless its mAP50-95 is lower than the current
+   model's by more than ``PROMOTION_TOLERANCE``.
+
+Any exception leaves the registry as it was: a version is only added, complete, at step 5.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ale_backend.dataset import (
+    ImageCache,
+    class_names_for,
+    examples_from_tasks,
+    remapped_validation_set,
+    write_dataset,
+)
+from ale_backend.detector import ModelSource, load_model
+from ale_backend.images import get_image_loader
+from ale_backend.label_config import map_labels, parse_label_config
+from ale_backend.label_studio import ANNOTATED, LabelStudioClient
+from ale_backend.registry import Registry, VersionInfo, served_source
+from ale_backend.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+Report = Callable[..., None]
+"""``report(stage, **details)``: progress for the job's status."""
+
+
+class NothingToTrain(Exception):
+    """The project has no annotation that could be trained on."""
+
+
+def train_project(project: int, settings: Settings, report: Report = lambda stage, **details: None,
+                  run_name: str = "round") -> dict[str, Any]:
+    """Run one training round for ``project``; returns a JSON-able summary (also stored in the version)."""
+    started = time.monotonic()
+    registry = Registry(settings.model_dir)
+    registry.clean_incomplete(project)
+    work = registry.project_dir(project) / "work" / run_name
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+
+    report("fetching annotations")
+    client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
+    config = parse_label_config(client.project(project)["label_config"])
+    tasks = [t for t in client.tasks(project, filters=ANNOTATED) if t.get("annotations")]
+    examples = examples_from_tasks(tasks, config)
+    if not examples:
+        raise NothingToTrain(f"project {project} has no annotation to train on (skipped tasks do not count)")
+
+    parent = served_source(settings, project)
+    parent_names = dict(load_model(parent, settings.model_dir).names)
+    label_map = map_labels(parent_names, config)
+    class_names = class_names_for(config, label_map.class_to_label, parent_names)
+    label_to_class = {label: i for i, label in enumerate(config.labels)}
+
+    report("downloading images", images=len(examples))
+    cache = ImageCache(registry.project_dir(project) / "cache" / "images", get_image_loader(settings))
+    summary = write_dataset(examples, class_names, label_to_class, cache, work / "dataset",
+                            settings.train_val_percent, settings.base_dataset)
+    logger.info(
+        "project %s: training %s on %d tasks (%d train / %d validation images, %d replayed), %d boxes %s; "
+        "new classes %s; %d tasks skipped", project, parent.version, len(examples) - len(summary.skipped),
+        summary.train_images, summary.val_images, summary.replay_images, summary.boxes,
+        dict(summary.boxes_per_class), list(label_map.new_labels), len(summary.skipped),
+    )
+
+    epochs = settings.train_epochs
+    report("training", epoch=0, epochs=epochs)
+    weights = fine_tune(parent, summary.data_yaml, settings, work / "run",
+                        on_epoch=lambda epoch: report("training", epoch=epoch, epochs=epochs))
+
+    report("evaluating")
+    metrics = evaluate(weights, summary.data_yaml, settings, work / "run")
+    parent_metrics = evaluate(
+        parent, remapped_validation_set(summary, parent_names, work / "parent-validation"),
+        settings, work / "run",
+    )
+    promoted, reason = promotion(metrics, parent_metrics, settings.promotion_tolerance)
+
+    report("registering")
+    info = VersionInfo(
+        version=registry.new_version_name(project),
+        project=project,
+        parent=parent.version,
+        class_names=list(summary.class_names),
+        metrics={**metrics, **{f"parent_{k}": v for k, v in parent_metrics.items()}},
+        annotations=len(examples) - len(summary.skipped),
+        boxes=summary.boxes,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        train_seconds=round(time.monotonic() - started, 1),
+        promoted=promoted,
+        reason=reason,
+        extra={"boxes_per_class": dict(summary.boxes_per_class), "skipped_tasks": summary.skipped[:50],
+               "train_images": summary.train_images, "val_images": summary.val_images,
+               "replay_images": summary.replay_images, "epochs": epochs},
+    )
+    registry.add(weights, info)
+    pruned = registry.prune(project, settings.keep_versions)
+    shutil.rmtree(work, ignore_errors=True)
+    (logger.info if promoted else logger.warning)(
+        "project %s: version %s %s (%s) after %.0f s%s", project, info.version,
+        "serving" if promoted else "kept but NOT served", reason, info.train_seconds,
+        f"; pruned {pruned}" if pruned else "",
+    )
+    return asdict(info)
+
+
+def fine_tune(parent: ModelSource, data_yaml: Path, settings: Settings, run_dir: Path,
+              on_epoch: Callable[[int], None]) -> Path:
+    """Train from ``parent`` on ``data_yaml``; returns the best weights (by validation fitness)."""
+    model = load_model(parent, settings.model_dir)
+    warmup = settings.train_warmup_epochs
+    if warmup is None:
+        warmup = 3 if parent.is_config else 0
+    model.add_callback("on_fit_epoch_end", lambda trainer: on_epoch(int(trainer.epoch) + 1))
+    model.train(
+        data=str(data_yaml), epochs=settings.train_epochs, patience=settings.train_patience,
+        imgsz=settings.train_imgsz, batch=settings.train_batch, device=_device(settings), workers=0,
+        optimizer="Adam", lr0=0.01, momentum=0.937, weight_decay=0.005, warmup_epochs=warmup,
+        seed=settings.train_seed, deterministic=True, plots=False, amp=False, verbose=False,
+        project=str(run_dir), name="train", exist_ok=True,
+    )
+    best = Path(model.trainer.best)
+    return best if best.is_file() else Path(model.trainer.last)
+
+
+def evaluate(weights: ModelSource | Path, data_yaml: Path, settings: Settings,
+             run_dir: Path) -> dict[str, float]:
+    """mAP50 and mAP50-95 of ``weights`` on the validation split of ``data_yaml``."""
+    source = weights if isinstance(weights, ModelSource) else ModelSource(str(weights), "candidate", is_config=False)
+    model = load_model(source, settings.model_dir)
+    result = model.val(
+        data=str(data_yaml), split="val", imgsz=settings.train_imgsz, batch=settings.train_batch,
+        device=_device(settings), workers=0, plots=False, verbose=False, project=str(run_dir), name="val",
+        exist_ok=True,
+    )
+    return {"map50": round(float(result.box.map50), 5), "map50_95": round(float(result.box.map), 5)}
+
+
+def promotion(new: dict[str, float], current: dict[str, float], tolerance: float) -> tuple[bool, str]:
+    """Serve the new version unless its mAP50-95 drops more than ``tolerance`` below the current one's."""
+    delta = new["map50_95"] - current["map50_95"]
+    verdict = f"validation mAP50-95 {new['map50_95']:.4f} vs {current['map50_95']:.4f} for the current model"
+    if delta < -tolerance:
+        return False, f"{verdict}: worse by {-delta:.4f}, more than the tolerance {tolerance}"
+    return True, verdict
+
+
+def _device(settings: Settings) -> str | None:
+    return settings.train_device or settings.device or None

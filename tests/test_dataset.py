@@ -1,0 +1,109 @@
+import math
+
+import pytest
+import yaml
+
+from ale_backend.dataset import (
+    Example,
+    ImageCache,
+    class_names_for,
+    examples_from_tasks,
+    is_validation,
+    pick_annotation,
+    rectangle_to_yolo,
+    remapped_validation_set,
+    write_dataset,
+)
+from ale_backend.images import ImageLoader
+from ale_backend.label_config import map_labels, parse_label_config
+from tests.conftest import LABEL_CONFIG
+
+
+def annotation(aid, updated, cancelled=False, ground_truth=False, label="Circle"):
+    return {"id": aid, "updated_at": updated, "was_cancelled": cancelled, "ground_truth": ground_truth,
+            "result": [{"from_name": "label", "to_name": "image", "type": "rectanglelabels",
+                        "value": {"x": 10, "y": 20, "width": 30, "height": 40, "rectanglelabels": [label]}}]}
+
+
+def test_ground_truth_wins_then_the_latest_non_cancelled():
+    task = {"annotations": [annotation(1, "2026-01-03"), annotation(2, "2026-01-01", ground_truth=True),
+                            annotation(3, "2026-01-05", cancelled=True)]}
+    assert pick_annotation(task)["id"] == 2
+    task["annotations"][1]["ground_truth"] = False
+    assert pick_annotation(task)["id"] == 1
+    assert pick_annotation({"annotations": [annotation(3, "x", cancelled=True)]}) is None
+
+
+def test_examples_keep_this_controls_boxes_and_skip_skipped_tasks():
+    config = parse_label_config(LABEL_CONFIG)
+    other = {"from_name": "other", "type": "rectanglelabels", "value": {"x": 0, "y": 0, "width": 5, "height": 5,
+                                                                       "rectanglelabels": ["Circle"]}}
+    tasks = [
+        {"id": 1, "data": {"image": "a.png"}, "annotations": [annotation(1, "t")]},
+        {"id": 2, "data": {"image": "b.png"}, "annotations": [annotation(2, "t", cancelled=True)]},
+        {"id": 3, "data": {"image": "c.png"}, "annotations": [{"id": 4, "result": [other]}]},
+        {"id": 4, "data": {"image": "d.png"}, "annotations": [annotation(5, "t", label="Unknown")]},
+    ]
+    examples = examples_from_tasks(tasks, config)
+    assert [e.task_id for e in examples] == [1, 3, 4]
+    assert examples[0].boxes[0].label == "Circle"
+    assert examples[0].boxes[0].cx == pytest.approx(0.25) and examples[0].boxes[0].h == pytest.approx(0.4)
+    assert examples[1].boxes == () and examples[2].boxes == ()  # negatives: nothing of this project's labels
+
+
+def test_rotated_rectangles_become_their_bounding_box():
+    assert rectangle_to_yolo({"x": 10, "y": 20, "width": 30, "height": 40}) == pytest.approx((0.25, 0.4, 0.3, 0.4))
+    # rotated 90 degrees about the top-left corner (10, 20): spans x 10-40 -> -30..10, y 20..50
+    cx, cy, w, h = rectangle_to_yolo({"x": 10, "y": 20, "width": 30, "height": 40, "rotation": 90})
+    assert (cx, cy, w, h) == pytest.approx((0.05, 0.35, 0.1, 0.3))  # clipped at the left edge
+    assert rectangle_to_yolo({"x": 120, "y": 0, "width": 5, "height": 5}) is None
+    assert rectangle_to_yolo({"x": 1}) is None
+    assert math.isfinite(rectangle_to_yolo({"x": 0, "y": 0, "width": 10, "height": 10, "rotation": 45})[0])
+
+
+def test_the_validation_split_is_stable_and_near_the_requested_share():
+    chosen = [is_validation(i, 20) for i in range(2000)]
+    assert 0.17 < sum(chosen) / 2000 < 0.23
+    assert chosen == [is_validation(i, 20) for i in range(2000)]
+    assert not any(is_validation(i, 0) for i in range(100))
+
+
+def test_known_labels_keep_the_model_class_name():
+    config = parse_label_config(LABEL_CONFIG)
+    names = {0: "circle", 1: "square", 2: "triangle"}
+    mapping = map_labels(names, config)
+    assert class_names_for(config, mapping.class_to_label, names) == ["circle", "square", "Springtail"]
+
+
+def test_dataset_files_skip_broken_images_and_relabel_for_another_model(tmp_path, sample_images):
+    config = parse_label_config(LABEL_CONFIG)
+    tasks = [{"id": i, "data": {"image": str(p)}, "annotations": [annotation(i, "t", label="Springtail")]}
+             for i, p in enumerate(sample_images[:10])]
+    tasks.append({"id": 99, "data": {"image": str(tmp_path / "missing.png")}, "annotations": [annotation(9, "t")]})
+    examples = examples_from_tasks(tasks, config)
+    cache = ImageCache(tmp_path / "cache", ImageLoader(None))
+    summary = write_dataset(examples, ["circle", "square", "Springtail"], {"Circle": 0, "box": 1, "Springtail": 2},
+                            cache, tmp_path / "ds", val_percent=30)
+    assert [t for t, _ in summary.skipped] == [99]
+    assert summary.train_images + summary.val_images == 10 and summary.val_images > 0
+    assert summary.boxes == 10 and summary.boxes_per_class == {"Springtail": 10}
+    data = yaml.safe_load(summary.data_yaml.read_text())
+    assert data["names"] == {0: "circle", 1: "square", 2: "Springtail"}
+    label = (tmp_path / "ds" / "labels" / "task0.txt").read_text().split()
+    assert label[0] == "2" and float(label[1]) == pytest.approx(0.25)
+    assert len(list((tmp_path / "cache").iterdir())) == 10  # cached once...
+    write_dataset(examples, ["circle", "square", "Springtail"], {"Circle": 0, "box": 1, "Springtail": 2},
+                  cache, tmp_path / "ds2", val_percent=30)
+    assert len(list((tmp_path / "cache").iterdir())) == 10  # ...and reused
+
+    # For the model being replaced (which calls triangles class 2 and knows no Springtail), Springtail is new.
+    other = remapped_validation_set(summary, {0: "circle", 1: "square", 2: "triangle"}, tmp_path / "other")
+    assert yaml.safe_load(other.read_text())["names"] == {0: "circle", 1: "square", 2: "triangle", 3: "Springtail"}
+    rows = [p.read_text().split()[0] for p in (tmp_path / "other" / "labels").iterdir()]
+    assert rows and set(rows) == {"3"}
+
+
+def test_no_usable_image_is_an_error(tmp_path):
+    cache = ImageCache(tmp_path / "cache", ImageLoader(None))
+    with pytest.raises(ValueError, match="no annotated task could be used"):
+        write_dataset([Example(1, str(tmp_path / "none.png"), ())], ["a"], {"a": 0}, cache, tmp_path / "ds", 20)

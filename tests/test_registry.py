@@ -1,0 +1,75 @@
+import json
+import os
+
+import pytest
+
+from ale_backend.registry import Registry, VersionInfo, project_id
+
+
+def info(version, project=3, promoted=True, created="2026-11-26T10:00:00+00:00"):
+    return VersionInfo(version=version, project=project, parent="base", class_names=["a"], metrics={"map50_95": 0.5},
+                       annotations=4, boxes=9, created_at=created, train_seconds=1.0, promoted=promoted)
+
+
+@pytest.fixture()
+def weights(tmp_path):
+    path = tmp_path / "w.pt"
+    path.write_bytes(b"weights")
+    return path
+
+
+def test_a_promoted_version_becomes_current_and_a_rejected_one_does_not(tmp_path, weights):
+    registry = Registry(tmp_path)
+    assert registry.current(3) is None
+    registry.add(weights, info("p3-v1-a"))
+    assert registry.current(3) == "p3-v1-a"
+    registry.add(weights, info("p3-v2-b", promoted=False, created="2026-11-26T11:00:00+00:00"))
+    assert registry.current(3) == "p3-v1-a"
+    assert [i.version for i in registry.versions(3)] == ["p3-v1-a", "p3-v2-b"]
+    assert registry.weights(3, "p3-v2-b").read_bytes() == b"weights"
+    stored = json.loads((registry.version_dir(3, "p3-v2-b") / "version.json").read_text())
+    assert stored["promoted"] is False and stored["boxes"] == 9
+
+
+def test_version_names_count_up_per_project(tmp_path, weights):
+    registry = Registry(tmp_path)
+    first = registry.new_version_name(3)
+    assert first.startswith("p3-v1-")
+    registry.add(weights, info(first))
+    assert registry.new_version_name(3).startswith("p3-v2-")
+    assert registry.new_version_name(4).startswith("p4-v1-")
+
+
+def test_prune_keeps_the_newest_and_never_the_current(tmp_path, weights):
+    registry = Registry(tmp_path)
+    for n in range(1, 5):
+        registry.add(weights, info(f"p3-v{n}-x", promoted=(n == 1), created=f"2026-11-26T1{n}:00:00+00:00"))
+    assert registry.current(3) == "p3-v1-x"
+    removed = registry.prune(3, keep=2)
+    assert removed == ["p3-v2-x"]
+    assert [i.version for i in registry.versions(3)] == ["p3-v1-x", "p3-v3-x", "p3-v4-x"]
+
+
+def test_incomplete_versions_are_invisible_and_cleaned(tmp_path, weights):
+    registry = Registry(tmp_path)
+    staging = registry.project_dir(3) / "versions" / ".incoming-crashed"
+    staging.mkdir(parents=True)
+    (staging / "weights.pt").write_bytes(b"half")
+    assert registry.versions(3) == [] and registry.current(3) is None
+    registry.clean_incomplete(3)
+    assert not staging.exists()
+
+
+def test_a_dangling_pointer_serves_the_base_model(tmp_path, weights):
+    registry = Registry(tmp_path)
+    registry.add(weights, info("p3-v1-a"))
+    os.remove(registry.weights(3, "p3-v1-a"))
+    assert registry.current(3) is None
+    with pytest.raises(FileNotFoundError):
+        registry.set_current(3, "p3-v1-a")
+
+
+@pytest.mark.parametrize("value, expected", [("3.1700000000", 3), (3, 3), ({"id": 12}, 12), ("12", 12),
+                                             (None, None), ("x.1", None), ({}, None)])
+def test_project_references_from_label_studio(value, expected):
+    assert project_id(value) == expected

@@ -1,0 +1,240 @@
+"""Training through the queue: the web app, a real Redis, a real RQ worker process, real ultralytics training.
+
+Label Studio's API is played by the local stand-in of ``conftest.FakeLabelStudio``; the integration suite runs the
+real Label Studio.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import cv2
+import numpy as np
+import psutil
+import pytest
+import redis
+from rq import Queue
+from rq.registry import StartedJobRegistry
+
+from ale_backend import synthetic
+from ale_backend.detector import resolve_model_source
+from ale_backend.registry import Registry, VersionInfo
+from ale_backend.server import create_app
+from tests.conftest import LABEL_CONFIG, ROOT, add_project
+
+
+@pytest.fixture()
+def backend(settings, label_studio, redis_url, tmp_path):
+    """Settings shared by the web app (in this process) and the worker (a subprocess), and the app's client."""
+    redis.Redis.from_url(redis_url).flushdb()
+    app_settings = dataclasses.replace(
+        settings, model_dir=tmp_path / "models", label_studio_url=label_studio.url,
+        label_studio_api_key=label_studio.legacy_token, redis_url=redis_url, min_new_annotations=1,
+        train_epochs=10, train_patience=50, train_imgsz=160, train_batch=16, train_device="cpu",
+    )
+    client = create_app(app_settings, warm_up=False).test_client()
+    return app_settings, client
+
+
+@pytest.fixture()
+def start_worker(backend):
+    """Start ``python -m ale_backend worker`` with the backend's settings; stopped at the end of the test."""
+    app_settings, _ = backend
+    processes = []
+
+    def start(**overrides) -> subprocess.Popen:
+        s = dataclasses.replace(app_settings, **overrides)
+        env = {**os.environ, "MODEL_PATH": s.model_path, "MODEL_DIR": str(s.model_dir), "DEVICE": "cpu",
+               "IMGSZ": str(s.imgsz), "LABEL_STUDIO_URL": s.label_studio_url,
+               "LABEL_STUDIO_API_KEY": s.label_studio_api_key, "REDIS_URL": s.redis_url,
+               "TRAIN_EPOCHS": str(s.train_epochs), "TRAIN_PATIENCE": str(s.train_patience),
+               "TRAIN_IMGSZ": str(s.train_imgsz), "TRAIN_BATCH": str(s.train_batch), "TRAIN_DEVICE": "cpu",
+               "FETCH_WORKERS": "4", "LOG_LEVEL": "INFO"}
+        process = subprocess.Popen([sys.executable, "-m", "ale_backend", "worker"], cwd=ROOT, env=env,
+                                   start_new_session=True)
+        processes.append(process)
+        return process
+
+    yield start
+    for process in processes:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def webhook(client, action, project, **extra):
+    return client.post("/webhook", json={"action": action, "project": {"id": project}, **extra})
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def status(client, project):
+    response = client.get(f"/status?project={project}")
+    assert response.status_code == 200, response.json
+    return response.json
+
+
+def test_a_training_round_serves_a_new_version_that_knows_the_new_class(backend, label_studio, start_worker):
+    app_settings, client = backend
+    add_project(label_studio, 7, n_tasks=40, seed=11)
+    setup = {"project": "7.1700000000", "schema": LABEL_CONFIG}
+    base_version = client.post("/setup", json=setup).json["model_version"]
+    start_worker()
+
+    response = webhook(client, "START_TRAINING", 7)
+    assert response.status_code == 201 and response.json["status"] == "queued"
+    done = wait_for(lambda: status(client, 7)["last_result"], 600, "the training round")
+    assert done["promoted"] is True, done
+    assert done["annotations"] == 40 and done["boxes"] > 40
+
+    # The web app serves the new version on the next request, without a restart.
+    version = Registry(app_settings.model_dir).current(7)
+    assert version == done["version"] and version != base_version
+    assert client.post("/setup", json=setup).json["model_version"] == version
+    info = Registry(app_settings.model_dir).info(7, version)
+    assert info.class_names == ["circle", "square", "Springtail"]  # known classes keep the model's names
+    assert info.parent == base_version and info.metrics["map50_95"] >= info.metrics["parent_map50_95"] - 0.02
+
+    # The new class: the base model only knew triangles as "triangle" (no label); now they come out as Springtail.
+    rng = np.random.default_rng(1234)
+    samples = [synthetic.shapes_image(rng, 160) for _ in range(12)]
+    folder = label_studio.root / "7"
+    for i, sample in enumerate(samples):
+        cv2.imwrite(str(folder / f"new{i}.png"), sample.image)
+    tasks = [{"id": 900 + i, "data": {"image": f"/data/upload/7/new{i}.png"}} for i in range(len(samples))]
+    results = client.post("/predict", json={"tasks": tasks, "label_config": LABEL_CONFIG,
+                                            "project": "7.1700000000"}).json["results"]
+    assert {p["model_version"] for p in results} == {version}
+    labels = [r["value"]["rectanglelabels"][0] for p in results for r in p["result"]]
+    assert "Springtail" in labels, labels
+    # Other projects still get the base model.
+    assert client.post("/setup", json={**setup, "project": "8.1"}).json["model_version"] == base_version
+
+
+def test_a_burst_of_events_makes_one_waiting_job_and_a_killed_worker_leaves_no_version(
+    backend, label_studio, start_worker, redis_url
+):
+    app_settings, client = backend
+    add_project(label_studio, 21, n_tasks=24, seed=5)
+    worker = start_worker(train_epochs=300)
+    assert webhook(client, "START_TRAINING", 21).status_code == 201
+    running = wait_for(
+        lambda: (s := status(client, 21))["running"] and s["running"].get("epoch", 0) >= 1 and s["running"], 300,
+        "the first epoch",
+    )
+
+    # 20 annotation events while it trains: one new waiting job, the others fold into it.
+    answers, latencies = [], []
+    for i in range(20):
+        started = time.perf_counter()
+        response = webhook(client, "ANNOTATION_CREATED", 21, annotation={"id": i, "was_cancelled": False})
+        latencies.append(time.perf_counter() - started)
+        answers.append(response)
+    assert answers[0].status_code == 201 and answers[0].json["status"] == "queued"
+    assert {a.json["status"] for a in answers[1:]} == {"coalesced"}
+    assert {a.json["job"] for a in answers} == {answers[0].json["job"]} != {running["id"]}
+    assert max(latencies) < 1.0  # answered within Label Studio's webhook timeout (speed: see the benchmark)
+    connection = redis.Redis.from_url(redis_url)
+    queue = Queue(app_settings.queue_name, connection=connection)
+    assert queue.count == 1 and StartedJobRegistry(queue=queue).count == 1
+    now = status(client, 21)
+    assert now["running"]["id"] == running["id"] and now["waiting"]["id"] == answers[0].json["job"]
+
+    # Kill the process doing the training in the middle of it.
+    horse = wait_for(lambda: psutil.Process(worker.pid).children(), 30, "the work horse")[0]
+    horse.send_signal(signal.SIGKILL)
+    failure = wait_for(lambda: status(client, 21)["last_failure"], 60, "the failure to show")
+    assert failure["job"] == running["id"]
+    registry = Registry(app_settings.model_dir)
+    assert registry.current(21) is None and registry.versions(21) == []
+    served = client.post("/setup", json={"project": "21.1", "schema": LABEL_CONFIG}).json["model_version"]
+    assert served == resolve_model_source(app_settings.model_path).version
+
+
+def test_a_failed_training_keeps_the_served_version_and_reports_why(backend, label_studio, start_worker,
+                                                                    trained_weights):
+    app_settings, client = backend
+    add_project(label_studio, 9, n_tasks=6, seed=3)
+    for task in label_studio.projects[9]["tasks"]:
+        task["data"]["image"] = "/data/upload/9/gone.png"  # every image is missing
+    registry = Registry(app_settings.model_dir)
+    registry.add(trained_weights, VersionInfo(
+        version="p9-v1-20260101T000000", project=9, parent="base", class_names=["circle", "square", "triangle"],
+        metrics={"map50": 0.9, "map50_95": 0.7}, annotations=10, boxes=20, created_at="2026-01-01T00:00:00+00:00",
+        train_seconds=1.0, promoted=True,
+    ))
+    start_worker()
+    assert webhook(client, "START_TRAINING", 9).status_code == 201
+    failure = wait_for(lambda: status(client, 9)["last_failure"], 180, "the failure")
+    assert "no annotated task could be used" in failure["error"] and "HTTP 404" in failure["error"]
+    assert registry.current(9) == "p9-v1-20260101T000000" and len(registry.versions(9)) == 1
+    setup = client.post("/setup", json={"project": "9.1", "schema": LABEL_CONFIG})
+    assert setup.json["model_version"] == "p9-v1-20260101T000000"
+
+
+def test_events_below_the_minimum_wait_and_others_are_ignored(backend):
+    app_settings, _ = backend
+    client = create_app(dataclasses.replace(app_settings, min_new_annotations=3), warm_up=False).test_client()
+    first = webhook(client, "ANNOTATION_CREATED", 4, annotation={"id": 1})
+    assert first.status_code == 200 and first.json == {
+        "status": "pending", "project": 4, "new_annotations": 1, "min_new_annotations": 3}
+    assert webhook(client, "ANNOTATION_UPDATED", 4, annotation={"id": 1}).json["status"] == "pending"
+    skipped = webhook(client, "ANNOTATION_CREATED", 4, annotation={"id": 2, "was_cancelled": True})
+    assert skipped.json["status"] == "ignored"
+    third = webhook(client, "ANNOTATIONS_DELETED", 4, annotations=[{"id": 1}])
+    assert third.status_code == 201 and third.json["status"] == "queued"
+    assert webhook(client, "START_TRAINING", 4).json["status"] == "coalesced"
+
+    ignored = webhook(client, "PROJECT_UPDATED", 4)
+    assert ignored.status_code == 200 and ignored.json["status"] == "ignored" and "START_TRAINING" in \
+        ignored.json["reason"]
+    no_project = client.post("/webhook", json={"action": "START_TRAINING", "project": {}})
+    assert no_project.status_code == 400 and "project" in no_project.json["error"]
+
+
+def test_concurrent_events_still_make_one_job(backend, redis_url):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ale_backend.jobs import TrainingQueue
+
+    app_settings, _ = backend
+    queues = [TrainingQueue(app_settings) for _ in range(4)]  # as if four web processes
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda i: queues[i % 4].handle_event("START_TRAINING", {"project": {"id": 5}}),
+                                range(40)))
+    assert sum(1 for code, body in answers if body["status"] == "queued") == 1
+    assert len({body["job"] for _, body in answers}) == 1
+    assert Queue(app_settings.queue_name, connection=redis.Redis.from_url(redis_url)).count == 1
+
+
+def test_without_redis_webhooks_say_so_and_predictions_still_work(backend, label_studio, sample_images):
+    app_settings, _ = backend
+    (label_studio.root / "1").mkdir()
+    (label_studio.root / "1" / "a.png").write_bytes(sample_images[0].read_bytes())
+    client = create_app(dataclasses.replace(app_settings, redis_url="redis://127.0.0.1:1/0"),
+                        warm_up=False).test_client()
+    started = time.perf_counter()
+    response = webhook(client, "START_TRAINING", 3)
+    assert response.status_code == 503 and "Redis at 127.0.0.1:1 does not answer" in response.json["error"]
+    assert time.perf_counter() - started < 1.0
+    predicted = client.post("/predict", json={"tasks": [{"id": 1, "data": {"image": "/data/upload/1/a.png"}}],
+                                              "label_config": LABEL_CONFIG, "project": "3.1"})
+    assert predicted.status_code == 200 and len(predicted.json["results"]) == 1
+    assert client.get("/status?project=3").status_code == 503
