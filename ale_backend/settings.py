@@ -99,6 +99,14 @@ def _optional_file(raw: str) -> Path | None:
     return path
 
 
+def _optimizer(raw: str) -> str:
+    names = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSProp"}
+    value = raw.strip().lower()
+    if value not in names:
+        raise ValueError(f"expected one of {', '.join(names.values())}")
+    return names[value]
+
+
 def _redis_url(raw: str) -> str:
     value = raw.strip()
     if not value.startswith(("redis://", "rediss://", "unix://")):
@@ -141,6 +149,8 @@ _VARIABLES: dict[str, tuple[str, str, Callable[[str], object]]] = {
     "train_imgsz": ("TRAIN_IMGSZ", "640", _positive_int),
     "train_batch": ("TRAIN_BATCH", "16", _positive_int),
     "train_device": ("TRAIN_DEVICE", "", _text),
+    "train_optimizer": ("TRAIN_OPTIMIZER", "SGD", _optimizer),
+    "train_lr0": ("TRAIN_LR0", "0.01", _positive_float),
     "train_warmup_epochs": ("TRAIN_WARMUP_EPOCHS", "", _optional_int),
     "train_val_percent": ("TRAIN_VAL_PERCENT", "20", _percent),
     "train_seed": ("TRAIN_SEED", "0", int),
@@ -207,6 +217,10 @@ class Settings:
     """Training batch size."""
     train_device: str = ""
     """Torch device for training; empty uses DEVICE's choice."""
+    train_optimizer: str = "SGD"
+    """Optimizer (SGD, Adam, AdamW, RMSProp); momentum (beta1) 0.937 and weight decay 0.005 as in the paper."""
+    train_lr0: float = 0.01
+    """Initial learning rate."""
     train_warmup_epochs: int | None = None
     """Warm-up epochs; unset: 0 when fine-tuning trained weights, 3 when training from a config."""
     train_val_percent: int = 20

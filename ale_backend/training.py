@@ -7,8 +7,10 @@ Runs in the RQ worker (:func:`ale_backend.jobs.run_training_job` wraps it with t
    optionally the base dataset replayed;
 3. fine-tunes the project's current version (or the base model) with ultralytics. Classes of the labelling config
    that the model lacks are added: ultralytics keeps the known classes' head rows (matched by name) and starts new
-   rows fresh. Defaults follow the paper: Adam, lr0 0.01, momentum (beta1) 0.937, weight decay 0.005, ultralytics'
-   YOLOv5-style augmentations; no warm-up when fine-tuning trained weights (a short fine-tune would be all warm-up);
+   rows fresh. The recipe is the paper's (lr0 0.01, momentum 0.937, weight decay 0.005, ultralytics' YOLOv5-style
+   augmentations) except the optimizer: SGD by default, because Adam at lr0 0.01 destroyed the model in our
+   fine-tuning measurements (README, "Training recipe"); ``TRAIN_OPTIMIZER=Adam`` restores the paper's choice. No
+   warm-up when fine-tuning trained weights (a short fine-tune would be all warm-up);
 4. scores the new weights and the current ones on the same validation images (the current model on labels
    renumbered to its own classes, so the comparison is fair);
 5. registers the version (:mod:`ale_backend.registry`) and serves it unless its mAP50-95 is lower than the current
@@ -139,7 +141,8 @@ def fine_tune(parent: ModelSource, data_yaml: Path, settings: Settings, run_dir:
     model.train(
         data=str(data_yaml), epochs=settings.train_epochs, patience=settings.train_patience,
         imgsz=settings.train_imgsz, batch=settings.train_batch, device=_device(settings), workers=0,
-        optimizer="Adam", lr0=0.01, momentum=0.937, weight_decay=0.005, warmup_epochs=warmup,
+        optimizer=settings.train_optimizer, lr0=settings.train_lr0, momentum=0.937, weight_decay=0.005,
+        warmup_epochs=warmup,
         seed=settings.train_seed, deterministic=True, plots=False, amp=False, verbose=False,
         project=str(run_dir), name="train", exist_ok=True,
     )
@@ -149,7 +152,7 @@ def fine_tune(parent: ModelSource, data_yaml: Path, settings: Settings, run_dir:
 
 def evaluate(weights: ModelSource | Path, data_yaml: Path, settings: Settings,
              run_dir: Path) -> dict[str, float]:
-    """mAP50 and mAP50-95 of ``weights`` on the validation split of ``data_yaml``."""
+    """mAP50, mAP50-95 and per-class mAP50-95 (``map50_95/<class>``) on the validation split of ``data_yaml``."""
     source = weights if isinstance(weights, ModelSource) else ModelSource(str(weights), "candidate", is_config=False)
     model = load_model(source, settings.model_dir)
     result = model.val(
@@ -157,7 +160,10 @@ def evaluate(weights: ModelSource | Path, data_yaml: Path, settings: Settings,
         device=_device(settings), workers=0, plots=False, verbose=False, project=str(run_dir), name="val",
         exist_ok=True,
     )
-    return {"map50": round(float(result.box.map50), 5), "map50_95": round(float(result.box.map), 5)}
+    metrics = {"map50": round(float(result.box.map50), 5), "map50_95": round(float(result.box.map), 5)}
+    for class_id, ap in zip(result.box.ap_class_index, result.box.ap):  # classes with validation boxes
+        metrics[f"map50_95/{result.names[int(class_id)]}"] = round(float(ap), 5)
+    return metrics
 
 
 def promotion(new: dict[str, float], current: dict[str, float], tolerance: float) -> tuple[bool, str]:

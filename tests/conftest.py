@@ -108,6 +108,8 @@ class FakeLabelStudio:
         self.requests: list[tuple[str, str | None]] = []
         self.barrier: threading.Barrier | None = None
         self.projects: dict[int, dict] = {}
+        self.api_failures = 0
+        """The next this many API requests answer 503, as an overloaded Label Studio would."""
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -158,6 +160,9 @@ class FakeLabelStudio:
             def _api(self, path, query):
                 import json
 
+                if server.api_failures > 0:
+                    server.api_failures -= 1
+                    return self._send(503, b"Service Unavailable", "text/plain")
                 if path.startswith("/api/projects/"):
                     project = server.projects.get(int(path.strip("/").split("/")[2]))
                     if project is None:

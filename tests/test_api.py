@@ -138,13 +138,6 @@ def test_setup_refuses_a_config_without_rectangle_labels(served):
     assert response.status_code == 400 and "RectangleLabels" in response.json["error"]
 
 
-def test_webhook_is_acknowledged_without_training(served):
-    client, _ = served
-    response = client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 1}})
-    assert response.status_code == 201 and response.json["status"] == "ignored"
-    assert client.post("/webhook", json={"project": {}}).status_code == 400
-
-
 def test_versions_answers_get_and_post(served):
     client, app_settings = served
     version = detector_module.resolve_model_source(app_settings.model_path).version

@@ -3,6 +3,7 @@ import math
 import pytest
 import yaml
 
+from ale_backend import synthetic
 from ale_backend.dataset import (
     Example,
     ImageCache,
@@ -107,3 +108,24 @@ def test_no_usable_image_is_an_error(tmp_path):
     cache = ImageCache(tmp_path / "cache", ImageLoader(None))
     with pytest.raises(ValueError, match="no annotated task could be used"):
         write_dataset([Example(1, str(tmp_path / "none.png"), ())], ["a"], {"a": 0}, cache, tmp_path / "ds", 20)
+
+
+def test_the_base_dataset_is_replayed_with_classes_renumbered(tmp_path, sample_images):
+    base = tmp_path / "base"
+    synthetic.write_yolo_dataset(base, {"train": 4}, seed=2, size=64, classes=("square", "circle"))
+    examples = [Example(1, str(sample_images[0]), ())]
+    cache = ImageCache(tmp_path / "cache", ImageLoader(None))
+    names = ["circle", "Springtail"]
+    summary = write_dataset(examples, names, {"Circle": 0, "Springtail": 1}, cache, tmp_path / "ds", 0,
+                            base_dataset=base / "data.yaml")
+    assert summary.replay_images == 4 and summary.class_names == ["circle", "Springtail", "square"]
+    train = (tmp_path / "ds" / "train.txt").read_text().split()
+    assert len(train) == 5
+    for i in range(4):
+        original = (base / "train" / "labels" / f"train_{i:05d}.txt").read_text().split("\n")
+        replayed = (tmp_path / "ds" / "replay" / "labels" / f"base{i:06d}.txt").read_text().split("\n")
+        for before, after in zip(original, replayed):
+            if before:
+                # base "square" (0) is now 2, base "circle" (1) is now 0; coordinates unchanged
+                assert {"0": "2", "1": "0"}[before.split()[0]] == after.split()[0]
+                assert before.split()[1:] == after.split()[1:]

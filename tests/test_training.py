@@ -7,6 +7,7 @@ real Label Studio.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -124,6 +125,7 @@ def test_a_training_round_serves_a_new_version_that_knows_the_new_class(backend,
     assert {p["model_version"] for p in results} == {version}
     labels = [r["value"]["rectanglelabels"][0] for p in results for r in p["result"]]
     assert "Springtail" in labels, labels
+    assert client.get("/versions?project=7").json["versions"] == [base_version, version]
     # Other projects still get the base model.
     assert client.post("/setup", json={**setup, "project": "8.1"}).json["model_version"] == base_version
 
@@ -201,6 +203,16 @@ def test_events_below_the_minimum_wait_and_others_are_ignored(backend):
     third = webhook(client, "ANNOTATIONS_DELETED", 4, annotations=[{"id": 1}])
     assert third.status_code == 201 and third.json["status"] == "queued"
     assert webhook(client, "START_TRAINING", 4).json["status"] == "coalesced"
+
+    # The CLI shows the same status.
+    env = {**os.environ, "REDIS_URL": app_settings.redis_url, "MODEL_DIR": str(app_settings.model_dir),
+           "MIN_NEW_ANNOTATIONS": "3"}
+    cli = subprocess.run([sys.executable, "-m", "ale_backend", "status", "--project", "4"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 0, cli.stderr
+    shown = json.loads(cli.stdout)
+    assert shown["waiting"]["id"] == third.json["job"] and shown["new_annotations"] == 3
+    assert shown["current_version"] is None and shown["running"] is None
 
     ignored = webhook(client, "PROJECT_UPDATED", 4)
     assert ignored.status_code == 200 and ignored.json["status"] == "ignored" and "START_TRAINING" in \
