@@ -9,8 +9,11 @@ WORKERS ?= 1
 THREADS ?= 4
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+# Label Studio for the integration tests, in its own virtualenv (its pins differ from the backend's)
+LS_VENV ?= .venv-label-studio
+LS_STAMP := $(LS_VENV)/.installed
 
-.PHONY: install run test lint bench-predict clean
+.PHONY: install run test lint bench-predict bench-training clean
 
 install: $(STAMP)
 
@@ -24,8 +27,14 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 run: install
 	VENV=$(VENV) PORT=$(PORT) WORKERS=$(WORKERS) THREADS=$(THREADS) scripts/serve
 
-test: install
-	$(BIN)/python -m pytest
+$(LS_STAMP):
+	test -x $(LS_VENV)/bin/python || $(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LS_VENV)/bin/python -m pip install --quiet label-studio==1.23.2
+	touch $@
+
+test: install $(LS_STAMP)
+	LABEL_STUDIO_BIN=$(abspath $(LS_VENV))/bin/label-studio $(BIN)/python -m pytest
 
 lint: install
 	$(BIN)/ruff check .
@@ -33,5 +42,8 @@ lint: install
 bench-predict: install
 	$(BIN)/python -m benchmarks.predict_speed
 
+bench-training: install
+	$(BIN)/python -m benchmarks.training_speed
+
 clean:
-	rm -rf $(VENV) .cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LS_VENV) .cache .pytest_cache .ruff_cache

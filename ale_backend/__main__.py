@@ -2,6 +2,9 @@
 
     worker [--burst]       run the RQ worker that trains (one job at a time; --burst: exit when the queue is empty)
     status --project ID    the project's training queue, progress, served version and last failure (JSON)
+    connect --project ID --backend-url URL [--label-studio-url URL] [--api-key KEY] [--no-scoring]
+                           wire a Label Studio project to this backend (idempotent) and score its pool
+    rescore --project ID   score every unlabelled task with the served version and push the predictions
 """
 
 from __future__ import annotations
@@ -21,6 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")
     status = commands.add_parser("status", help="show a project's training status")
     status.add_argument("--project", type=int, required=True)
+    connect = commands.add_parser("connect", help="wire a Label Studio project to this backend")
+    connect.add_argument("--project", type=int, required=True)
+    connect.add_argument("--backend-url", required=True, help="the backend's URL as Label Studio reaches it")
+    connect.add_argument("--label-studio-url", help="default: LABEL_STUDIO_URL")
+    connect.add_argument("--api-key", help="legacy token or personal access token; default: LABEL_STUDIO_API_KEY")
+    connect.add_argument("--no-scoring", action="store_true", help="skip the first scoring of the pool")
+    rescore = commands.add_parser("rescore", help="re-score a project's unlabelled tasks now")
+    rescore.add_argument("--project", type=int, required=True)
     args = parser.parse_args(argv)
 
     try:
@@ -29,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    if args.command in ("connect", "rescore"):
+        return _label_studio_command(args, settings)
 
     import redis
 
@@ -41,6 +55,36 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(jobs.TrainingQueue(settings).status(args.project), indent=2))
     except redis.exceptions.ConnectionError as exc:
         print(f"Redis does not answer at {jobs.where(settings.redis_url)} (REDIS_URL): {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _label_studio_command(args, settings) -> int:
+    import dataclasses
+
+    from ale_backend.connect import BasicAuth, ConnectError, connect
+    from ale_backend.label_studio import LabelStudioClient, LabelStudioError
+    from ale_backend.rescoring import rescore_project
+
+    settings = dataclasses.replace(
+        settings,
+        label_studio_url=(getattr(args, "label_studio_url", None) or settings.label_studio_url).rstrip("/"),
+        label_studio_api_key=getattr(args, "api_key", None) or settings.label_studio_api_key,
+    )
+    try:
+        client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
+        if args.command == "connect":
+            auth = BasicAuth(settings.basic_auth_user, settings.basic_auth_pass) if settings.basic_auth_user else None
+            changed = connect(client, args.project, args.backend_url, auth)
+            print("changed: " + (", ".join(changed) if changed else "nothing (already connected)"))
+            if args.no_scoring:
+                return 0
+            print("scoring the pool ...")
+        result = rescore_project(args.project, settings, client=client)
+        print(f"scored {result['scored']} unlabelled tasks with {result['model_version']} "
+              f"({result['unreadable_count']} without a readable image) in {result['seconds']['total']:.1f} s")
+    except (ConnectError, LabelStudioError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
 

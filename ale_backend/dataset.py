@@ -140,18 +140,18 @@ class ImageCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         self._loader = loader
 
-    def get(self, example: Example) -> Path:
-        """A local file with the example's image, downloading it the first time; :class:`ImageLoadError` if not."""
-        key = hashlib.sha1(f"{example.task_id}:{example.image_url.split('?')[0]}".encode()).hexdigest()
+    def get(self, task_id: int, url: str) -> Path:
+        """A local file with the task's image, downloading it the first time; :class:`ImageLoadError` if not."""
+        key = hashlib.sha1(f"{task_id}:{url.split('?')[0]}".encode()).hexdigest()
         for existing in self.folder.glob(f"{key}.*"):
             return existing
-        data = self._loader.read_bytes(example.image_url)
-        decode_image(data, example.image_url)  # refuse what is not an image before it reaches the trainer
+        data = self._loader.read_bytes(url)
+        decode_image(data, url)  # refuse what is not an image before it reaches the trainer
         suffix = next((s for magic, s in IMAGE_SUFFIXES.items() if data.startswith(magic)), None)
         if suffix is None:  # e.g. WebP: re-encode losslessly to a format every trainer reads
             import cv2
 
-            ok, encoded = cv2.imencode(".png", decode_image(data, example.image_url))
+            ok, encoded = cv2.imencode(".png", decode_image(data, url))
             data, suffix = encoded.tobytes(), ".png"
         target = self.folder / f"{key}{suffix}"
         tmp = target.with_suffix(f".part{os.getpid()}")
@@ -178,7 +178,7 @@ def write_dataset(
     train, val = [], []
     for example in examples:
         try:
-            cached = cache.get(example)
+            cached = cache.get(example.task_id, example.image_url)
         except ImageLoadError as exc:
             summary.skipped.append((example.task_id, str(exc)))
             logger.warning("task %s left out of training: %s", example.task_id, exc)

@@ -21,6 +21,7 @@ import json
 import logging
 import threading
 import traceback
+import uuid
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any
@@ -129,6 +130,19 @@ class TrainingQueue:
                 self._bump_generation(project, generation)
         raise RuntimeError(f"could not queue a training job for project {project}")
 
+    def submit_rescoring(self, project: int, version: str | None = None) -> str | None:
+        """Queue a re-scoring of the project's pool (once per version); returns the job id, None if one exists."""
+        jid = f"ale-rescore-p{int(project)}-{version or uuid.uuid4().hex[:8]}"
+        try:
+            self.queue.enqueue_call("ale_backend.jobs.run_rescoring_job", args=(project, version), job_id=jid,
+                                    unique=version is not None, timeout=self.settings.train_timeout,
+                                    result_ttl=RESULT_TTL, failure_ttl=RESULT_TTL,
+                                    description=f"re-score project {project}",
+                                    meta={"project": project, "stage": "queued"})
+        except DuplicateJobError:
+            return None
+        return jid
+
     def _bump_generation(self, project: int, expected: int) -> None:
         self.redis.eval(_BUMP, 1, key(project, "generation"), expected)
 
@@ -161,43 +175,80 @@ class TrainingQueue:
 
 
 def run_training_job(project: int, generation: int) -> dict[str, Any]:
-    """The RQ job: claim the project's generation, train, record the outcome."""
+    """The RQ job: claim the project's generation, train, record the outcome; re-score the pool after a promoted
+    version (as a job of its own), or at once when there is nothing new to train on."""
+    from ale_backend.rescoring import rescore_project
     from ale_backend.training import NothingToTrain, train_project
 
     settings = get_settings()
     connection = redis.Redis.from_url(settings.redis_url)
     job = get_current_job()
     jid = job.id if job else job_id(project, generation)
-
-    def report(stage: str, **details: Any) -> None:
-        if job is not None:
-            job.meta.update({"stage": stage, **details})
-            job.save_meta()
-        logger.info("project %s: %s %s", project, stage, details or "")
+    report = _reporter(job, project)
 
     report("waiting for the project lock")
     with _project_lock(connection, project):
         new = connection.eval(_CLAIM, 3, key(project, "generation"), key(project, "running"), key(project, "new"),
                               generation, jid)
         logger.info("project %s: job %s starts (%s new annotation events)", project, jid, int(new or 0))
-        try:
-            result = train_project(project, settings, report, run_name=jid)
-        except NothingToTrain as exc:
-            result = {"status": "nothing to train", "reason": str(exc)}
-        except Exception as exc:
-            failure = {"job": jid, "at": _now(), "error": f"{type(exc).__name__}: {exc}",
-                       "traceback": traceback.format_exc(limit=8)}
-            connection.set(key(project, "last-failure"), json.dumps(failure))
-            report("failed", error=failure["error"])
-            raise
-        finally:
-            connection.delete(key(project, "running"))
-        summary = {"job": jid, "at": _now(), **{k: result.get(k) for k in (
-            "status", "reason", "version", "promoted", "metrics", "annotations", "boxes", "train_seconds")
-            if k in result}}
-        connection.set(key(project, "last-result"), json.dumps(summary))
-        report("done", version=result.get("version"), promoted=result.get("promoted"))
-        return result
+        with _outcome(connection, project, jid, report) as outcome:
+            try:
+                result = train_project(project, settings, report, run_name=jid)
+            except NothingToTrain as exc:
+                logger.info("project %s: %s; re-scoring the pool instead", project, exc)
+                report("re-scoring")
+                result = {"status": "nothing new to train on", "reason": str(exc),
+                          "rescoring": rescore_project(project, settings, report)}
+            outcome.update(result)
+    if result.get("promoted"):
+        TrainingQueue(settings, connection).submit_rescoring(project, result["version"])
+    return result
+
+
+def run_rescoring_job(project: int, version: str | None = None) -> dict[str, Any]:
+    """The RQ job that re-scores a project's pool with its served version."""
+    from ale_backend.rescoring import rescore_project
+
+    settings = get_settings()
+    connection = redis.Redis.from_url(settings.redis_url)
+    job = get_current_job()
+    report = _reporter(job, project)
+    jid = job.id if job else "rescore"
+    with _project_lock(connection, project), _outcome(connection, project, jid, report) as outcome:
+        connection.set(key(project, "running"), jid)
+        outcome.update(rescore_project(project, settings, report))
+    return dict(outcome)
+
+
+def _reporter(job, project: int):
+    def report(stage: str, **details: Any) -> None:
+        if job is not None:
+            job.meta.update({"stage": stage, **details})
+            job.save_meta()
+        logger.info("project %s: %s %s", project, stage, details or "")
+
+    return report
+
+
+@contextmanager
+def _outcome(connection: redis.Redis, project: int, jid: str, report):
+    """Record how a job ended (``last-result`` or ``last-failure``) and clear the running mark."""
+    outcome: dict[str, Any] = {}
+    try:
+        yield outcome
+    except Exception as exc:
+        failure = {"job": jid, "at": _now(), "error": f"{type(exc).__name__}: {exc}",
+                   "traceback": traceback.format_exc(limit=8)}
+        connection.set(key(project, "last-failure"), json.dumps(failure))
+        report("failed", error=failure["error"])
+        raise
+    finally:
+        connection.delete(key(project, "running"))
+    summary = {"job": jid, "at": _now(), **{k: outcome.get(k) for k in (
+        "status", "reason", "version", "promoted", "metrics", "annotations", "boxes", "train_seconds", "scored",
+        "model_version", "unreadable_count") if k in outcome}}
+    connection.set(key(project, "last-result"), json.dumps(summary))
+    report("done", **{k: summary[k] for k in ("version", "promoted", "scored") if k in summary})
 
 
 @contextmanager

@@ -20,9 +20,13 @@ import requests
 logger = logging.getLogger(__name__)
 
 ANNOTATED = {"conjunction": "and", "items": [
-    {"filter": "filters:tasks:total_annotations", "operator": "greater", "type": "Number", "value": 0}
+    {"filter": "filter:tasks:total_annotations", "operator": "greater", "type": "Number", "value": 0}
 ]}
 """Data Manager filter: tasks with at least one (non-cancelled) annotation."""
+UNLABELED = {"conjunction": "and", "items": [
+    {"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0}
+]}
+"""Data Manager filter: tasks without annotations (the pool to score)."""
 
 
 class LabelStudioError(RuntimeError):
@@ -79,6 +83,21 @@ class LabelStudioClient:
         """The project (title, label_config, model_version, ...)."""
         return self.request("GET", f"/api/projects/{int(project_id)}/")
 
+    def update_project(self, project_id: int, **fields: Any) -> dict:
+        return self.request("PATCH", f"/api/projects/{int(project_id)}/", json=fields)
+
+    def import_predictions(self, project_id: int, predictions: list[dict]) -> int:
+        """Bulk-import predictions; returns how many Label Studio created (it skips invalid ones silently)."""
+        body = self.request("POST", f"/api/projects/{int(project_id)}/import/predictions", json=predictions)
+        return int((body or {}).get("created", 0))
+
+    def model_versions(self, project_id: int) -> dict[str, int]:
+        """Prediction model versions of the project with their prediction counts, most recent first."""
+        return self.request("GET", f"/api/projects/{int(project_id)}/model-versions/") or {}
+
+    def delete_model_version(self, project_id: int, version: str) -> None:
+        self.request("DELETE", f"/api/projects/{int(project_id)}/model-versions/", json={"model_version": version})
+
     def tasks(self, project_id: int, filters: dict | None = None, page_size: int = 100) -> Iterator[dict]:
         """Every task of the project (with annotations and predictions), a page at a time."""
         params: dict[str, Any] = {"project": int(project_id), "fields": "all", "page_size": page_size}
@@ -121,6 +140,8 @@ class LabelStudioClient:
         try:
             # The SDK keeps the legacy-or-PAT logic and the access-token cache in its client wrapper.
             headers = self.sdk._client_wrapper.get_headers()
+        except LabelStudioError:
+            raise
         except ApiError as exc:
             raise LabelStudioError(
                 f"Label Studio refused LABEL_STUDIO_API_KEY ({exc.status_code}): {_detail(exc)}"

@@ -14,7 +14,7 @@ from ale_backend.detector import get_detector
 from ale_backend.images import get_image_loader
 from ale_backend.label_config import parse_label_config
 from ale_backend.predictions import predict_tasks
-from ale_backend.registry import served_source
+from ale_backend.registry import project_id, served_source
 from ale_backend.settings import Settings, get_settings
 
 
@@ -28,6 +28,7 @@ class ALEModel(LabelStudioMLBase):
         self.config = parse_label_config(label_config)
         # One small file read: a version promoted by the worker is picked up on the next request.
         self.source = served_source(self.settings, project)
+        self.project = project_id(project)
 
     @property
     def model_version(self) -> str:
@@ -40,4 +41,5 @@ class ALEModel(LabelStudioMLBase):
             detector=get_detector(self.settings, self.source),
             loader=get_image_loader(self.settings),
             settings=self.settings,
+            project=self.project,
         )

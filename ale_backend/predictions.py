@@ -5,7 +5,8 @@ For each task, in order: load its image, detect, score the image by the strategy
 * ``result``: RectangleLabels regions (percent of the original image) for detections at or above
   ``DISPLAY_CONF`` whose class maps to a project label, each with its confidence as ``score``;
 * ``score``: the priority :func:`ale_backend.scoring.priority` of the image score, ``1 / (1 + ALE)``; Label Studio's
-  "Uncertainty sampling" serves the lowest first, i.e. the highest ALE;
+  "Uncertainty sampling" serves the lowest first, i.e. the highest ALE. Equal scores are ordered by a random number
+  seeded by ALE_RANDOM_SEED, the project and the task (a cold-start model that detects nothing gives every task 0);
 * ``model_version``;
 * ``ale``: ``{"strategy", "value", "detections"}``, the raw image score and N, for people and tools calling the API
   (Label Studio stores only the three keys above).
@@ -65,8 +66,12 @@ def predict_tasks(
     detector: Detector,
     loader: ImageLoader,
     settings: Settings,
+    project: int | None = None,
 ) -> list[dict]:
-    """One Label Studio prediction per task, in the order given (never fewer: Label Studio drops uneven batches)."""
+    """One Label Studio prediction per task, in the order given (never fewer: Label Studio drops uneven batches).
+
+    ``project`` seeds the tie-break between equal scores, so each project gets its own order among them.
+    """
     started = time.perf_counter()
     label_map = map_labels(detector.names, config)
     urls = [_image_url(task, config) for task in tasks]
@@ -78,7 +83,7 @@ def predict_tasks(
     for i, task in enumerate(tasks):
         task_id = task.get("id")
         if i in detections:
-            task_score = _score(task_id, urls[i], detections[i], settings)
+            task_score = _score(task_id, urls[i], detections[i], settings, project)
             result = regions(detections[i].above(settings.display_conf), label_map, config)
         else:
             reason = str(loaded[i])
@@ -134,13 +139,14 @@ def regions(detections: Detections, label_map: LabelMap, config: LabelConfig) ->
     return out
 
 
-def _score(task_id: Any, url: str, detections: Detections, settings: Settings) -> TaskScore:
+def _score(task_id: Any, url: str, detections: Detections, settings: Settings, project: int | None) -> TaskScore:
     scored = detections.above(settings.score_conf)
-    # The random strategy draws from a generator seeded by the task, so a task keeps its number across requests.
+    # Seeded by the task (and project): a task keeps its random number and tie-break across requests.
     task_key = task_id if isinstance(task_id, int) and task_id >= 0 else zlib.crc32(str(url).encode())
-    rng = np.random.default_rng([settings.random_seed, task_key])
+    rng = np.random.default_rng([settings.random_seed, project or 0, task_key])
+    tie_break = float(rng.random())
     value = score_image(scored.class_scores, settings.strategy, rng)
-    return TaskScore(task_id, settings.strategy, value, len(scored), priority(value))
+    return TaskScore(task_id, settings.strategy, value, len(scored), priority(value, tie_break))
 
 
 def _image_url(task: dict, config: LabelConfig) -> str:

@@ -125,15 +125,24 @@ def score_images(
     return np.array([score_image(scores, strategy, rng) for scores in images], dtype=np.float64)
 
 
-def priority(score: float) -> float:
+TIE_BREAK_SPAN = 1e-6
+"""Relative size of the tie-break: equal image scores (e.g. the zeros of a cold-start model that detects nothing)
+are ordered by a seeded random number instead of Label Studio's fixed order, without reordering distinct scores
+by more than this."""
+
+
+def priority(score: float, tie_break: float = 0.0) -> float:
     """Map an image score (>= 0) to Label Studio's prediction score: ``1 / (1 + score)``, capped just below 1.
 
     Decreasing in the score, so Label Studio's "Uncertainty sampling" (lowest first) and an ascending sort on the
-    prediction score serve the highest-scoring image first. Invert with ``score = 1 / priority - 1``.
+    prediction score serve the highest-scoring image first. Invert with ``score = 1 / priority - 1`` (exact to
+    ``TIE_BREAK_SPAN``). ``tie_break`` in [0, 1) lowers the result by up to ``TIE_BREAK_SPAN`` relative.
     """
     if not score >= 0:
         raise ValueError(f"image scores are non-negative, got {score!r}")
-    return min(1.0 / (1.0 + score), READABLE_PRIORITY_CEILING)
+    if not 0.0 <= tie_break < 1.0:
+        raise ValueError(f"tie_break must be in [0, 1), got {tie_break!r}")
+    return min(1.0 / (1.0 + score), READABLE_PRIORITY_CEILING) * (1.0 - TIE_BREAK_SPAN * tie_break)
 
 
 def _as_matrix(class_scores: np.ndarray) -> np.ndarray:

@@ -8,6 +8,7 @@ label-studio-ml provides the routes Label Studio calls (``/health``, ``/setup``,
   :class:`ALEManager` builds a cheap :class:`~ale_backend.model.ALEModel` from the request's own labelling config
   each time; the weights live in a process-wide cache, so ``/setup`` never loads a model and two projects served
   by one process never see each other's config.
+* **Basic auth** on every route when ``BASIC_AUTH_USER``/``BASIC_AUTH_PASS`` are set (1.0.9 has none).
 * **Bad requests get a 4xx with a reason.** Its views turn any exception, malformed JSON included, into a 500;
   :func:`_check_request` answers 415/400 before a view runs, an unusable labelling config included.
 * **Training through our queue.** Its ``/webhook`` trains only on some events (not ``START_TRAINING``, not the
@@ -23,6 +24,7 @@ label-studio-ml provides the routes Label Studio calls (``/health``, ``/setup``,
 
 from __future__ import annotations
 
+import hmac
 import logging
 import threading
 
@@ -97,7 +99,15 @@ def create_app(settings: Settings | None = None, warm_up: bool = True) -> Flask:
 
 
 def _check_request():
-    """Reject what label-studio-ml's views would turn into a 500."""
+    """Basic auth when configured; then reject what label-studio-ml's views would turn into a 500."""
+    settings = current_app.config["ALE_SETTINGS"]
+    if settings.basic_auth_user:
+        auth = request.authorization
+        if auth is None or not (hmac.compare_digest(auth.username or "", settings.basic_auth_user)
+                                and hmac.compare_digest(auth.password or "", settings.basic_auth_pass)):
+            response = _error(401, "basic authentication required (BASIC_AUTH_USER / BASIC_AUTH_PASS)")
+            response.headers["WWW-Authenticate"] = 'Basic realm="ALE backend"'
+            return response
     if request.method != "POST":
         return None
     if not request.is_json:

@@ -141,6 +141,8 @@ _VARIABLES: dict[str, tuple[str, str, Callable[[str], object]]] = {
     "fetch_timeout": ("FETCH_TIMEOUT", "10", _positive_float),
     "max_image_mb": ("MAX_IMAGE_MB", "50", _positive_float),
     "log_level": ("LOG_LEVEL", "INFO", _log_level),
+    "basic_auth_user": ("BASIC_AUTH_USER", "", _text),
+    "basic_auth_pass": ("BASIC_AUTH_PASS", "", _text),
     "redis_url": ("REDIS_URL", "redis://localhost:6379/0", _redis_url),
     "queue_name": ("TRAIN_QUEUE", "ale-training", _text),
     "min_new_annotations": ("MIN_NEW_ANNOTATIONS", "10", _non_negative_int),
@@ -201,6 +203,9 @@ class Settings:
     """Images larger than this are refused."""
     log_level: str = "INFO"
     """Python logging level."""
+    basic_auth_user: str = ""
+    """With BASIC_AUTH_PASS: every route of the backend requires HTTP basic auth."""
+    basic_auth_pass: str = ""
     redis_url: str = "redis://localhost:6379/0"
     """Redis for the training queue."""
     queue_name: str = "ale-training"
@@ -248,9 +253,17 @@ class Settings:
                 values[name] = parse(raw)
             except ValueError as exc:
                 problems.append(f"{variable}={raw!r}: {exc}")
+        if bool(values.get("basic_auth_user")) != bool(values.get("basic_auth_pass")):
+            problems.append("BASIC_AUTH_USER and BASIC_AUTH_PASS: set both or neither")
         if problems:
             raise SettingsError("invalid configuration:\n  " + "\n  ".join(problems))
         return cls(**values)
+
+    def __repr__(self) -> str:  # never print secrets
+        hidden = {"label_studio_api_key", "basic_auth_pass"}
+        shown = ", ".join(f"{f.name}={'***' if f.name in hidden and getattr(self, f.name) else getattr(self, f.name)!r}"
+                          for f in fields(self))
+        return f"Settings({shown})"
 
     @property
     def max_image_bytes(self) -> int:

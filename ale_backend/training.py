@@ -51,7 +51,7 @@ Report = Callable[..., None]
 
 
 class NothingToTrain(Exception):
-    """The project has no annotation that could be trained on."""
+    """The project has no annotation that could be trained on, or none changed since the served version."""
 
 
 def train_project(project: int, settings: Settings, report: Report = lambda stage, **details: None,
@@ -73,6 +73,10 @@ def train_project(project: int, settings: Settings, report: Report = lambda stag
         raise NothingToTrain(f"project {project} has no annotation to train on (skipped tasks do not count)")
 
     parent = served_source(settings, project)
+    fingerprint = annotations_fingerprint(tasks)
+    if parent.version in {i.version for i in registry.versions(project)} and \
+            registry.info(project, parent.version).extra.get("fingerprint") == fingerprint:
+        raise NothingToTrain(f"no annotation changed since {parent.version} was trained")
     parent_names = dict(load_model(parent, settings.model_dir).names)
     label_map = map_labels(parent_names, config)
     class_names = class_names_for(config, label_map.class_to_label, parent_names)
@@ -117,7 +121,7 @@ def train_project(project: int, settings: Settings, report: Report = lambda stag
         reason=reason,
         extra={"boxes_per_class": dict(summary.boxes_per_class), "skipped_tasks": summary.skipped[:50],
                "train_images": summary.train_images, "val_images": summary.val_images,
-               "replay_images": summary.replay_images, "epochs": epochs},
+               "replay_images": summary.replay_images, "epochs": epochs, "fingerprint": fingerprint},
     )
     registry.add(weights, info)
     pruned = registry.prune(project, settings.keep_versions)
@@ -128,6 +132,15 @@ def train_project(project: int, settings: Settings, report: Report = lambda stag
         f"; pruned {pruned}" if pruned else "",
     )
     return asdict(info)
+
+
+def annotations_fingerprint(tasks: list[dict]) -> str:
+    """Identifies the set of annotations a round trains on (task, annotation id and last update of each)."""
+    import hashlib
+
+    rows = sorted(f"{t['id']}:{a.get('id')}:{a.get('updated_at')}:{a.get('was_cancelled')}:{a.get('ground_truth')}"
+                  for t in tasks for a in t.get("annotations") or [])
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()
 
 
 def fine_tune(parent: ModelSource, data_yaml: Path, settings: Settings, run_dir: Path,

@@ -108,6 +108,10 @@ class FakeLabelStudio:
         self.requests: list[tuple[str, str | None]] = []
         self.barrier: threading.Barrier | None = None
         self.projects: dict[int, dict] = {}
+        self.predictions: dict[int, list[dict]] = {}
+        """Imported predictions per project."""
+        self.max_created: int | None = None
+        """When set, /import/predictions creates at most this many (Label Studio skips invalid items silently)."""
         self.api_failures = 0
         """The next this many API requests answer 503, as an overloaded Label Studio would."""
         server = self
@@ -121,10 +125,33 @@ class FakeLabelStudio:
 
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length) or b"{}")
+                if self.path.startswith("/api/projects/") and self.path.endswith("/import/predictions"):
+                    project = int(self.path.split("/")[3])
+                    created = body[: server.max_created] if server.max_created is not None else body
+                    server.predictions.setdefault(project, []).extend(created)
+                    return self._send(201, json.dumps({"created": len(created)}).encode(), "application/json")
                 if self.path == "/api/token/refresh/" and body.get("refresh") == server.refresh_token:
                     self._send(200, json.dumps({"access": server.access_token}).encode(), "application/json")
                 else:
                     self._send(401, b'{"detail": "bad refresh token"}', "application/json")
+
+            def do_PATCH(self):
+                import json
+
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+                project = server.projects[int(self.path.strip("/").split("/")[2])]
+                project.update(body)
+                self._send(200, json.dumps(project | {"tasks": None}).encode(), "application/json")
+
+            def do_DELETE(self):
+                import json
+
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+                project = int(self.path.strip("/").split("/")[2])
+                kept = [p for p in server.predictions.get(project, []) if p["model_version"] != body["model_version"]]
+                deleted = len(server.predictions.get(project, [])) - len(kept)
+                server.predictions[project] = kept
+                self._send(200, json.dumps(deleted).encode(), "application/json")
 
             def do_GET(self):
                 from urllib.parse import parse_qs, unquote, urlsplit
@@ -163,11 +190,17 @@ class FakeLabelStudio:
                 if server.api_failures > 0:
                     server.api_failures -= 1
                     return self._send(503, b"Service Unavailable", "text/plain")
+                if path.startswith("/api/projects/") and path.endswith("/model-versions/"):
+                    counts: dict[str, int] = {}
+                    for p in reversed(server.predictions.get(int(path.split("/")[3]), [])):  # newest first
+                        counts[p["model_version"]] = counts.get(p["model_version"], 0) + 1
+                    return self._send(200, json.dumps(counts).encode(), "application/json")
                 if path.startswith("/api/projects/"):
                     project = server.projects.get(int(path.strip("/").split("/")[2]))
                     if project is None:
                         return self._send(404, b'{"detail": "Not found."}', "application/json")
-                    body = {"id": int(path.strip("/").split("/")[2]), "label_config": project["label_config"]}
+                    body = {"id": int(path.strip("/").split("/")[2]), "label_config": project["label_config"],
+                            "model_version": project.get("model_version", "")}
                     return self._send(200, json.dumps(body).encode(), "application/json")
                 if path == "/api/tasks/":
                     project = server.projects.get(int(query["project"][0]))

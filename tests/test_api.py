@@ -67,7 +67,7 @@ def test_predictions_are_valid_for_label_studio_and_ordered_by_ale(served, sampl
         ) == []
         ale = prediction["ale"]
         assert ale["strategy"] == "ale-entropy-sum" and ale["detections"] >= 0
-        assert prediction["score"] == pytest.approx(priority(ale["value"]))
+        assert prediction["score"] == pytest.approx(priority(ale["value"]), rel=2e-6)  # up to the tie-break
         for region in prediction["result"]:
             regions += 1
             assert region["value"]["rectanglelabels"][0] in {"Circle", "box"}  # never the unlabelled "triangle"

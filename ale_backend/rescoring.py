@@ -1,0 +1,121 @@
+"""Score every unlabelled task of a project with its served model and push the predictions to Label Studio.
+
+Label Studio only asks ``/predict`` for tasks someone opens or selects, so the annotator queue can follow ALE only
+when every unlabelled task carries a prediction of the project's current ``model_version``. This job provides that:
+
+1. deletes earlier predictions of the same version (a re-run after a failure starts clean);
+2. walks the unlabelled tasks a page at a time (never all tasks or images in memory): images into the project's
+   disk cache (downloaded once, reused in later rounds and by training), batched inference, the same pipeline as
+   ``/predict`` (:func:`ale_backend.predictions.predict_tasks`), then ``POST /import/predictions`` for the page,
+   failing loudly when Label Studio creates fewer predictions than it was sent (it skips invalid ones silently);
+3. only then switches the project's ``model_version`` to the new version (sorting and sampling use it), and deletes
+   prediction versions beyond the newest ``keep``. A failure before this step leaves the project on its previous
+   version.
+
+Tasks whose image cannot be read get no prediction; they are listed once per round in the log and the result.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ale_backend.dataset import ImageCache
+from ale_backend.detector import get_detector
+from ale_backend.images import ImageLoadError, get_image_loader
+from ale_backend.label_config import parse_label_config
+from ale_backend.label_studio import UNLABELED, LabelStudioClient, LabelStudioError
+from ale_backend.predictions import predict_tasks
+from ale_backend.registry import Registry, served_source
+from ale_backend.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+KEEP_PREDICTION_VERSIONS = 3
+
+
+def rescore_project(
+    project: int,
+    settings: Settings,
+    report: Callable[..., None] = lambda stage, **details: None,
+    page_size: int = 100,
+    keep: int = KEEP_PREDICTION_VERSIONS,
+    client: LabelStudioClient | None = None,
+) -> dict[str, Any]:
+    """Re-score the project's pool; returns counts and where the time went."""
+    started = time.perf_counter()
+    client = client or LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
+    config = parse_label_config(client.project(project)["label_config"])
+    source = served_source(settings, project)
+    detector = get_detector(settings, source)
+    loader = get_image_loader(settings)
+    cache = ImageCache(Registry(settings.model_dir).project_dir(project) / "cache" / "images", loader)
+    client.delete_model_version(project, source.version)
+
+    seconds = {"fetch": 0.0, "inference": 0.0, "import": 0.0}
+    scored, unreadable = 0, []
+    with ThreadPoolExecutor(settings.fetch_workers, thread_name_prefix="pool-fetch") as pool:
+        for page in _pages(client.tasks(project, filters=UNLABELED, page_size=page_size), page_size):
+            t0 = time.perf_counter()
+            urls = [(task.get("data") or {}).get(config.image_key) or "" for task in page]
+            local = list(pool.map(lambda item: _cached(cache, *item), zip((t["id"] for t in page), urls)))
+            t1 = time.perf_counter()
+            readable = [{"id": t["id"], "data": {config.image_key: str(path)}}
+                        for t, path in zip(page, local) if not isinstance(path, ImageLoadError)]
+            unreadable += [(t["id"], str(path)) for t, path in zip(page, local) if isinstance(path, ImageLoadError)]
+            predictions = predict_tasks(readable, config, detector=detector, loader=loader, settings=settings,
+                                        project=project) if readable else []
+            items = [{"task": task["id"], "result": p["result"], "score": p["score"], "model_version": source.version}
+                     for task, p in zip(readable, predictions) if "error" not in p["ale"]]
+            unreadable += [(task["id"], p["ale"]["error"]) for task, p in zip(readable, predictions)
+                           if "error" in p["ale"]]
+            t2 = time.perf_counter()
+            if items:
+                created = client.import_predictions(project, items)
+                if created != len(items):
+                    raise LabelStudioError(
+                        f"Label Studio created {created} of {len(items)} predictions for project {project} (it skips "
+                        "invalid ones without saying which): check that the labelling config still has the labels "
+                        f"the model predicts; the project stays on its previous model version"
+                    )
+            t3 = time.perf_counter()
+            seconds["fetch"] += t1 - t0
+            seconds["inference"] += t2 - t1
+            seconds["import"] += t3 - t2
+            scored += len(items)
+            report("re-scoring", scored=scored, unreadable=len(unreadable))
+
+    client.update_project(project, model_version=source.version)
+    versions = list(client.model_versions(project))
+    removed = [v for v in versions if v != source.version][max(keep - 1, 0):]
+    for version in removed:
+        client.delete_model_version(project, version)
+    if unreadable:
+        logger.warning("project %s: %d tasks have no prediction, their image could not be read: %s", project,
+                       len(unreadable), "; ".join(f"task {t}: {r}" for t, r in unreadable[:20]))
+    total = time.perf_counter() - started
+    logger.info("project %s: %d tasks re-scored with %s in %.1f s (fetch %.1f s, inference %.1f s, import %.1f s)",
+                project, scored, source.version, total, *seconds.values())
+    return {"status": "rescored", "model_version": source.version, "scored": scored,
+            "unreadable": unreadable[:100], "unreadable_count": len(unreadable), "deleted_versions": removed,
+            "seconds": {**{k: round(v, 2) for k, v in seconds.items()}, "total": round(total, 2)}}
+
+
+def _cached(cache: ImageCache, task_id: int, url: str):
+    try:
+        return cache.get(task_id, url)
+    except ImageLoadError as exc:
+        return exc
+    except Exception as exc:  # one task's image never stops the round
+        return ImageLoadError(f"{type(exc).__name__}: {exc}")
+
+
+def _pages(items: Iterable[dict], size: int) -> Iterator[list[dict]]:
+    iterator = iter(items)
+    while page := list(itertools.islice(iterator, size)):
+        # The Data Manager filter already excludes labelled tasks; this also holds against a stale page.
+        yield [task for task in page if not task.get("annotations")]

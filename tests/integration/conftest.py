@@ -1,0 +1,140 @@
+"""The real stack on loopback: Label Studio 1.23.2 (headless, its own virtualenv), Redis, the backend under gunicorn
+and an RQ worker. All started for the session and stopped at its end."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import ROOT
+
+LEGACY_TOKEN = "integration-legacy-token-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(url: str, process: subprocess.Popen, timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"{url} exited with {process.returncode}; log:\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"{url} did not come up in {timeout:.0f} s; log:\n{log.read_text()[-3000:]}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@dataclass
+class LiveLabelStudio:
+    url: str
+    token: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Token {self.token}"}
+
+    def api(self, method: str, path: str, **kwargs):
+        response = requests.request(method, self.url + path, headers=self.headers, timeout=60, **kwargs)
+        assert response.status_code < 400, f"{method} {path}: {response.status_code} {response.text[:500]}"
+        return response.json() if response.content else None
+
+
+@pytest.fixture(scope="session")
+def live_label_studio(tmp_path_factory):
+    """Label Studio 1.23.2 started headless with the settings a local backend needs (see the README)."""
+    binary = os.environ.get("LABEL_STUDIO_BIN") or str(ROOT / ".venv-label-studio" / "bin" / "label-studio")
+    if not Path(binary).exists():
+        pytest.fail("Label Studio 1.23.2 is not installed for the integration tests: `make test` installs it into "
+                    ".venv-label-studio (or set LABEL_STUDIO_BIN)")
+    data = tmp_path_factory.mktemp("label-studio")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in {"PORT", "HOST", "LABEL_STUDIO_URL"}}
+    env.update({
+        "LABEL_STUDIO_BASE_DATA_DIR": str(data), "LABEL_STUDIO_USERNAME": "admin@example.com",
+        "LABEL_STUDIO_PASSWORD": "integration-password-1", "LABEL_STUDIO_USER_TOKEN": LEGACY_TOKEN,
+        "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true", "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
+        "ML_BLOCK_LOCAL_IP": "false", "SSRF_PROTECTION_ENABLED": "false", "SENTRY_DSN": "", "FRONTEND_SENTRY_DSN": "",
+        "LATEST_VERSION_CHECK": "false", "COLLECT_ANALYTICS": "false",
+    })
+    log = data / "label-studio.log"
+    with log.open("w") as out:
+        process = subprocess.Popen([binary, "start", "--no-browser", "--port", str(port)], env=env, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(url + "/health", process, 240, log)
+        yield LiveLabelStudio(url, LEGACY_TOKEN)
+    finally:
+        stop(process)
+
+
+@dataclass
+class LiveBackend:
+    url: str
+    env: dict[str, str]
+    model_dir: Path
+
+    def cli(self, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ale_backend", *args], cwd=ROOT, env={**self.env, **(env or {})},
+                              capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def live_backend(live_label_studio, trained_weights, redis_url, tmp_path_factory):
+    """The backend under gunicorn and one RQ worker, configured for the live Label Studio."""
+    import redis
+
+    redis.Redis.from_url(redis_url).flushdb()
+    folder = tmp_path_factory.mktemp("backend")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in {"PORT", "HOST"}}
+    env.update({
+        "MODEL_PATH": str(trained_weights), "MODEL_DIR": str(folder / "models"), "DEVICE": "cpu", "IMGSZ": "160",
+        "SCORE_CONF": "0.05", "DISPLAY_CONF": "0.2", "LABEL_STUDIO_URL": live_label_studio.url,
+        "LABEL_STUDIO_API_KEY": live_label_studio.token, "REDIS_URL": redis_url, "MIN_NEW_ANNOTATIONS": "8",
+        "TRAIN_EPOCHS": "6", "TRAIN_PATIENCE": "50", "TRAIN_IMGSZ": "160", "TRAIN_DEVICE": "cpu",
+        # The tests check the wiring, not the promotion gate: every trained version is served.
+        "PROMOTION_TOLERANCE": "1.0", "LOG_LEVEL": "INFO",
+    })
+    web_log, worker_log = folder / "gunicorn.log", folder / "worker.log"
+    with web_log.open("w") as out:
+        web = subprocess.Popen(
+            [str(Path(sys.executable).parent / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", "2",
+             "--threads", "4", "--timeout", "300", "_wsgi:app"], cwd=ROOT, env=env, stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True)
+    with worker_log.open("w") as out:
+        worker = subprocess.Popen([sys.executable, "-m", "ale_backend", "worker"], cwd=ROOT, env=env, stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(url + "/health", web, 60, web_log)
+        yield LiveBackend(url, env, folder / "models")
+    finally:
+        stop(worker)
+        stop(web)

@@ -1,0 +1,149 @@
+"""The annotator's queue in a real Label Studio 1.23.2 follows ALE, before and after a retraining.
+
+The tests run in file order and share one project: connect -> first scoring -> annotations -> retraining and
+re-scoring -> a personal access token.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import time
+
+import cv2
+import numpy as np
+import pytest
+import requests
+
+from ale_backend import synthetic
+from tests.conftest import LABEL_CONFIG, LABELS
+
+N_TASKS = 24
+N_ANNOTATED = 8
+
+
+@pytest.fixture(scope="module")
+def project(live_label_studio, live_backend):
+    """A project with generated images uploaded through the API; returns (project id, {task id: sample})."""
+    ls = live_label_studio
+    created = ls.api("POST", "/api/projects/", json={"title": "ALE integration", "label_config": LABEL_CONFIG})
+    rng = np.random.default_rng(2026)
+    samples = {}
+    files = []
+    for i in range(N_TASKS):
+        sample = synthetic.shapes_image(rng, 160)
+        samples[f"img{i:03d}.png"] = sample
+        ok, png = cv2.imencode(".png", sample.image)
+        files.append((f"file{i}", (f"img{i:03d}.png", io.BytesIO(png.tobytes()), "image/png")))
+    ls.api("POST", f"/api/projects/{created['id']}/import", files=files)
+    tasks = all_tasks(ls, created["id"])
+    assert len(tasks) == N_TASKS
+    by_task = {t["id"]: samples[t["data"]["image"].rsplit("-", 1)[-1]] for t in tasks}
+    return created["id"], by_task
+
+
+def all_tasks(ls, project_id):
+    return ls.api("GET", "/api/tasks/", params={"project": project_id, "fields": "all", "page_size": 1000})["tasks"]
+
+
+def next_task(ls, project_id) -> int:
+    return ls.api("POST", "/api/dm/actions/", params={"id": "next_task", "project": project_id})["id"]
+
+
+def backend_scores(backend, tasks) -> dict[int, dict]:
+    """The backend's own view of each task: its /predict answer (prediction score and raw ALE)."""
+    response = requests.post(backend.url + "/predict", json={
+        "tasks": [{"id": t["id"], "data": t["data"]} for t in tasks], "label_config": LABEL_CONFIG,
+        "project": f"{tasks[0]['project']}.0"}, timeout=120)
+    assert response.status_code == 200, response.text
+    return {t["id"]: p for t, p in zip(tasks, response.json()["results"])}
+
+
+def assert_queue_follows_ale(ls, backend, project_id) -> str:
+    """Every unlabelled task has exactly one prediction of the project's version, and next_task is the one the
+    backend scores highest. Returns the version."""
+    version = ls.api("GET", f"/api/projects/{project_id}/")["model_version"]
+    tasks = all_tasks(ls, project_id)
+    unlabelled = [t for t in tasks if not t["annotations"]]
+    for task in unlabelled:
+        current = [p for p in task["predictions"] if p["model_version"] == version]
+        assert len(current) == 1, (task["id"], task["predictions"])
+    scores = backend_scores(backend, unlabelled)
+    assert {p["model_version"] for p in scores.values()} == {version}
+    expected = min(scores, key=lambda tid: scores[tid]["score"])
+    assert scores[expected]["ale"]["value"] == max(p["ale"]["value"] for p in scores.values())
+    served = next_task(ls, project_id)
+    assert served == expected, (served, expected, {t: s["score"] for t, s in scores.items()})
+    return version
+
+
+def test_connect_wires_the_project_and_a_second_run_changes_nothing(live_label_studio, live_backend, project):
+    ls, project_id = live_label_studio, project[0]
+    first = live_backend.cli("connect", "--project", str(project_id), "--backend-url", live_backend.url)
+    assert first.returncode == 0, first.stderr + first.stdout
+    assert "changed: ml backend" in first.stdout and f"scored {N_TASKS} unlabelled tasks" in first.stdout
+
+    backends = ls.api("GET", "/api/ml/", params={"project": project_id})
+    assert [b["url"].rstrip("/") for b in backends] == [live_backend.url]
+    hooks = ls.api("GET", "/api/webhooks/", params={"project": project_id})
+    assert [h["url"] for h in hooks] == [live_backend.url + "/webhook"]
+    assert ls.api("GET", f"/api/projects/{project_id}/")["sampling"] == "Uncertainty sampling"
+    views = ls.api("GET", "/api/dm/views/", params={"project": project_id})
+    assert [v["data"]["title"] for v in views] == ["ALE priority"]
+    assert views[0]["data"]["ordering"] == ["tasks:predictions_score"]
+
+    second = live_backend.cli("connect", "--project", str(project_id), "--backend-url", live_backend.url,
+                              "--no-scoring")
+    assert second.returncode == 0 and "changed: nothing" in second.stdout, second.stderr + second.stdout
+    assert len(ls.api("GET", "/api/ml/", params={"project": project_id})) == 1
+    assert len(ls.api("GET", "/api/webhooks/", params={"project": project_id})) == 1
+    assert len(ls.api("GET", "/api/dm/views/", params={"project": project_id})) == 1
+
+
+def test_after_the_first_scoring_the_next_task_is_the_highest_ale(live_label_studio, live_backend, project):
+    version = assert_queue_follows_ale(live_label_studio, live_backend, project[0])
+    assert version.startswith("shapes-")  # the base model: nothing trained yet
+
+
+def test_annotations_retrain_and_rescore_the_queue(live_label_studio, live_backend, project):
+    ls, (project_id, samples) = live_label_studio, project
+    before = ls.api("GET", f"/api/projects/{project_id}/")["model_version"]
+    tasks = sorted(all_tasks(ls, project_id), key=lambda t: t["id"])
+    annotated = [t["id"] for t in tasks[:N_ANNOTATED]]
+    for task_id in annotated:  # each save sends ANNOTATION_CREATED; the 8th reaches MIN_NEW_ANNOTATIONS
+        ls.api("POST", f"/api/tasks/{task_id}/annotations/", json={"result": ground_truth(samples[task_id]),
+                                                                   "was_cancelled": False})
+    assert any(LABELS["triangle"] in str(ground_truth(samples[t])) for t in annotated)  # includes the new class
+
+    deadline = time.monotonic() + 600
+    while ls.api("GET", f"/api/projects/{project_id}/")["model_version"] == before:
+        assert time.monotonic() < deadline, live_backend.cli("status", "--project", str(project_id)).stdout
+        time.sleep(2)
+    status = live_backend.cli("status", "--project", str(project_id)).stdout
+    version = assert_queue_follows_ale(ls, live_backend, project_id)
+    assert version.startswith(f"p{project_id}-v1-"), status
+    assert next_task(ls, project_id) not in annotated
+
+
+def test_a_personal_access_token_works_like_a_legacy_token(live_label_studio, live_backend, project):
+    ls, project_id = live_label_studio, project[0]
+    ls.api("POST", "/api/jwt/settings", json={"api_tokens_enabled": True, "legacy_api_tokens_enabled": True})
+    pat = ls.api("POST", "/api/token/")["token"]
+    # Same trained versions, empty image cache: the pool's images are downloaded again, with the PAT.
+    fresh = live_backend.model_dir.parent / "pat-models"
+    shutil.copytree(live_backend.model_dir, fresh, ignore=shutil.ignore_patterns("cache"))
+    result = live_backend.cli("connect", "--project", str(project_id), "--backend-url", live_backend.url,
+                              "--api-key", pat, env={"MODEL_DIR": str(fresh)})
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "changed: nothing" in result.stdout
+    assert f"scored {N_TASKS - N_ANNOTATED} unlabelled tasks" in result.stdout  # images fetched with the PAT
+
+
+def ground_truth(sample) -> list[dict]:
+    height, width = sample.image.shape[:2]
+    return [{"from_name": "label", "to_name": "image", "type": "rectanglelabels", "original_width": width,
+             "original_height": height,
+             "value": {"x": 100 * x1 / width, "y": 100 * y1 / height, "width": 100 * (x2 - x1) / width,
+                       "height": 100 * (y2 - y1) / height, "rotation": 0,
+                       "rectanglelabels": [LABELS[synthetic.SHAPES[c]]]}}
+            for c, (x1, y1, x2, y2) in zip(sample.class_ids, sample.boxes)]

@@ -1,0 +1,75 @@
+"""Pool re-scoring against the local Label Studio stand-in (the real Label Studio runs in the integration suite)."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from ale_backend.detector import resolve_model_source
+from ale_backend.label_studio import LabelStudioError
+from ale_backend.rescoring import rescore_project
+from tests.conftest import add_project
+
+
+@pytest.fixture()
+def pool(settings, label_studio, tmp_path):
+    """Project 31: 4 labelled tasks, 8 unlabelled ones of which one has a missing image."""
+    add_project(label_studio, 31, n_tasks=12, seed=8)
+    tasks = label_studio.projects[31]["tasks"]
+    for task in tasks[4:]:
+        task["annotations"] = []
+    tasks[5]["data"]["image"] = "/data/upload/31/gone.png"
+    app_settings = dataclasses.replace(settings, model_dir=tmp_path / "models", label_studio_url=label_studio.url,
+                                       label_studio_api_key=label_studio.legacy_token)
+    return app_settings, [t["id"] for t in tasks[4:] if t is not tasks[5]]
+
+
+def test_every_readable_unlabelled_task_gets_one_prediction_and_the_project_switches(pool, label_studio):
+    app_settings, expected = pool
+    version = resolve_model_source(app_settings.model_path).version
+    result = rescore_project(31, app_settings, page_size=3)
+    imported = label_studio.predictions[31]
+    assert sorted(p["task"] for p in imported) == sorted(expected)
+    assert {p["model_version"] for p in imported} == {version}
+    assert all(0 < p["score"] < 1 for p in imported)
+    assert label_studio.projects[31]["model_version"] == version
+    assert result["scored"] == 7 and result["unreadable_count"] == 1 and "HTTP 404" in result["unreadable"][0][1]
+    assert set(result["seconds"]) == {"fetch", "inference", "import", "total"}
+
+    rescore_project(31, app_settings, page_size=3)  # a re-run replaces, never duplicates
+    assert sorted(p["task"] for p in label_studio.predictions[31]) == sorted(expected)
+
+
+def test_old_prediction_versions_are_deleted_beyond_the_newest(pool, label_studio):
+    app_settings, _ = pool
+    label_studio.predictions[31] = [{"task": 31004, "result": [], "score": 0.5, "model_version": v}
+                                    for v in ("v-old", "v-older-but-newer", "v-newest")]
+    result = rescore_project(31, app_settings, keep=3)
+    versions = {p["model_version"] for p in label_studio.predictions[31]}
+    assert versions == {resolve_model_source(app_settings.model_path).version, "v-newest", "v-older-but-newer"}
+    assert result["deleted_versions"] == ["v-old"]
+
+
+def test_predictions_label_studio_refuses_fail_the_round_and_keep_the_old_version(pool, label_studio):
+    app_settings, _ = pool
+    label_studio.projects[31]["model_version"] = "previous"
+    label_studio.max_created = 1
+    with pytest.raises(LabelStudioError, match=r"created 1 of 3 predictions"):
+        rescore_project(31, app_settings, page_size=3)
+    assert label_studio.projects[31]["model_version"] == "previous"
+
+
+def test_a_cold_start_model_orders_ties_differently_per_project(pool, label_studio):
+    app_settings, _ = pool
+    cold = dataclasses.replace(app_settings, model_path="yolov5nu.yaml")  # untrained: detects nothing
+    label_studio.projects[32] = {**label_studio.projects[31], "tasks": [
+        {**t, "id": t["id"] + 1000} for t in label_studio.projects[31]["tasks"]]}
+    rescore_project(31, cold)
+    rescore_project(32, cold)
+    scores = {project: {p["task"] % 1000: p["score"] for p in label_studio.predictions[project]}
+              for project in (31, 32)}
+    assert len(set(scores[31].values())) == len(scores[31])  # no ties
+    assert all(1 - 1e-5 < s < 1 for s in scores[31].values())  # all ALE 0: only the tie-break differs
+    order = [sorted(scores[p], key=scores[p].get) for p in (31, 32)]
+    assert order[0] != order[1]
+    assert np.isclose(sorted(scores[31].values())[0], sorted(scores[32].values())[0], rtol=1e-5)
