@@ -9,8 +9,8 @@ when every unlabelled task carries a prediction of the project's current ``model
    ``/predict`` (:func:`ale_backend.predictions.predict_tasks`), then ``POST /import/predictions`` for the page,
    failing loudly when Label Studio creates fewer predictions than it was sent (it skips invalid ones silently);
 3. only then switches the project's ``model_version`` to the new version (sorting and sampling use it), and deletes
-   prediction versions beyond the newest ``keep``. A failure before this step leaves the project on its previous
-   version.
+   prediction versions beyond the newest ``KEEP_PREDICTION_VERSIONS``. A failure before this step leaves the
+   project on its previous version.
 
 Tasks whose image cannot be read get no prediction; they are listed once per round in the log and the result.
 """
@@ -35,15 +35,13 @@ from ale_backend.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-KEEP_PREDICTION_VERSIONS = 3
-
 
 def rescore_project(
     project: int,
     settings: Settings,
     report: Callable[..., None] = lambda stage, **details: None,
     page_size: int = 100,
-    keep: int = KEEP_PREDICTION_VERSIONS,
+    keep: int | None = None,
     client: LabelStudioClient | None = None,
 ) -> dict[str, Any]:
     """Re-score the project's pool; returns counts and where the time went."""
@@ -90,6 +88,7 @@ def rescore_project(
             report("re-scoring", scored=scored, unreadable=len(unreadable))
 
     client.update_project(project, model_version=source.version)
+    keep = settings.keep_prediction_versions if keep is None else keep
     versions = list(client.model_versions(project))
     removed = [v for v in versions if v != source.version][max(keep - 1, 0):]
     for version in removed:

@@ -160,6 +160,7 @@ _VARIABLES: dict[str, tuple[str, str, Callable[[str], object]]] = {
     "base_dataset": ("BASE_DATASET", "", _optional_file),
     "promotion_tolerance": ("PROMOTION_TOLERANCE", "0.02", _unit_interval),
     "keep_versions": ("KEEP_VERSIONS", "5", _positive_int),
+    "keep_prediction_versions": ("KEEP_PREDICTION_VERSIONS", "2", _positive_int),
 }
 
 
@@ -240,6 +241,8 @@ class Settings:
     """A new version is served unless its validation mAP50-95 is worse than the current one's by more than this."""
     keep_versions: int = 5
     """Versions kept per project (the current one is never deleted)."""
+    keep_prediction_versions: int = 2
+    """Prediction versions kept in Label Studio per project after a re-scoring (the current one included)."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
