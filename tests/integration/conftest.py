@@ -4,11 +4,8 @@ and an RQ worker. All started for the session and stopped at its end."""
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,38 +13,14 @@ import pytest
 import requests
 
 from tests.conftest import ROOT
-
-LEGACY_TOKEN = "integration-legacy-token-0123456789"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.stack import LEGACY_TOKEN, free_port, label_studio_binary, start_label_studio, stop, wait_until_up
 
 
-def wait_until_up(url: str, process: subprocess.Popen, timeout: float, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"{url} exited with {process.returncode}; log:\n{log.read_text()[-3000:]}")
-        try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"{url} did not come up in {timeout:.0f} s; log:\n{log.read_text()[-3000:]}")
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+def _wait(url: str, process, timeout: float, log: Path) -> None:
+    try:
+        wait_until_up(url, process, timeout, log)
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 @dataclass
@@ -68,27 +41,15 @@ class LiveLabelStudio:
 @pytest.fixture(scope="session")
 def live_label_studio(tmp_path_factory):
     """Label Studio 1.23.2 started headless with the settings a local backend needs (see the README)."""
-    binary = os.environ.get("LABEL_STUDIO_BIN") or str(ROOT / ".venv-label-studio" / "bin" / "label-studio")
-    if not Path(binary).exists():
+    if not label_studio_binary().exists():
         pytest.fail("Label Studio 1.23.2 is not installed for the integration tests: `make test` installs it into "
                     ".venv-label-studio (or set LABEL_STUDIO_BIN)")
     data = tmp_path_factory.mktemp("label-studio")
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in {"PORT", "HOST", "LABEL_STUDIO_URL"}}
-    env.update({
-        "LABEL_STUDIO_BASE_DATA_DIR": str(data), "LABEL_STUDIO_USERNAME": "admin@example.com",
-        "LABEL_STUDIO_PASSWORD": "integration-password-1", "LABEL_STUDIO_USER_TOKEN": LEGACY_TOKEN,
-        "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true", "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
-        "ML_BLOCK_LOCAL_IP": "false", "SSRF_PROTECTION_ENABLED": "false", "SENTRY_DSN": "", "FRONTEND_SENTRY_DSN": "",
-        "LATEST_VERSION_CHECK": "false", "COLLECT_ANALYTICS": "false",
-    })
-    log = data / "label-studio.log"
-    with log.open("w") as out:
-        process = subprocess.Popen([binary, "start", "--no-browser", "--port", str(port)], env=env, stdout=out,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+    process = start_label_studio(data, port)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_up(url + "/health", process, 240, log)
+        _wait(url + "/health", process, 240, data / "ls.log")
         yield LiveLabelStudio(url, LEGACY_TOKEN)
     finally:
         stop(process)
@@ -133,7 +94,7 @@ def live_backend(live_label_studio, trained_weights, redis_url, tmp_path_factory
                                   stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_up(url + "/health", web, 60, web_log)
+        _wait(url + "/health", web, 60, web_log)
         yield LiveBackend(url, env, folder / "models")
     finally:
         stop(worker)

@@ -1,0 +1,68 @@
+"""Starting the real services on loopback, shared by the integration tests and the benchmarks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+LEGACY_TOKEN = "integration-legacy-token-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def label_studio_binary() -> Path:
+    return Path(os.environ.get("LABEL_STUDIO_BIN") or ROOT / ".venv-label-studio" / "bin" / "label-studio")
+
+
+def start_label_studio(data_dir: Path, port: int, files_root: Path | None = None) -> subprocess.Popen:
+    """Label Studio 1.23.2 headless with the settings a local backend needs; output goes to ``data_dir/ls.log``."""
+    env = {k: v for k, v in os.environ.items() if k not in {"PORT", "HOST", "LABEL_STUDIO_URL"}}
+    env.update({
+        "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir), "LABEL_STUDIO_USERNAME": "admin@example.com",
+        "LABEL_STUDIO_PASSWORD": "integration-password-1", "LABEL_STUDIO_USER_TOKEN": LEGACY_TOKEN,
+        "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true", "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
+        "ML_BLOCK_LOCAL_IP": "false", "SSRF_PROTECTION_ENABLED": "false", "SENTRY_DSN": "", "FRONTEND_SENTRY_DSN": "",
+        "LATEST_VERSION_CHECK": "false", "COLLECT_ANALYTICS": "false",
+    })
+    if files_root is not None:
+        env.update({"LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
+                    "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(files_root)})
+    with (Path(data_dir) / "ls.log").open("w") as out:
+        return subprocess.Popen([str(label_studio_binary()), "start", "--no-browser", "--port", str(port)], env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_until_up(url: str, process: subprocess.Popen, timeout: float, log: Path) -> None:
+    """Wait for ``url`` to answer 200; raise with the log's tail if the process dies or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{url} exited with {process.returncode}; log:\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} did not come up in {timeout:.0f} s; log:\n{log.read_text()[-3000:]}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
