@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
 from ale_backend.settings import SettingsError, get_settings
@@ -39,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(exc, file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ale_backend import logs
+
+    logs.configure(settings)
 
     if args.command in ("connect", "rescore"):
         return _label_studio_command(args, settings)

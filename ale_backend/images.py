@@ -4,6 +4,13 @@
 * ``http(s)://`` URLs are fetched as they are (with the API key only when they point at Label Studio itself);
 * anything else without a scheme is a path on this machine.
 
+Task data comes from whoever can create tasks, so the loader refuses to be used against the network it runs in
+(server-side request forgery): an http(s) URL whose host resolves to a loopback, private, link-local or otherwise
+reserved address is refused, unless it is Label Studio's own host or listed in ``IMAGE_HOST_ALLOWLIST``; every
+redirect is checked the same way; other schemes (``file://``, ``ftp://``...) are refused; a local path must lie
+under ``LOCAL_FILES_ROOT`` (or the backend's own cache under ``MODEL_DIR``). The check resolves the host once before
+connecting, so a DNS answer that changes between the check and the connection is not caught.
+
 Images are decoded with OpenCV to BGR ``uint8`` arrays (EXIF orientation applied, as browsers show them). Loading
 many images runs concurrently and never raises: each URL yields an array or an :class:`ImageLoadError` saying why,
 so one broken image fails its own task only.
@@ -11,12 +18,14 @@ so one broken image fails its own task only.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import cv2
 import numpy as np
@@ -28,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 _LABEL_STUDIO_PREFIXES = ("/data/upload/", "/data/local-files/")
 _CLOUD_SCHEMES = {"s3", "gs", "azure-blob", "gcs"}
+_MAX_REDIRECTS = 5
 
 
 class ImageLoadError(Exception):
@@ -47,15 +57,21 @@ class ImageLoader:
         Seconds for each download (connect and read).
     max_bytes : int
         Larger files are refused before being read whole.
+    allowed_hosts : iterable of str
+        Hosts that may resolve to private addresses (besides Label Studio's).
+    local_roots : iterable of paths
+        Folders whose files may be read by path.
     """
 
     def __init__(
         self, label_studio: LabelStudioClient | None, workers: int = 8, timeout: float = 10.0,
-        max_bytes: int = 50 * 1024 * 1024,
+        max_bytes: int = 50 * 1024 * 1024, allowed_hosts: Iterable[str] = (), local_roots: Iterable[Path] = (),
     ):
         self._label_studio = label_studio
         self._timeout = timeout
         self._max_bytes = max_bytes
+        self._allowed_hosts = {h.strip().lower() for h in allowed_hosts if h.strip()}
+        self._local_roots = [Path(r).resolve() for r in local_roots]
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="image-fetch")
         self._local = threading.local()
 
@@ -103,15 +119,54 @@ class ImageLoader:
             session = self._local.session = requests.Session()
         return session
 
-    def _download(self, url: str) -> bytes:
-        headers = {}
+    def check_url(self, url: str) -> None:
+        """Raise :class:`ImageLoadError` unless ``url`` may be fetched (see the module docstring)."""
+        parts = urlsplit(url)
+        if parts.scheme not in {"http", "https"} or not parts.hostname:
+            raise ImageLoadError(f"{_short(url)}: refused: only http(s) URLs are fetched")
         if self._label_studio is not None and self._label_studio.owns(url):
-            try:
-                headers.update(self._label_studio.auth_headers())
-            except LabelStudioError as exc:
-                raise ImageLoadError(f"{_short(url)}: {exc}") from exc
+            return
+        host = parts.hostname.lower()
+        if host in self._allowed_hosts or (parts.port and f"{host}:{parts.port}" in self._allowed_hosts):
+            return
         try:
-            with self._session().get(url, headers=headers, timeout=self._timeout, stream=True) as response:
+            infos = socket.getaddrinfo(host, parts.port or (443 if parts.scheme == "https" else 80),
+                                       proto=socket.IPPROTO_TCP)
+        except socket.gaierror as exc:
+            raise ImageLoadError(f"{_short(url)}: host {host!r} does not resolve ({exc})") from exc
+        for info in infos:
+            address = ipaddress.ip_address(info[4][0].split("%")[0])
+            if not address.is_global or address.is_multicast:
+                raise ImageLoadError(
+                    f"{_short(url)}: refused: {host} resolves to the non-public address {address}; only Label "
+                    "Studio's host and IMAGE_HOST_ALLOWLIST may be private"
+                )
+
+    def _download(self, url: str) -> bytes:
+        session = self._session()
+        for _hop in range(_MAX_REDIRECTS + 1):
+            self.check_url(url)
+            headers = {}
+            if self._label_studio is not None and self._label_studio.owns(url):
+                try:
+                    headers.update(self._label_studio.auth_headers())
+                except LabelStudioError as exc:
+                    raise ImageLoadError(f"{_short(url)}: {exc}") from exc
+            try:
+                response = session.get(url, headers=headers, timeout=self._timeout, stream=True,
+                                       allow_redirects=False)
+            except requests.RequestException as exc:
+                raise ImageLoadError(f"{_short(url)}: {type(exc).__name__}: {exc}") from exc
+            if response.is_redirect and response.headers.get("Location"):
+                response.close()
+                url = urljoin(url, response.headers["Location"])
+                continue
+            return self._read(response, url)
+        raise ImageLoadError(f"{_short(url)}: more than {_MAX_REDIRECTS} redirects")
+
+    def _read(self, response: requests.Response, url: str) -> bytes:
+        try:
+            with response:
                 if response.status_code != 200:
                     hint = " (check LABEL_STUDIO_API_KEY)" if response.status_code in (401, 403) else ""
                     raise ImageLoadError(f"{_short(url)}: HTTP {response.status_code}{hint}")
@@ -128,6 +183,10 @@ class ImageLoader:
             raise ImageLoadError(f"{_short(url)}: {type(exc).__name__}: {exc}") from exc
 
     def _read_file(self, path: Path) -> bytes:
+        resolved = path.resolve()
+        if not any(resolved == root or root in resolved.parents for root in self._local_roots):
+            raise ImageLoadError(f"{path}: refused: local paths must lie under LOCAL_FILES_ROOT")
+        path = resolved
         try:
             size = path.stat().st_size
             if size > self._max_bytes:
@@ -165,8 +224,9 @@ _loaders_lock = threading.Lock()
 
 def get_image_loader(settings) -> ImageLoader:
     """The process's loader for these settings (one thread pool and HTTP connection pool, reused)."""
+    roots = (settings.model_dir, *((settings.local_files_root,) if settings.local_files_root else ()))
     key = (settings.label_studio_url, settings.label_studio_api_key, settings.fetch_workers,
-           settings.fetch_timeout, settings.max_image_bytes)
+           settings.fetch_timeout, settings.max_image_bytes, settings.image_host_allowlist, roots)
     with _loaders_lock:
         loader = _loaders.get(key)
         if loader is None:
@@ -175,6 +235,7 @@ def get_image_loader(settings) -> ImageLoader:
                 if settings.label_studio_url else None
             )
             loader = _loaders[key] = ImageLoader(
-                client, settings.fetch_workers, settings.fetch_timeout, settings.max_image_bytes
+                client, settings.fetch_workers, settings.fetch_timeout, settings.max_image_bytes,
+                allowed_hosts=settings.image_host_allowlist, local_roots=roots,
             )
         return loader

@@ -87,11 +87,13 @@ def predict_tasks(
             result = regions(detections[i].above(settings.display_conf), label_map, config)
         else:
             reason = str(loaded[i])
-            logger.warning("task %s: image not usable, served last: %s", task_id, reason)
+            logger.warning("task %s: image not usable, served last: %s", task_id, reason,
+                           extra={"project": project, "task": task_id, "model_version": detector.version})
             task_score = TaskScore(task_id, settings.strategy, None, 0, UNREADABLE_PRIORITY, reason)
             result = []
         logger.debug("task %s: %s=%s N=%d score=%.6f", task_id, task_score.strategy, task_score.value,
-                     task_score.detections, task_score.priority)
+                     task_score.detections, task_score.priority,
+                     extra={"project": project, "task": task_id, "model_version": detector.version})
         predictions.append({
             "result": result,
             "score": task_score.priority,
@@ -101,6 +103,7 @@ def predict_tasks(
     logger.info(
         "predicted %d tasks (%d unreadable) with %s, strategy %s, in %.2f s",
         len(tasks), len(tasks) - len(readable), detector.version, settings.strategy, time.perf_counter() - started,
+        extra={"project": project, "model_version": detector.version},
     )
     return predictions
 

@@ -16,6 +16,8 @@ label-studio-ml provides the routes Label Studio calls (``/health``, ``/setup``,
   ``/webhook`` hands the event to :class:`~ale_backend.jobs.TrainingQueue` (RQ over Redis, coalescing per project)
   and answers at once: 201 queued, 200 coalesced / pending / ignored, 400 for an event without a project, 503 with
   the reason when Redis is down (``/predict`` does not need Redis).
+* **Metrics and limits.** ``/metrics`` answers in Prometheus' text format (:mod:`ale_backend.metrics`; 1.0.9's is
+  an empty JSON object); request bodies over ``MAX_REQUEST_MB`` get 413.
 * **Versions per project.** ``/versions`` (GET, which Label Studio calls, and POST) lists the project's registry
   versions; ``/status?project=<id>`` shows the training queue and the served version.
 * **Undeclared dependencies.** label-studio-ml imports ``redis`` and ``rq`` without declaring them: both are pinned
@@ -32,7 +34,9 @@ import redis
 from flask import Flask, current_app, jsonify, request
 from label_studio_ml import api as ls_api
 from label_studio_ml.model import LabelStudioMLManager, ModelWrapper
+from prometheus_client import CONTENT_TYPE_LATEST
 
+from ale_backend import logs, metrics
 from ale_backend.detector import get_detector, resolve_model_source
 from ale_backend.jobs import QueueUnavailable, TrainingQueue
 from ale_backend.label_config import LabelConfigError, parse_label_config
@@ -63,8 +67,14 @@ class ALEManager(LabelStudioMLManager):
 
     @classmethod
     def predict(cls, tasks, project=None, label_config=None, force_reload=False, try_fetch=True, **kwargs):
-        wrapper = cls.fetch(project, label_config)
-        return wrapper.model.predict(tasks, **kwargs), wrapper
+        with metrics.PREDICT_SECONDS.time():
+            wrapper = cls.fetch(project, label_config)
+            predictions = wrapper.model.predict(tasks, **kwargs)
+        label = str(project_id(project) or "")
+        unreadable = sum(1 for p in predictions if "error" in p.get("ale", {}))
+        metrics.PREDICTED.labels(project=label).inc(len(predictions) - unreadable)
+        metrics.UNREADABLE.labels(project=label).inc(unreadable)
+        return predictions, wrapper
 
     @classmethod
     def _get_models_from_workdir(cls, project):
@@ -80,7 +90,7 @@ def create_app(settings: Settings | None = None, warm_up: bool = True) -> Flask:
     ``warm_up`` loads the model in a background thread at start, so the first ``/predict`` does not pay for it.
     """
     settings = settings or get_settings()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(settings)
     resolve_model_source(settings.model_path)  # fail at start-up on a missing weights file
     if not isinstance(ls_api._manager, ALEManager):
         ls_api._manager = ALEManager()
@@ -90,8 +100,10 @@ def create_app(settings: Settings | None = None, warm_up: bool = True) -> Flask:
         app.add_url_rule("/versions", "versions_get", _versions, methods=["GET"])
         app.add_url_rule("/status", "status", _status, methods=["GET"])
         app.view_functions["webhook"] = _webhook
+        app.view_functions["metrics"] = _metrics
         app.config["ALE_EXTENDED"] = True
     app.config["ALE_SETTINGS"] = settings
+    app.config["MAX_CONTENT_LENGTH"] = int(settings.max_request_mb * 1024 * 1024)
     app.config["ALE_QUEUE"] = None  # connected on first use
     if warm_up:
         threading.Thread(target=_warm_up, args=(settings,), name="model-warm-up", daemon=True).start()
@@ -101,6 +113,9 @@ def create_app(settings: Settings | None = None, warm_up: bool = True) -> Flask:
 def _check_request():
     """Basic auth when configured; then reject what label-studio-ml's views would turn into a 500."""
     settings = current_app.config["ALE_SETTINGS"]
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    if request.content_length is not None and request.content_length > limit:
+        return _error(413, f"request body of {request.content_length} bytes is over MAX_REQUEST_MB ({limit} bytes)")
     if settings.basic_auth_user:
         auth = request.authorization
         if auth is None or not (hmac.compare_digest(auth.username or "", settings.basic_auth_user)
@@ -152,6 +167,10 @@ def _webhook():
         return _error(503, str(exc))
     logger.info("webhook %s: %s", payload["action"], body)
     return jsonify(body), status
+
+
+def _metrics():
+    return metrics.render(current_app.config["ALE_SETTINGS"]), 200, {"Content-Type": CONTENT_TYPE_LATEST}
 
 
 def _status():

@@ -107,10 +107,30 @@ def _optimizer(raw: str) -> str:
     return names[value]
 
 
+def _host_list(raw: str) -> tuple[str, ...]:
+    return tuple(sorted({h.strip().lower() for h in raw.split(",") if h.strip()}))
+
+
+def _optional_dir(raw: str) -> Path | None:
+    if not raw.strip():
+        return None
+    path = Path(raw).expanduser().resolve()
+    if not path.is_dir():
+        raise ValueError("no such directory")
+    return path
+
+
 def _redis_url(raw: str) -> str:
     value = raw.strip()
     if not value.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError("expected redis://host:port/db")
+    return value
+
+
+def _log_format(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in {"text", "json"}:
+        raise ValueError("expected text or json")
     return value
 
 
@@ -140,7 +160,11 @@ _VARIABLES: dict[str, tuple[str, str, Callable[[str], object]]] = {
     "fetch_workers": ("FETCH_WORKERS", "8", _positive_int),
     "fetch_timeout": ("FETCH_TIMEOUT", "10", _positive_float),
     "max_image_mb": ("MAX_IMAGE_MB", "50", _positive_float),
+    "image_host_allowlist": ("IMAGE_HOST_ALLOWLIST", "", _host_list),
+    "local_files_root": ("LOCAL_FILES_ROOT", "", _optional_dir),
+    "max_request_mb": ("MAX_REQUEST_MB", "100", _positive_float),
     "log_level": ("LOG_LEVEL", "INFO", _log_level),
+    "log_format": ("LOG_FORMAT", "text", _log_format),
     "basic_auth_user": ("BASIC_AUTH_USER", "", _text),
     "basic_auth_pass": ("BASIC_AUTH_PASS", "", _text),
     "redis_url": ("REDIS_URL", "redis://localhost:6379/0", _redis_url),
@@ -202,8 +226,16 @@ class Settings:
     """Seconds before an image download is abandoned."""
     max_image_mb: float = 50.0
     """Images larger than this are refused."""
+    image_host_allowlist: tuple[str, ...] = ()
+    """Image hosts (``host`` or ``host:port``) that may resolve to private addresses, besides Label Studio's."""
+    local_files_root: Path | None = None
+    """Folder whose files task data may name by local path (none: local paths are refused)."""
+    max_request_mb: float = 100.0
+    """Larger request bodies are refused with 413."""
     log_level: str = "INFO"
     """Python logging level."""
+    log_format: str = "text"
+    """``text`` or ``json`` (one object per line, with project, task and model version where known)."""
     basic_auth_user: str = ""
     """With BASIC_AUTH_PASS: every route of the backend requires HTTP basic auth."""
     basic_auth_pass: str = ""

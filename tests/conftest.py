@@ -97,7 +97,8 @@ class FakeLabelStudio:
     It accepts ``Authorization: Token <legacy_token>`` or ``Bearer <access token>``, where the access token comes from
     ``POST /api/token/refresh/ {"refresh": <PAT>}`` as Label Studio 1.23 does it. Files are served from ``root``
     under ``/data/upload/...``, ``/data/local-files/?d=...`` and ``/public/...`` (the last one without auth);
-    ``/together/...`` answers only when ``barrier.parties`` requests wait at once (proof of concurrent fetching).
+    ``/together/...`` answers only when ``barrier.parties`` requests wait at once (proof of concurrent fetching);
+    ``/redirect?to=<url>`` answers 302 to that URL.
     ``projects`` maps a project id to ``{"label_config": ..., "tasks": [...]}``, served by ``/api/projects/<id>/``
     and ``/api/tasks/?project=<id>&page=&page_size=`` (paginated like Label Studio: ``{"tasks", "total"}``).
     """
@@ -159,6 +160,12 @@ class FakeLabelStudio:
                 auth = self.headers.get("Authorization")
                 server.requests.append((self.path, auth))
                 parts = urlsplit(self.path)
+                if parts.path == "/redirect":
+                    self.send_response(302)
+                    self.send_header("Location", parse_qs(parts.query)["to"][0])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return None
                 if parts.path.startswith("/together/"):
                     # Answers only once `barrier.parties` requests are in flight at the same time.
                     try:

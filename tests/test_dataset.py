@@ -82,7 +82,7 @@ def test_dataset_files_skip_broken_images_and_relabel_for_another_model(tmp_path
              for i, p in enumerate(sample_images[:10])]
     tasks.append({"id": 99, "data": {"image": str(tmp_path / "missing.png")}, "annotations": [annotation(9, "t")]})
     examples = examples_from_tasks(tasks, config)
-    cache = ImageCache(tmp_path / "cache", ImageLoader(None))
+    cache = ImageCache(tmp_path / "cache", ImageLoader(None, local_roots=[tmp_path, sample_images[0].parent]))
     summary = write_dataset(examples, ["circle", "square", "Springtail"], {"Circle": 0, "box": 1, "Springtail": 2},
                             cache, tmp_path / "ds", val_percent=30)
     assert [t for t, _ in summary.skipped] == [99]
@@ -105,7 +105,7 @@ def test_dataset_files_skip_broken_images_and_relabel_for_another_model(tmp_path
 
 
 def test_no_usable_image_is_an_error(tmp_path):
-    cache = ImageCache(tmp_path / "cache", ImageLoader(None))
+    cache = ImageCache(tmp_path / "cache", ImageLoader(None, local_roots=[tmp_path]))
     with pytest.raises(ValueError, match="no annotated task could be used"):
         write_dataset([Example(1, str(tmp_path / "none.png"), ())], ["a"], {"a": 0}, cache, tmp_path / "ds", 20)
 
@@ -114,7 +114,7 @@ def test_the_base_dataset_is_replayed_with_classes_renumbered(tmp_path, sample_i
     base = tmp_path / "base"
     synthetic.write_yolo_dataset(base, {"train": 4}, seed=2, size=64, classes=("square", "circle"))
     examples = [Example(1, str(sample_images[0]), ())]
-    cache = ImageCache(tmp_path / "cache", ImageLoader(None))
+    cache = ImageCache(tmp_path / "cache", ImageLoader(None, local_roots=[tmp_path, sample_images[0].parent]))
     names = ["circle", "Springtail"]
     summary = write_dataset(examples, names, {"Circle": 0, "Springtail": 1}, cache, tmp_path / "ds", 0,
                             base_dataset=base / "data.yaml")

@@ -14,6 +14,16 @@ def loader_for(server, api_key, **kwargs):
     return ImageLoader(LabelStudioClient(server.url, api_key), **kwargs)
 
 
+@pytest.fixture()
+def local_images(tmp_path, sample_images):
+    """A LOCAL_FILES_ROOT with one image, and a file outside it."""
+    root = tmp_path / "local-root"
+    root.mkdir()
+    (root / "inside.png").write_bytes(sample_images[2].read_bytes())
+    (tmp_path / "outside.png").write_bytes(sample_images[2].read_bytes())
+    return root
+
+
 def test_upload_url_is_fetched_with_a_legacy_token(image_server, sample_images):
     image = loader_for(image_server, image_server.legacy_token).load(f"/data/upload/1/{sample_images[0].name}")
     assert image.shape == (160, 160, 3) and image.dtype == np.uint8
@@ -43,9 +53,46 @@ def test_the_key_goes_only_to_label_studio(image_server, sample_images, tmp_path
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "x.png").write_bytes(sample_images[0].read_bytes())
     with FakeLabelStudio(tmp_path / "other", "t", "r", "a") as elsewhere:
-        image = loader_for(image_server, image_server.legacy_token).load(f"{elsewhere.url}/public/x.png")
+        host = elsewhere.url.removeprefix("http://")  # a private address: it has to be allow-listed
+        loader = loader_for(image_server, image_server.legacy_token, allowed_hosts=[host])
+        image = loader.load(f"{elsewhere.url}/public/x.png")
     assert image.shape == (160, 160, 3)
     assert elsewhere.requests == [("/public/x.png", None)]
+
+
+def test_private_addresses_are_refused_before_any_request(image_server, sample_images, tmp_path):
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x.png").write_bytes(sample_images[0].read_bytes())
+    loader = loader_for(image_server, image_server.legacy_token, timeout=2)
+    with FakeLabelStudio(tmp_path / "other", "t", "r", "a") as elsewhere:
+        for url in (f"{elsewhere.url}/public/x.png", f"{elsewhere.url.replace('127.0.0.1', 'localhost')}/public/x.png",
+                    "http://169.254.169.254/latest/meta-data/", "http://10.1.2.3/x.png", "http://[::1]/x.png",
+                    "http://0.0.0.0/x.png"):
+            with pytest.raises(ImageLoadError, match="refused: .* non-public address"):
+                loader.load(url)
+        # nor through a redirect from an allowed host
+        with pytest.raises(ImageLoadError, match="refused: .*169.254.169.254"):
+            loader.load(f"{image_server.url}/redirect?to=http://169.254.169.254/latest/meta-data/")
+        assert elsewhere.requests == []
+    for url in ("file:///etc/passwd", "ftp://example.org/x.png", "gopher://x/"):
+        with pytest.raises(ImageLoadError, match="refused|unsupported"):
+            loader.load(url)
+    loader.check_url("https://93.184.216.34/picture.png")  # public addresses pass the check
+    loader.check_url(f"{image_server.url}/public/1/x.png")  # so does Label Studio's own host
+
+
+def test_redirects_within_allowed_hosts_are_followed(image_server, sample_images):
+    loader = loader_for(image_server, image_server.legacy_token)
+    target = f"{image_server.url}/public/1/{sample_images[0].name}"
+    assert loader.load(f"{image_server.url}/redirect?to={target}").shape == (160, 160, 3)
+
+
+def test_local_paths_must_stay_under_the_local_files_root(local_images, tmp_path):
+    loader = ImageLoader(None, local_roots=[local_images])
+    assert loader.load(str(local_images / "inside.png")).shape == (160, 160, 3)
+    for path in (tmp_path / "outside.png", local_images / ".." / "outside.png", "/etc/passwd"):
+        with pytest.raises(ImageLoadError, match="LOCAL_FILES_ROOT"):
+            loader.load(str(path))
 
 
 def test_label_studio_urls_need_label_studio_url():
@@ -53,9 +100,9 @@ def test_label_studio_urls_need_label_studio_url():
         ImageLoader(None).load("/data/upload/1/a.png")
 
 
-def test_a_mixed_batch_keeps_order_and_says_why_each_bad_image_failed(image_server, sample_images, tmp_path):
-    local = tmp_path / "local.png"
-    local.write_bytes(sample_images[2].read_bytes())
+def test_a_mixed_batch_keeps_order_and_says_why_each_bad_image_failed(image_server, sample_images, local_images):
+    local = local_images / "inside.png"
+    tmp_path = local_images
     urls = [
         f"/data/upload/1/{sample_images[0].name}",
         "/data/upload/1/missing.png",
@@ -68,7 +115,8 @@ def test_a_mixed_batch_keeps_order_and_says_why_each_bad_image_failed(image_serv
         f"{image_server.url}/public/1/grey.png",
         "http://127.0.0.1:9/unreachable.png",
     ]
-    results = loader_for(image_server, image_server.legacy_token, timeout=2).load_many(urls)
+    results = loader_for(image_server, image_server.legacy_token, timeout=2, local_roots=[local_images],
+                         allowed_hosts=["127.0.0.1:9"]).load_many(urls)
     assert len(results) == len(urls)
     ok = [i for i, r in enumerate(results) if isinstance(r, np.ndarray)]
     assert ok == [0, 4, 8]
@@ -85,16 +133,16 @@ def test_a_mixed_batch_keeps_order_and_says_why_each_bad_image_failed(image_serv
 def test_images_are_fetched_concurrently(image_server, sample_images):
     image_server.barrier = threading.Barrier(4)
     urls = [f"{image_server.url}/together/1/{p.name}" for p in sample_images[:4]]
-    results = ImageLoader(None, workers=4).load_many(urls)
+    results = ImageLoader(None, workers=4, allowed_hosts=["127.0.0.1"]).load_many(urls)
     assert all(isinstance(r, np.ndarray) for r in results), results
 
 
-def test_oversized_images_are_refused(image_server, sample_images):
-    loader = loader_for(image_server, image_server.legacy_token, max_bytes=1000)
+def test_oversized_images_are_refused(image_server, sample_images, local_images):
+    loader = loader_for(image_server, image_server.legacy_token, max_bytes=1000, local_roots=[local_images])
     with pytest.raises(ImageLoadError, match="byte limit"):
         loader.load(f"/data/upload/1/{sample_images[0].name}")
     with pytest.raises(ImageLoadError, match="byte limit"):
-        loader.load(str(sample_images[0]))
+        loader.load(str(local_images / "inside.png"))
 
 
 def test_decode_rejects_empty_bytes():

@@ -1,0 +1,81 @@
+"""Prometheus metrics, served as text by ``GET /metrics``.
+
+Counted where they happen (in every web process; under gunicorn they are summed across workers through
+``PROMETHEUS_MULTIPROC_DIR``, which ``gunicorn.conf.py`` sets up):
+
+* ``ale_predicted_tasks_total{project}``: tasks that got a prediction from ``/predict``;
+* ``ale_unreadable_tasks_total{project}``: tasks whose image could not be read;
+* ``ale_predict_request_seconds``: ``/predict`` latency (histogram).
+
+Read when scraped, from the registry on disk and from Redis (so every process reports the same values):
+
+* ``ale_model_version_info{project, version}`` = 1 for the served version of each project;
+* ``ale_last_training_seconds{project}``: wall time of the served version's training round;
+* ``ale_training_queue_length``: jobs waiting in the RQ queue (absent when Redis does not answer).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from ale_backend.registry import Registry
+
+logger = logging.getLogger(__name__)
+
+PREDICTED = Counter("ale_predicted_tasks", "Tasks that got a prediction from /predict", ["project"])
+UNREADABLE = Counter("ale_unreadable_tasks", "Tasks whose image could not be read in /predict", ["project"])
+PREDICT_SECONDS = Histogram("ale_predict_request_seconds", "Latency of /predict requests",
+                            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+
+
+class _StateCollector:
+    """Values read at scrape time from the model registry and the training queue."""
+
+    def __init__(self, settings):
+        self.settings = settings
+
+    def collect(self):
+        info = GaugeMetricFamily("ale_model_version_info", "Served model version per project (value 1)",
+                                 labels=["project", "version"])
+        seconds = GaugeMetricFamily("ale_last_training_seconds", "Training time of the served version",
+                                    labels=["project"])
+        registry = Registry(self.settings.model_dir)
+        if registry.root.is_dir():
+            for folder in registry.root.iterdir():
+                if not folder.name.isdigit():
+                    continue
+                version = registry.current(int(folder.name))
+                if version:
+                    info.add_metric([folder.name, version], 1)
+                    seconds.add_metric([folder.name], registry.info(int(folder.name), version).train_seconds)
+        yield info
+        yield seconds
+        try:
+            import redis
+            from rq import Queue
+
+            connection = redis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=0.3, socket_timeout=1)
+            queued = Queue(self.settings.queue_name, connection=connection).count
+        except Exception as exc:  # Redis down: report what is known
+            logger.debug("training queue length unavailable: %s", exc)
+        else:
+            length = GaugeMetricFamily("ale_training_queue_length", "Jobs waiting in the training queue")
+            length.add_metric([], queued)
+            yield length
+
+
+def render(settings) -> bytes:
+    """The metrics in Prometheus' text format."""
+    registry = CollectorRegistry()
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        MultiProcessCollector(registry)
+    else:  # one process (tests, the Flask development server): its own counters
+        for collector in (PREDICTED, UNREADABLE, PREDICT_SECONDS):
+            registry.register(collector)
+    registry.register(_StateCollector(settings))
+    return generate_latest(registry)
