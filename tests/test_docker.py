@@ -1,0 +1,83 @@
+"""The docker files, checked without a docker engine: commands exist, settings are documented, ports and volumes
+line up."""
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import yaml
+
+from ale_backend.settings import environment_variables
+from tests.conftest import ROOT
+
+COMPOSE = yaml.safe_load((ROOT / "docker" / "docker-compose.yml").read_text())
+GPU = yaml.safe_load((ROOT / "docker" / "docker-compose.gpu.yml").read_text())
+DOCKERFILE = (ROOT / "docker" / "Dockerfile").read_text()
+README = (ROOT / "README.md").read_text()
+
+
+def instructions(name):
+    return [line.split(None, 1)[1] for line in DOCKERFILE.splitlines() if line.startswith(name + " ")]
+
+
+def test_every_service_command_exists_in_the_project():
+    backend, worker = COMPOSE["services"]["backend"], COMPOSE["services"]["worker"]
+    assert backend["command"] == ["gunicorn", "_wsgi:app"]
+    tree = ast.parse((ROOT / "_wsgi.py").read_text())
+    assert any(isinstance(n, ast.Assign) and any(getattr(t, "id", None) == "app" for t in n.targets)
+               for n in tree.body)
+    assert (ROOT / "gunicorn.conf.py").is_file()
+    assert worker["command"][:3] == ["python", "-m", "ale_backend"]
+    shown = subprocess.run([sys.executable, "-m", "ale_backend", *worker["command"][3:], "--help"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert worker["image"] == backend["image"]  # the worker runs the image the backend builds
+
+
+def test_the_dockerfile_copies_what_exists_and_runs_as_a_user():
+    for copy in instructions("COPY"):
+        *sources, _ = copy.split()
+        for source in sources:
+            assert (ROOT / source).exists(), source
+    assert instructions("USER") and instructions("USER")[-1] not in {"root", "0"}
+    assert "HEALTHCHECK" in DOCKERFILE and "/health" in DOCKERFILE
+    assert instructions("CMD") == ['["gunicorn", "_wsgi:app"]']
+    assert any("requirements.txt -c constraints.txt" in run for run in instructions("RUN"))
+
+
+def test_ports_and_volumes_line_up():
+    services = COMPOSE["services"]
+    backend_env = services["backend"]["environment"]
+    assert services["worker"]["environment"] == backend_env
+    port = backend_env["PORT"]
+    assert instructions("EXPOSE") == [port]
+    assert f"{port}:{port}" in services["backend"]["ports"]
+    models = [v for v in services["backend"]["volumes"] if v.endswith(":" + backend_env["MODEL_DIR"])]
+    assert models and models == [v for v in services["worker"]["volumes"] if v.startswith(models[0].split(":")[0])]
+    assert models[0].split(":")[0] in COMPOSE["volumes"]
+    label_studio = urlsplit(backend_env["LABEL_STUDIO_URL"])
+    assert label_studio.hostname == "label-studio"
+    assert f"{label_studio.port}:{label_studio.port}" in services["label-studio"]["ports"]
+    assert urlsplit(backend_env["REDIS_URL"]).hostname == "redis"
+    assert "--appendonly" in services["redis"]["command"] and services["redis"]["volumes"][0].endswith(":/data")
+    assert services["label-studio"]["image"].endswith(":1.23.2")
+    assert services["label-studio"]["environment"]["ML_BLOCK_LOCAL_IP"] == "false"
+    assert set(GPU["services"]) == {"backend", "worker"}
+
+
+def test_every_variable_the_code_reads_is_documented():
+    read = set(environment_variables())
+    for path in [*ROOT.glob("ale_backend/*.py"), ROOT / "gunicorn.conf.py", ROOT / "_wsgi.py"]:
+        read |= set(re.findall(r"os\.environ(?:\.get|\.setdefault)?\(\s*[\"']([A-Z0-9_]+)[\"']", path.read_text()))
+        read |= set(re.findall(r"os\.environ\[[\"']([A-Z0-9_]+)[\"']\]", path.read_text()))
+    internal = {"YOLO_OFFLINE", "YOLO_AUTOINSTALL", "YOLO_VERBOSE", "YOLO_CONFIG_DIR", "MPLCONFIGDIR",
+                "PROMETHEUS_MULTIPROC_DIR"}  # set by the backend itself for its libraries
+    table = set(re.findall(r"^\| `([A-Z0-9_]+)`", README, re.MULTILINE)) | set(re.findall(r"`([A-Z0-9_]+)`", README))
+    missing = sorted(v for v in read - internal if v not in table)
+    assert not missing, f"not in the README: {missing}"
+    example = (ROOT / "docker" / ".env.example").read_text()
+    assert not [v for v in environment_variables() if f"{v}=" not in example]
+    assert {"PORT", "WORKERS", "THREADS"} <= read
