@@ -1,5 +1,5 @@
 """The real stack on loopback: Label Studio 1.23.2 (headless, its own virtualenv), Redis, the backend under gunicorn
-and an RQ worker. All started for the session and stopped at its end."""
+and an RQ worker. Started for a test module and stopped at its end."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ class LiveLabelStudio:
         return response.json() if response.content else None
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def live_label_studio(tmp_path_factory):
     """Label Studio 1.23.2 started headless with the settings a local backend needs (see the README)."""
     if not label_studio_binary().exists():
@@ -66,11 +66,13 @@ class LiveBackend:
                               capture_output=True, text=True, timeout=600)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def live_backend(live_label_studio, trained_weights, redis_url, tmp_path_factory):
     """The backend under gunicorn and one RQ worker, configured for the live Label Studio."""
     import redis
 
+    # Its own Redis database and queue: the session-scoped worker must not take the other tests' jobs.
+    redis_url = redis_url.rsplit("/", 1)[0] + "/1"
     redis.Redis.from_url(redis_url).flushdb()
     folder = tmp_path_factory.mktemp("backend")
     port = free_port()
@@ -78,7 +80,8 @@ def live_backend(live_label_studio, trained_weights, redis_url, tmp_path_factory
     env.update({
         "MODEL_PATH": str(trained_weights), "MODEL_DIR": str(folder / "models"), "DEVICE": "cpu", "IMGSZ": "160",
         "SCORE_CONF": "0.05", "DISPLAY_CONF": "0.2", "LABEL_STUDIO_URL": live_label_studio.url,
-        "LABEL_STUDIO_API_KEY": live_label_studio.token, "REDIS_URL": redis_url, "MIN_NEW_ANNOTATIONS": "8",
+        "LABEL_STUDIO_API_KEY": live_label_studio.token, "REDIS_URL": redis_url, "TRAIN_QUEUE": "ale-integration",
+        "MIN_NEW_ANNOTATIONS": "8",
         "TRAIN_EPOCHS": "6", "TRAIN_PATIENCE": "50", "TRAIN_IMGSZ": "160", "TRAIN_DEVICE": "cpu",
         # The tests check the wiring, not the promotion gate: every trained version is served.
         "PROMOTION_TOLERANCE": "1.0", "LOG_LEVEL": "INFO",
