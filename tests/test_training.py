@@ -27,6 +27,7 @@ from ale_backend.detector import resolve_model_source
 from ale_backend.registry import Registry, VersionInfo
 from ale_backend.server import create_app
 from tests.conftest import LABEL_CONFIG, ROOT, add_project
+from tests.stack import stop
 
 
 @pytest.fixture()
@@ -63,13 +64,7 @@ def start_worker(backend):
 
     yield start
     for process in processes:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop(process)
 
 
 def webhook(client, action, project, **extra):
