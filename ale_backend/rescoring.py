@@ -4,8 +4,9 @@ Label Studio only asks ``/predict`` for tasks someone opens or selects, so the a
 when every unlabelled task carries a prediction of the project's current ``model_version``. This job provides that:
 
 1. deletes earlier predictions of the same version (a re-run after a failure starts clean);
-2. walks the unlabelled tasks a page at a time (never all tasks or images in memory): images into the project's
-   disk cache (downloaded once, reused in later rounds and by training), batched inference, the same pipeline as
+2. walks the unlabelled tasks a page at a time (at most two pages in memory: the next page's images download while
+   the current one is scored): images into the project's disk cache (downloaded once, reused in later rounds and by
+   training), batched inference, the same pipeline as
    ``/predict`` (:func:`ale_backend.predictions.predict_tasks`), then ``POST /import/predictions`` for the page,
    failing loudly when Label Studio creates fewer predictions than it was sent (it skips invalid ones silently);
 3. only then switches the project's ``model_version`` to the new version (sorting and sampling use it), and deletes
@@ -56,12 +57,28 @@ def rescore_project(
 
     seconds = {"fetch": 0.0, "inference": 0.0, "import": 0.0}
     scored, unreadable = 0, []
-    with ThreadPoolExecutor(settings.fetch_workers, thread_name_prefix="pool-fetch") as pool:
-        for page in _pages(client.tasks(project, filters=UNLABELED, page_size=page_size), page_size):
+    pages = _pages(client.tasks(project, filters=UNLABELED, page_size=page_size), page_size)
+
+    def fetch_next_page():
+        """The next page of tasks with their images in the cache (runs in the prefetch thread)."""
+        started = time.perf_counter()
+        page = next(pages, None)
+        if page is None:
+            return None, [], 0.0
+        urls = [(task.get("data") or {}).get(config.image_key) or "" for task in page]
+        local = list(pool.map(lambda item: _cached(cache, *item), zip((t["id"] for t in page), urls)))
+        return page, local, time.perf_counter() - started
+
+    with ThreadPoolExecutor(settings.fetch_workers, thread_name_prefix="pool-fetch") as pool, \
+            ThreadPoolExecutor(1, thread_name_prefix="pool-prefetch") as prefetch:
+        upcoming = prefetch.submit(fetch_next_page)
+        while True:
             t0 = time.perf_counter()
-            urls = [(task.get("data") or {}).get(config.image_key) or "" for task in page]
-            local = list(pool.map(lambda item: _cached(cache, *item), zip((t["id"] for t in page), urls)))
+            page, local, _ = upcoming.result()
             t1 = time.perf_counter()
+            if page is None:
+                break
+            upcoming = prefetch.submit(fetch_next_page)  # download the next page while this one is scored
             readable = [{"id": t["id"], "data": {config.image_key: str(path)}}
                         for t, path in zip(page, local) if not isinstance(path, ImageLoadError)]
             unreadable += [(t["id"], str(path)) for t, path in zip(page, local) if isinstance(path, ImageLoadError)]
@@ -81,7 +98,7 @@ def rescore_project(
                         f"the model predicts; the project stays on its previous model version"
                     )
             t3 = time.perf_counter()
-            seconds["fetch"] += t1 - t0
+            seconds["fetch"] += t1 - t0  # time spent waiting for images, beyond what overlapped with scoring
             seconds["inference"] += t2 - t1
             seconds["import"] += t3 - t2
             scored += len(items)
