@@ -80,8 +80,10 @@ def main() -> None:
     print(f"webhook latency over {len(latencies)} events (gunicorn, 1 worker x 4 threads): p50 {p50 * 1000:.1f} ms,"
           f" p99 {p99 * 1000:.1f} ms, max {max(latencies) * 1000:.1f} ms  (target p99 < 50 ms: "
           f"{'met' if p99 < 0.05 else 'NOT met'})")
-    print(f"training round: {args.images} images x {args.size} px, {args.epochs} epochs, CPU: wall {wall:.1f} s "
-          f"(webhook to registered version), peak RSS {rss / 1024:.0f} MiB (worker processes)")
+    print(f"training round: {args.images} images x {args.size} px, {args.epochs} epochs, CPU: "
+          f"{result['train_seconds']:.1f} s in the job (annotations to registered version), {wall:.1f} s wall from the "
+          f"webhook to the worker's exit (a cold worker, and the re-scoring job that follows), peak RSS "
+          f"{rss / 1024:.0f} MiB (worker processes)")
     print(f"  version {result['version']}: mAP50-95 {result['metrics']['map50_95']:.3f} "
           f"(parent {result['metrics']['parent_map50_95']:.3f}), promoted {result['promoted']}")
 
@@ -119,10 +121,15 @@ def training_round(port: int, env: dict) -> tuple[float, int, dict]:
     wall = time.perf_counter() - started
     assert worker.returncode == 0
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    status = requests.get(f"http://127.0.0.1:{port}/status?project=1", timeout=5).json()
-    if not status["last_result"] or not status["last_result"].get("version"):
+    from dataclasses import asdict
+
+    from ale_backend.registry import Registry
+
+    versions = Registry(Path(env["MODEL_DIR"])).versions(1)
+    if not versions:
+        status = requests.get(f"http://127.0.0.1:{port}/status?project=1", timeout=5).json()
         raise RuntimeError(f"the training round did not register a version: {status}")
-    return wall, peak_kib, status["last_result"]
+    return wall, peak_kib, asdict(versions[-1])
 
 
 if __name__ == "__main__":
