@@ -1,0 +1,191 @@
+"""A synthetic "new species" detection data set, generated offline and seeded.
+
+Objects are scikit-learn's bundled handwritten digits (1,797 of them, 8x8, 10 classes): rescaled, rotated and
+contrast-jittered, pasted without overlap on random crops of scikit-image's CC0 textures (gravel, grass, brick).
+Digits give real within-class variation and confusable classes (3/8, 1/7), which uncertainty measures need.
+
+Splits, as the benchmark protocol asks (``al-benchmark-protocol``):
+
+* ``base``: training set of the base model: known classes only;
+* ``val``: validation for early stopping: known classes only;
+* ``pool``: the unlabelled pool the strategies select from: mostly one object per image with a tail of crowded
+  images (by default 76 % / 13 % / 11 % for 1 / 2 / 3+ objects, the paper's pool), and new-class objects in a
+  minority of images;
+* ``test``: fixed test set, never in the pool, drawn like the pool.
+
+Every split is written in YOLO format with labels in the *full* class numbering (``digit0`` ... ``digit9``); the
+base model is trained through :func:`write_base_yaml`, which lists only the known classes and renumbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import yaml
+
+CLASS_NAMES = tuple(f"digit{i}" for i in range(10))
+TEXTURES = ("gravel", "grass", "brick")
+
+
+@dataclass(frozen=True)
+class NewSpeciesConfig:
+    seed: int = 0
+    image_size: int = 160
+    counts: dict[str, int] = field(default_factory=lambda: {"base": 300, "val": 60, "pool": 500, "test": 200})
+    new_classes: tuple[int, ...] = (3, 8)
+    objects_per_image: tuple[float, ...] = (0.76, 0.13, 0.08, 0.03)
+    """P(1), P(2), P(3), P(4) objects per pool/test image; base and val images use the same distribution."""
+    new_class_image_share: float = 0.25
+    """Share of pool/test images with at least one new-class object."""
+    digit_size: tuple[int, int] = (16, 34)
+    """Side of a pasted digit in pixels (before rotation), at the given image size."""
+    max_rotation: float = 20.0
+
+    @property
+    def known_classes(self) -> tuple[int, ...]:
+        return tuple(c for c in range(10) if c not in self.new_classes)
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: np.ndarray
+    """BGR uint8."""
+    class_ids: np.ndarray
+    boxes: np.ndarray
+    """(N, 4) x1, y1, x2, y2 pixels."""
+
+
+class Generator:
+    """Draws images for a config; the same seed gives the same images."""
+
+    def __init__(self, config: NewSpeciesConfig):
+        from skimage import data as textures
+        from sklearn.datasets import load_digits
+
+        self.config = config
+        digits = load_digits()
+        self._digits = {c: digits.images[digits.target == c] / 16.0 for c in range(10)}
+        self._textures = [getattr(textures, name)() for name in TEXTURES]
+
+    def sample(self, rng: np.random.Generator, allow_new: bool, want_new: bool = False) -> Sample:
+        c = self.config
+        n = int(rng.choice(len(c.objects_per_image), p=np.array(c.objects_per_image) / sum(c.objects_per_image))) + 1
+        image = self._background(rng)
+        boxes: list[tuple[int, int, int, int]] = []
+        ids: list[int] = []
+        for k in range(n):
+            if allow_new and want_new and k == 0:
+                cls = int(rng.choice(c.new_classes))
+            elif allow_new and want_new:
+                cls = int(rng.integers(0, 10))
+            else:
+                cls = int(rng.choice(c.known_classes))
+            placed = self._paste(rng, image, cls, boxes)
+            if placed is not None:
+                boxes.append(placed)
+                ids.append(cls)
+        return Sample(image, np.array(ids, dtype=np.int64), np.array(boxes, dtype=np.float64).reshape(-1, 4))
+
+    def _background(self, rng: np.random.Generator) -> np.ndarray:
+        size = self.config.image_size
+        texture = self._textures[int(rng.integers(len(self._textures)))]
+        scale = rng.uniform(0.6, 1.4)
+        crop = int(min(texture.shape) * 0.9 / max(scale, 1.0))
+        y, x = (int(rng.integers(0, s - crop + 1)) for s in texture.shape[:2])
+        patch = cv2.resize(texture[y:y + crop, x:x + crop], (size, size), interpolation=cv2.INTER_AREA)
+        # a substrate of lower contrast than the texture's own, so that digits stay legible on it
+        patch = np.clip(patch.astype(np.float32) * rng.uniform(0.3, 0.55) + rng.uniform(50, 110), 0, 255)
+        return cv2.cvtColor(patch.astype(np.uint8), cv2.COLOR_GRAY2BGR)
+
+    def _paste(self, rng, image, cls, taken) -> tuple[int, int, int, int] | None:
+        c = self.config
+        glyph = self._digits[cls][int(rng.integers(len(self._digits[cls])))]
+        side = int(rng.integers(c.digit_size[0], c.digit_size[1] + 1))
+        alpha = cv2.resize(glyph.astype(np.float32), (side, side), interpolation=cv2.INTER_LINEAR)
+        pad = side // 2
+        alpha = cv2.copyMakeBorder(alpha, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
+        rotation = cv2.getRotationMatrix2D((alpha.shape[1] / 2, alpha.shape[0] / 2),
+                                           rng.uniform(-c.max_rotation, c.max_rotation), 1.0)
+        alpha = np.clip(cv2.warpAffine(alpha, rotation, alpha.shape[::-1]) * 1.5, 0, 1)
+        ys, xs = np.nonzero(alpha > 0.25)
+        if len(xs) == 0:
+            return None
+        alpha = alpha[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+        h, w = alpha.shape
+        size = c.image_size
+        for _attempt in range(30):
+            x, y = int(rng.integers(0, size - w + 1)), int(rng.integers(0, size - h + 1))
+            box = (x, y, x + w, y + h)
+            if all(box[2] <= o[0] or o[2] <= box[0] or box[3] <= o[1] or o[3] <= box[1] for o in taken):
+                break
+        else:
+            return None
+        ink = rng.uniform(0, 40) if rng.random() < 0.5 else rng.uniform(215, 255)  # dark or bright digits
+        contrast = rng.uniform(0.75, 1.0)
+        region = image[y:y + h, x:x + w].astype(np.float32)
+        mix = (alpha * contrast)[..., None]
+        image[y:y + h, x:x + w] = np.clip(region * (1 - mix) + ink * mix, 0, 255).astype(np.uint8)
+        return box
+
+
+def generate(config: NewSpeciesConfig, root: Path) -> dict[str, dict]:
+    """Write every split under ``root``; returns per split the image count and objects-per-image histogram."""
+    root = Path(root)
+    generator = Generator(config)
+    stats = {}
+    for index, (split, count) in enumerate(config.counts.items()):
+        rng = np.random.default_rng([config.seed, index])
+        allow_new = split in {"pool", "test"}
+        (root / split / "images").mkdir(parents=True, exist_ok=True)
+        (root / split / "labels").mkdir(parents=True, exist_ok=True)
+        histogram: dict[int, int] = {}
+        with_new = 0
+        for i in range(count):
+            want_new = allow_new and rng.random() < config.new_class_image_share
+            sample = generator.sample(rng, allow_new, want_new)
+            stem = f"{split}_{i:05d}"
+            cv2.imwrite(str(root / split / "images" / f"{stem}.png"), sample.image)
+            (root / split / "labels" / f"{stem}.txt").write_text(_label_text(sample, config.image_size))
+            histogram[len(sample.class_ids)] = histogram.get(len(sample.class_ids), 0) + 1
+            with_new += bool(set(sample.class_ids.tolist()) & set(config.new_classes))
+        stats[split] = {"images": count, "objects_per_image": dict(sorted(histogram.items())),
+                        "images_with_new_classes": with_new}
+    (root / "data.yaml").write_text(yaml.safe_dump(
+        {"path": str(root), "train": "base/images", "val": "val/images", "test": "test/images",
+         "names": dict(enumerate(CLASS_NAMES))}, sort_keys=False))
+    (root / "stats.yaml").write_text(yaml.safe_dump(stats, sort_keys=False))
+    return stats
+
+
+def write_base_yaml(root: Path, config: NewSpeciesConfig) -> Path:
+    """A data.yaml for the base model: known classes only, labels renumbered into ``root/base-known``."""
+    root = Path(root)
+    known = config.known_classes
+    renumber = {c: i for i, c in enumerate(known)}
+    for split in ("base", "val"):
+        target = root / "base-known" / split
+        (target / "labels").mkdir(parents=True, exist_ok=True)
+        (target / "images").mkdir(parents=True, exist_ok=True)
+        for label in sorted((root / split / "labels").glob("*.txt")):
+            rows = [line.split() for line in label.read_text().splitlines() if line.strip()]
+            if any(int(r[0]) not in renumber for r in rows):
+                raise ValueError(f"{label}: a new-class object in the {split} split")
+            (target / "labels" / label.name).write_text(
+                "".join(" ".join([str(renumber[int(r[0])]), *r[1:]]) + "\n" for r in rows))
+            image = root / split / "images" / f"{label.stem}.png"
+            link = target / "images" / image.name
+            if not link.exists():
+                link.symlink_to(image.resolve())
+    data = root / "base-known" / "data.yaml"
+    data.write_text(yaml.safe_dump({"path": str(root / "base-known"), "train": "base/images", "val": "val/images",
+                                    "names": {i: CLASS_NAMES[c] for i, c in enumerate(known)}}, sort_keys=False))
+    return data
+
+
+def _label_text(sample: Sample, size: int) -> str:
+    return "".join(
+        f"{c} {(x1 + x2) / 2 / size:.6f} {(y1 + y2) / 2 / size:.6f} {(x2 - x1) / size:.6f} {(y2 - y1) / size:.6f}\n"
+        for c, (x1, y1, x2, y2) in zip(sample.class_ids, sample.boxes))
