@@ -157,7 +157,7 @@ def fine_tune(parent: ModelSource, data_yaml: Path, settings: Settings, run_dir:
         optimizer=settings.train_optimizer, lr0=settings.train_lr0, momentum=0.937, weight_decay=0.005,
         warmup_epochs=warmup,
         seed=settings.train_seed, deterministic=True, plots=False, amp=False, verbose=False,
-        project=str(run_dir), name="train", exist_ok=True,
+        project=str(Path(run_dir).resolve()), name="train", exist_ok=True,  # ultralytics puts relative ones in runs/
     )
     best = Path(model.trainer.best)
     return best if best.is_file() else Path(model.trainer.last)
@@ -170,8 +170,8 @@ def evaluate(weights: ModelSource | Path, data_yaml: Path, settings: Settings,
     model = load_model(source, settings.model_dir)
     result = model.val(
         data=str(data_yaml), split="val", imgsz=settings.train_imgsz, batch=settings.train_batch,
-        device=_device(settings), workers=0, plots=False, verbose=False, project=str(run_dir), name="val",
-        exist_ok=True,
+        device=_device(settings), workers=0, plots=False, verbose=False, project=str(Path(run_dir).resolve()),
+        name="val", exist_ok=True,
     )
     metrics = {"map50": round(float(result.box.map50), 5), "map50_95": round(float(result.box.map), 5)}
     for class_id, ap in zip(result.box.ap_class_index, result.box.ap):  # classes with validation boxes

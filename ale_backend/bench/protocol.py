@@ -81,7 +81,7 @@ PRESETS = {
 
 def run(config: BenchConfig, out_dir: Path) -> dict:
     """Run the protocol; writes ``results.json`` under ``out_dir`` and returns its content."""
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     runs, baselines = [], []
     started = time.monotonic()
