@@ -178,6 +178,7 @@ _VARIABLES: dict[str, tuple[str, str, Callable[[str], object]]] = {
     "train_optimizer": ("TRAIN_OPTIMIZER", "SGD", _optimizer),
     "train_lr0": ("TRAIN_LR0", "0.01", _positive_float),
     "train_warmup_epochs": ("TRAIN_WARMUP_EPOCHS", "", _optional_int),
+    "train_mosaic": ("TRAIN_MOSAIC", "1.0", _unit_interval),
     "train_val_percent": ("TRAIN_VAL_PERCENT", "20", _percent),
     "train_seed": ("TRAIN_SEED", "0", int),
     "train_timeout": ("TRAIN_TIMEOUT", "21600", _positive_int),
@@ -259,6 +260,8 @@ class Settings:
     """Optimizer (SGD, Adam, AdamW, RMSProp); momentum (beta1) 0.937 and weight decay 0.005 as in the paper."""
     train_lr0: float = 0.01
     """Initial learning rate."""
+    train_mosaic: float = 1.0
+    """Probability of ultralytics' mosaic augmentation (0 turns it off: faster convergence on small data)."""
     train_warmup_epochs: int | None = None
     """Warm-up epochs; unset: 0 when fine-tuning trained weights, 3 when training from a config."""
     train_val_percent: int = 20

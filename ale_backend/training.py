@@ -155,7 +155,7 @@ def fine_tune(parent: ModelSource, data_yaml: Path, settings: Settings, run_dir:
         data=str(data_yaml), epochs=settings.train_epochs, patience=settings.train_patience,
         imgsz=settings.train_imgsz, batch=settings.train_batch, device=_device(settings), workers=0,
         optimizer=settings.train_optimizer, lr0=settings.train_lr0, momentum=0.937, weight_decay=0.005,
-        warmup_epochs=warmup,
+        warmup_epochs=warmup, mosaic=settings.train_mosaic,
         seed=settings.train_seed, deterministic=True, plots=False, amp=False, verbose=False,
         project=str(Path(run_dir).resolve()), name="train", exist_ok=True,  # ultralytics puts relative ones in runs/
     )

@@ -50,6 +50,8 @@ class BenchConfig:
     replay: int = 100
     """Base training images replayed in every fine-tune (the same ones for every strategy)."""
     batch: int = 16
+    mosaic: float = 1.0
+    """Mosaic augmentation probability, for the base model and every fine-tune alike."""
     device: str = "cpu"
     score_conf: float = 0.25
     score_iou: float = 0.45
@@ -70,7 +72,7 @@ PRESETS = {
     "quick": BenchConfig("quick", seeds=(0, 1, 2),
                          strategies=("random", "count", "entropy-sum", "ale-entropy-sum"), budgets=(20, 50),
                          data=NewSpeciesConfig(counts={"base": 160, "val": 40, "pool": 300, "test": 120}),
-                         imgsz=160, base_epochs=30, finetune_epochs=8, replay=60),
+                         imgsz=160, base_epochs=50, finetune_epochs=6, replay=40, mosaic=0.0),
     # a GPU
     "full": BenchConfig("full", seeds=(0, 1, 2, 3, 4), strategies=STRATEGIES, budgets=(20, 50, 100),
                         data=NewSpeciesConfig(image_size=320, counts={"base": 1000, "val": 200, "pool": 1500,
@@ -105,6 +107,7 @@ def _run_seed(config: BenchConfig, seed: int, work: Path) -> tuple[list[dict], d
         score_conf=config.score_conf, score_iou=config.score_iou, score_max_det=config.score_max_det,
         agnostic_nms=config.agnostic_nms, train_imgsz=config.imgsz, train_batch=config.batch,
         train_device=config.device, train_seed=seed, train_patience=max(config.base_epochs, config.finetune_epochs),
+        train_mosaic=config.mosaic,
     )
     logger.info("seed %s: training the base model (%d epochs)", seed, config.base_epochs)
     base_weights = fine_tune(ModelSource("yolov5nu.yaml", "yolov5nu-untrained", is_config=True),
