@@ -243,8 +243,7 @@ def _replay_base_dataset(data_yaml: Path, names: list[str], out_dir: Path) -> li
     (out_dir / "labels").mkdir(parents=True, exist_ok=True)
     linked = []
     for i, image in enumerate(images):
-        label_file = Path(str(image).rsplit(f"{os.sep}images{os.sep}", 1)[0] + f"{os.sep}labels{os.sep}" +
-                          str(image).rsplit(f"{os.sep}images{os.sep}", 1)[-1]).with_suffix(".txt")
+        label_file = label_path(image)
         lines = []
         if label_file.is_file():
             for line in label_file.read_text().splitlines():
@@ -256,6 +255,14 @@ def _replay_base_dataset(data_yaml: Path, names: list[str], out_dir: Path) -> li
         (out_dir / "labels" / f"base{i:06d}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
         linked.append(target)
     return linked
+
+
+def label_path(image: Path) -> Path:
+    """The YOLO label file of an image: the last ``/images/`` of its path becomes ``/labels/`` (as ultralytics does)."""
+    head, sep, tail = str(image).rpartition(f"{os.sep}images{os.sep}")
+    if not sep:
+        raise ValueError(f"{image}: not inside an images/ folder")
+    return Path(f"{head}{os.sep}labels{os.sep}{tail}").with_suffix(".txt")
 
 
 def _link(source: Path, target: Path) -> None:
@@ -289,7 +296,7 @@ def remapped_validation_set(summary: DatasetSummary, model_names: Mapping[int, s
     images = []
     for line in (source_root / "val.txt").read_text().splitlines():
         image = Path(line)
-        label = image.parent.parent / "labels" / f"{image.stem}.txt"
+        label = label_path(image)
         rows = []
         for row in label.read_text().splitlines() if label.is_file() else []:
             parts = row.split()

@@ -23,7 +23,10 @@ class ALEModel(LabelStudioMLBase):
 
     def __init__(self, label_config=None, train_output=None, settings: Settings | None = None, project=None,
                  **kwargs):
-        super().__init__(label_config=label_config, train_output=train_output, **kwargs)
+        # The base class would re-parse the config with label_studio_tools on every /setup and /predict; this
+        # backend reads it through parse_label_config (cached), so the base class gets none.
+        super().__init__(label_config=None, train_output=train_output, **kwargs)
+        self.label_config = label_config
         self.settings = settings or get_settings()
         self.config = parse_label_config(label_config)
         # One small file read: a version promoted by the worker is picked up on the next request.

@@ -6,6 +6,8 @@ import socket
 import time
 from pathlib import Path
 
+from tests.stack import free_port  # noqa: F401  (re-exported for the benchmarks)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -13,12 +15,6 @@ def default_model() -> str:
     """The tests' trained tiny model when it is cached (``make test`` makes it), else the untrained yolov5n."""
     cached = sorted((ROOT / ".cache" / "test-model").glob("*.pt"), key=lambda p: p.stat().st_mtime)
     return str(cached[-1]) if cached else "yolov5nu.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_port(port: int, timeout: float = 30.0) -> None:

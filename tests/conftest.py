@@ -274,9 +274,10 @@ def redis_url(tmp_path_factory):
     Set ``TEST_REDIS_URL`` to use an existing server instead (its database is flushed by the tests).
     """
     import os
-    import socket
     import subprocess
     import time
+
+    from tests.stack import free_port
 
     if os.environ.get("TEST_REDIS_URL"):
         yield os.environ["TEST_REDIS_URL"]
@@ -285,9 +286,7 @@ def redis_url(tmp_path_factory):
     if binary is None:
         pytest.fail("redis-server is not installed: install it (Debian/Ubuntu: apt-get install redis-server; "
                     "macOS: brew install redis) or set TEST_REDIS_URL")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     folder = tmp_path_factory.mktemp("redis")
     process = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
