@@ -100,7 +100,7 @@ class Detector:
         self.version = source.version
         self._settings = settings
         self._lock = threading.Lock()
-        self._yolo = load_model(source, settings.model_dir)
+        self._yolo = load_model(source, settings)
         self.names: dict[int, str] = dict(self._yolo.names)
         logger.info("loaded model %s (%d classes) from %s", self.version, len(self.names), source.path)
 
@@ -135,10 +135,10 @@ class Detector:
         return [_to_detections(result, len(self.names)) for result in results]
 
 
-def load_model(source: ModelSource, state_dir: Path):
+def load_model(source: ModelSource, settings: Settings):
     """An ultralytics ``YOLO`` for ``source``. Configs are built with a fixed seed, so every process (web workers,
     training) gets the same untrained weights."""
-    ultralytics = ultralytics_module(state_dir)
+    ultralytics = ultralytics_module(settings.model_dir, settings.torch_threads)
     if not source.is_config:
         return ultralytics.YOLO(source.path, task="detect")
     import torch

@@ -148,6 +148,7 @@ _VARIABLES: dict[str, tuple[str, str, Callable[[str], object]]] = {
     "strategy": ("ALE_STRATEGY", "ale-entropy-sum", _strategy),
     "random_seed": ("ALE_RANDOM_SEED", "0", int),
     "device": ("DEVICE", "", _text),
+    "torch_threads": ("TORCH_THREADS", "0", _non_negative_int),
     "imgsz": ("IMGSZ", "640", _positive_int),
     "inference_batch": ("INFERENCE_BATCH", "16", _positive_int),
     "score_conf": ("SCORE_CONF", "0.25", _unit_interval),
@@ -179,6 +180,7 @@ _VARIABLES: dict[str, tuple[str, str, Callable[[str], object]]] = {
     "train_lr0": ("TRAIN_LR0", "0.01", _positive_float),
     "train_warmup_epochs": ("TRAIN_WARMUP_EPOCHS", "", _optional_int),
     "train_mosaic": ("TRAIN_MOSAIC", "1.0", _unit_interval),
+    "train_fliplr": ("TRAIN_FLIPLR", "0.5", _unit_interval),
     "train_val_percent": ("TRAIN_VAL_PERCENT", "20", _percent),
     "train_seed": ("TRAIN_SEED", "0", int),
     "train_timeout": ("TRAIN_TIMEOUT", "21600", _positive_int),
@@ -203,6 +205,9 @@ class Settings:
     """Seed of the ``random`` strategy; a task keeps the same random score for a given seed."""
     device: str = ""
     """Torch device for inference (``cpu``, ``0``, ``cuda:0``); empty picks a GPU when one exists."""
+    torch_threads: int = 0
+    """CPU threads for inference and training; 0: every core this process may use (ultralytics alone would leave one
+    core idle: on a 2-core machine it computes on one)."""
     imgsz: int = 640
     """Inference image size (pixels, longest side after letterboxing)."""
     inference_batch: int = 16
@@ -262,6 +267,8 @@ class Settings:
     """Initial learning rate."""
     train_mosaic: float = 1.0
     """Probability of ultralytics' mosaic augmentation (0 turns it off: faster convergence on small data)."""
+    train_fliplr: float = 0.5
+    """Probability of a left-right flip in training (0 where a mirror image is another thing: text, digits)."""
     train_warmup_epochs: int | None = None
     """Warm-up epochs; unset: 0 when fine-tuning trained weights, 3 when training from a config."""
     train_val_percent: int = 20

@@ -58,7 +58,7 @@ def train_project(project: int, settings: Settings, report: Report = lambda stag
                   run_name: str = "round") -> dict[str, Any]:
     """Run one training round for ``project``; returns a JSON-able summary (also stored in the version)."""
     started = time.monotonic()
-    registry = Registry(settings.model_dir)
+    registry = Registry(settings)
     registry.clean_incomplete(project)
     work = registry.project_dir(project) / "work" / run_name
     shutil.rmtree(work, ignore_errors=True)
@@ -77,7 +77,7 @@ def train_project(project: int, settings: Settings, report: Report = lambda stag
     if parent.version in {i.version for i in registry.versions(project)} and \
             registry.info(project, parent.version).extra.get("fingerprint") == fingerprint:
         raise NothingToTrain(f"no annotation changed since {parent.version} was trained")
-    parent_names = dict(load_model(parent, settings.model_dir).names)
+    parent_names = dict(load_model(parent, settings).names)
     label_map = map_labels(parent_names, config)
     class_names = class_names_for(config, label_map.class_to_label, parent_names)
     label_to_class = {label: i for i, label in enumerate(config.labels)}
@@ -146,16 +146,21 @@ def annotations_fingerprint(tasks: list[dict]) -> str:
 def fine_tune(parent: ModelSource, data_yaml: Path, settings: Settings, run_dir: Path,
               on_epoch: Callable[[int], None]) -> Path:
     """Train from ``parent`` on ``data_yaml``; returns the best weights (by validation fitness)."""
-    model = load_model(parent, settings.model_dir)
+    model = load_model(parent, settings)
     warmup = settings.train_warmup_epochs
     if warmup is None:
         warmup = 3 if parent.is_config else 0
-    model.add_callback("on_fit_epoch_end", lambda trainer: on_epoch(int(trainer.epoch) + 1))
+
+    def epoch_done(trainer) -> None:
+        if trainer.epoch < trainer.epochs:  # ultralytics calls this once more after its final validation
+            on_epoch(int(trainer.epoch) + 1)
+
+    model.add_callback("on_fit_epoch_end", epoch_done)
     model.train(
         data=str(data_yaml), epochs=settings.train_epochs, patience=settings.train_patience,
         imgsz=settings.train_imgsz, batch=settings.train_batch, device=_device(settings), workers=0,
         optimizer=settings.train_optimizer, lr0=settings.train_lr0, momentum=0.937, weight_decay=0.005,
-        warmup_epochs=warmup, mosaic=settings.train_mosaic,
+        warmup_epochs=warmup, mosaic=settings.train_mosaic, fliplr=settings.train_fliplr,
         seed=settings.train_seed, deterministic=True, plots=False, amp=False, verbose=False,
         project=str(Path(run_dir).resolve()), name="train", exist_ok=True,  # ultralytics puts relative ones in runs/
     )
@@ -167,7 +172,7 @@ def evaluate(weights: ModelSource | Path, data_yaml: Path, settings: Settings,
              run_dir: Path) -> dict[str, float]:
     """mAP50, mAP50-95 and per-class mAP50-95 (``map50_95/<class>``) on the validation split of ``data_yaml``."""
     source = weights if isinstance(weights, ModelSource) else ModelSource(str(weights), "candidate", is_config=False)
-    model = load_model(source, settings.model_dir)
+    model = load_model(source, settings)
     result = model.val(
         data=str(data_yaml), split="val", imgsz=settings.train_imgsz, batch=settings.train_batch,
         device=_device(settings), workers=0, plots=False, verbose=False, project=str(Path(run_dir).resolve()),

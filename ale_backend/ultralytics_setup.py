@@ -7,7 +7,10 @@ environment before the first import and keeps its settings and caches under ``MO
 * ``YOLO_OFFLINE=1`` (no online probes, no update checks), ``YOLO_AUTOINSTALL=0`` (no pip installs);
 * ``YOLO_CONFIG_DIR`` and ``MPLCONFIGDIR`` under ``<MODEL_DIR>/ultralytics`` instead of the home directory;
 * the fonts ultralytics looks for are copied there from matplotlib's bundled DejaVuSans;
-* analytics (``sync``) and the logging integrations are switched off in ultralytics' settings.
+* analytics (``sync``) and the logging integrations are switched off in ultralytics' settings;
+* the CPU thread count: ultralytics sets torch's to ``min(8, cores - 1)`` whenever it selects a CPU device
+  (``ultralytics.utils.torch_utils.NUM_THREADS``), one thread on a 2-core machine; :func:`ultralytics_module` sets
+  that number to ``TORCH_THREADS`` (default: every core the process may use).
 
 Always import ultralytics through :func:`ultralytics_module`.
 """
@@ -46,8 +49,9 @@ def prepare_environment(state_dir: Path) -> None:
             shutil.copyfile(source, target)
 
 
-def ultralytics_module(state_dir: Path) -> ModuleType:
-    """The ``ultralytics`` package, imported offline (see the module docstring)."""
+def ultralytics_module(state_dir: Path, threads: int = 0) -> ModuleType:
+    """The ``ultralytics`` package, imported offline (see the module docstring); ``threads``: CPU threads for torch
+    when ultralytics runs on the CPU (0: every core this process may use)."""
     global _module
     with _lock:
         if _module is None:
@@ -56,4 +60,15 @@ def ultralytics_module(state_dir: Path) -> ModuleType:
 
             ultralytics.settings.update({"sync": False, **{name: False for name in _INTEGRATIONS}})
             _module = ultralytics
+        import ultralytics.utils.torch_utils
+
+        ultralytics.utils.torch_utils.NUM_THREADS = threads or cpu_cores()
         return _module
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1

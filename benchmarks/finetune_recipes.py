@@ -45,7 +45,7 @@ def main() -> None:
     val_images = sorted((work / "data" / "val" / "images").iterdir())
     (work / "data" / "val.txt").write_text("".join(f"{p}\n" for p in val_images))
     summary = DatasetSummary(data, ["circle", "square", "Springtail"])
-    parent_names = dict(load_model(parent, base.model_dir).names)
+    parent_names = dict(load_model(parent, base).names)
     before = evaluate(parent, remapped_validation_set(summary, parent_names, work / "parent-val"), base,
                       work / "runs")
     print(f"before fine-tuning: mAP50-95 {before['map50_95']:.3f} (it knows no Springtail: its triangles do not count)")

@@ -65,7 +65,7 @@ def main() -> None:
     settings = Settings(model_path=model, model_dir=work / "state", device=args.device, imgsz=args.imgsz,
                         inference_batch=args.batch, image_host_allowlist=("127.0.0.1",))
     app = create_app(settings, warm_up=False).test_client()
-    yolo = ultralytics_module(settings.model_dir).YOLO(model, task="detect")
+    yolo = ultralytics_module(settings.model_dir, settings.torch_threads).YOLO(model, task="detect")
     paths = [str(images_dir / n) for n in names]
 
     port = free_port()

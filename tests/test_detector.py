@@ -94,3 +94,20 @@ def test_model_paths_that_would_need_a_download_are_refused(tmp_path, name, reas
 def test_unknown_model_config_is_refused(settings):
     with pytest.raises(ModelNotFoundError, match="not a model config"):
         get_detector(dataclasses.replace(settings, model_path="no-such-model.yaml"))
+
+
+@pytest.mark.parametrize("threads", [1, 0])
+def test_inference_computes_on_the_configured_cpu_threads(settings, images, threads):
+    # ultralytics alone resets torch to min(8, cores - 1) threads whenever it selects the CPU: one on 2 cores
+    import torch
+
+    from ale_backend.detector import Detector
+    from ale_backend.ultralytics_setup import cpu_cores
+
+    before = torch.get_num_threads()
+    try:
+        Detector(resolve_model_source(settings.model_path), dataclasses.replace(settings, torch_threads=threads)
+                 ).detect(images[:1])
+        assert torch.get_num_threads() == (threads or cpu_cores())
+    finally:
+        torch.set_num_threads(before)

@@ -31,3 +31,12 @@ def test_every_bad_value_is_reported_with_its_variable():
                      "LOG_LEVEL"):
         assert variable in message
     assert "ale-entropy-sum" in message  # the valid strategies are listed
+
+
+def test_training_recipe_and_thread_settings_are_parsed():
+    s = Settings.from_env({"TRAIN_FLIPLR": "0", "TRAIN_MOSAIC": "0.5", "TORCH_THREADS": "3"})
+    assert (s.train_fliplr, s.train_mosaic, s.torch_threads) == (0.0, 0.5, 3)
+    assert Settings.from_env({}).torch_threads == 0  # every core
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({"TRAIN_FLIPLR": "2", "TORCH_THREADS": "-1"})
+    assert "TRAIN_FLIPLR='2'" in str(info.value) and "TORCH_THREADS='-1'" in str(info.value)

@@ -19,6 +19,7 @@ import numpy as np
 import psutil
 import pytest
 import redis
+import yaml
 from rq import Queue
 from rq.registry import StartedJobRegistry
 
@@ -26,6 +27,7 @@ from ale_backend import synthetic
 from ale_backend.detector import resolve_model_source
 from ale_backend.registry import Registry, VersionInfo
 from ale_backend.server import create_app
+from ale_backend.training import fine_tune
 from tests.conftest import LABEL_CONFIG, ROOT, add_project
 from tests.stack import stop
 
@@ -245,3 +247,16 @@ def test_without_redis_webhooks_say_so_and_predictions_still_work(backend, label
                                               "label_config": LABEL_CONFIG, "project": "3.1"})
     assert predicted.status_code == 200 and len(predicted.json["results"]) == 1
     assert client.get("/status?project=3").status_code == 503
+
+
+def test_the_training_recipe_reaches_ultralytics(dataset, settings, tmp_path):
+    recipe = dataclasses.replace(settings, train_epochs=1, train_imgsz=96, train_batch=32, train_fliplr=0.0,
+                                 train_mosaic=0.25, train_lr0=0.003,
+                                 train_optimizer="Adam", train_device="cpu")
+    epochs: list[int] = []
+    weights = fine_tune(resolve_model_source(settings.model_path), dataset / "data.yaml", recipe, tmp_path,
+                        on_epoch=epochs.append)
+    args = yaml.safe_load((tmp_path / "train" / "args.yaml").read_text())
+    assert (args["fliplr"], args["mosaic"], args["lr0"], args["optimizer"]) == (0.0, 0.25, 0.003, "Adam")
+    assert args["warmup_epochs"] == 0  # fine-tuning trained weights: no warm-up
+    assert epochs == [1] and weights.is_file()
