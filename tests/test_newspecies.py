@@ -69,6 +69,15 @@ def test_the_pool_follows_the_configured_objects_per_image(tmp_path):
     np.testing.assert_allclose(shares, config.objects_per_image, atol=0.05)
 
 
+def test_the_base_split_follows_its_own_objects_per_image(tmp_path):
+    config = NewSpeciesConfig(seed=2, counts={"base": 400, "pool": 400},
+                              base_objects_per_image=(0.0, 0.1, 0.2, 0.3, 0.2, 0.2))
+    stats = generate(config, tmp_path)
+    for split, expected in (("base", config.base_objects_per_image), ("pool", config.objects_per_image)):
+        shares = np.array([stats[split]["objects_per_image"].get(k, 0) for k in range(1, len(expected) + 1)]) / 400
+        np.testing.assert_allclose(shares, expected, atol=0.05)
+
+
 def test_the_base_yaml_refuses_new_classes_in_known_splits(tmp_path):
     generate(SMALL, tmp_path)
     label = next((tmp_path / "base" / "labels").glob("*.txt"))

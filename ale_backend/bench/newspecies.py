@@ -37,7 +37,9 @@ class NewSpeciesConfig:
     counts: dict[str, int] = field(default_factory=lambda: {"base": 300, "val": 60, "pool": 500, "test": 200})
     new_classes: tuple[int, ...] = (3, 8)
     objects_per_image: tuple[float, ...] = (0.76, 0.13, 0.08, 0.03)
-    """P(1), P(2), P(3), P(4) objects per pool/test image; base and val images use the same distribution."""
+    """P(1), P(2), P(3), P(4) objects per pool/test image."""
+    base_objects_per_image: tuple[float, ...] | None = None
+    """The same for the base and val splits (the project's earlier labelled data); ``None``: as the pool."""
     new_class_image_share: float = 0.25
     """Share of pool/test images with at least one new-class object."""
     digit_size: tuple[int, int] = (16, 34)
@@ -70,9 +72,11 @@ class Generator:
         self._digits = {c: digits.images[digits.target == c] / 16.0 for c in range(10)}
         self._textures = [getattr(textures, name)() for name in TEXTURES]
 
-    def sample(self, rng: np.random.Generator, allow_new: bool, want_new: bool = False) -> Sample:
+    def sample(self, rng: np.random.Generator, allow_new: bool, want_new: bool = False,
+               objects_per_image: tuple[float, ...] | None = None) -> Sample:
         c = self.config
-        n = int(rng.choice(len(c.objects_per_image), p=np.array(c.objects_per_image) / sum(c.objects_per_image))) + 1
+        shares = np.array(objects_per_image or c.objects_per_image, dtype=np.float64)
+        n = int(rng.choice(len(shares), p=shares / shares.sum())) + 1
         image = self._background(rng)
         boxes: list[tuple[int, int, int, int]] = []
         ids: list[int] = []
@@ -145,7 +149,8 @@ def generate(config: NewSpeciesConfig, root: Path) -> dict[str, dict]:
         with_new = 0
         for i in range(count):
             want_new = allow_new and rng.random() < config.new_class_image_share
-            sample = generator.sample(rng, allow_new, want_new)
+            sample = generator.sample(rng, allow_new, want_new,
+                                      None if allow_new else config.base_objects_per_image)
             stem = f"{split}_{i:05d}"
             cv2.imwrite(str(root / split / "images" / f"{stem}.png"), sample.image)
             (root / split / "labels" / f"{stem}.txt").write_text(_label_text(sample, config.image_size))

@@ -5,6 +5,8 @@ Per seed:
 1. generate the "new species" data set (:mod:`ale_backend.bench.newspecies`): base / val / pool / test splits, the
    test set fixed and never in the pool;
 2. train the base model on the known classes only (the product's ``training.fine_tune`` from ``yolov5nu.yaml``);
+   with ``shared_base`` (the CPU preset) the first seed's base split and model serve every seed, whose own pool and
+   test set are still drawn per seed;
 3. score the pool once with the base model (the product's ``Detector`` and ``scoring``) and let every strategy rank
    it; each budget takes the top of the ranking (ties keep pool order; ``random`` ranks by a seeded draw);
 4. fine-tune the base model on each selection plus a fixed replay of base images, with the same recipe for every
@@ -52,6 +54,10 @@ class BenchConfig:
     batch: int = 16
     mosaic: float = 1.0
     """Mosaic augmentation probability, for the base model and every fine-tune alike."""
+    fliplr: float = 0.0
+    """Left-right flip probability, likewise; 0 because a mirrored digit is not that digit."""
+    shared_base: bool = False
+    """Train one base model (on the first seed's base split) for all seeds: the CPU preset's time budget."""
     device: str = "cpu"
     score_conf: float = 0.25
     score_iou: float = 0.45
@@ -63,20 +69,27 @@ class BenchConfig:
                 "nms": "class-agnostic" if self.agnostic_nms else "class-aware"}
 
 
+DENSE_BASE = (0.0, 0.1, 0.2, 0.3, 0.2, 0.2)
+"""Objects per base/val image (1 to 6): the project's earlier labelled data, denser than the pool, so that a base model
+learns the known classes within the CPU budget."""
+
 PRESETS = {
     # CI: checks the pipeline end to end, never the result
     "smoke": BenchConfig("smoke", seeds=(0, 1), strategies=STRATEGIES, budgets=(4, 8),
                          data=NewSpeciesConfig(image_size=96, counts={"base": 16, "val": 4, "pool": 24, "test": 8}),
                          imgsz=96, base_epochs=1, finetune_epochs=1, replay=4, batch=8),
-    # this project's 2-core CPU, under 20 minutes
+    # this project's 2-core CPU, under 20 minutes: one base model for the three seeds
     "quick": BenchConfig("quick", seeds=(0, 1, 2),
                          strategies=("random", "count", "entropy-sum", "ale-entropy-sum"), budgets=(20, 50),
-                         data=NewSpeciesConfig(counts={"base": 160, "val": 40, "pool": 300, "test": 120}),
-                         imgsz=160, base_epochs=50, finetune_epochs=6, replay=40, mosaic=0.0),
+                         data=NewSpeciesConfig(counts={"base": 160, "val": 40, "pool": 300, "test": 120},
+                                               base_objects_per_image=DENSE_BASE),
+                         imgsz=160, base_epochs=40, finetune_epochs=10, replay=40, batch=8, mosaic=0.0,
+                         shared_base=True),
     # a GPU
     "full": BenchConfig("full", seeds=(0, 1, 2, 3, 4), strategies=STRATEGIES, budgets=(20, 50, 100),
-                        data=NewSpeciesConfig(image_size=320, counts={"base": 1000, "val": 200, "pool": 1500,
-                                                                      "test": 500}),
+                        data=NewSpeciesConfig(image_size=320, digit_size=(32, 68),
+                                              counts={"base": 1000, "val": 200, "pool": 1500, "test": 500},
+                                              base_objects_per_image=DENSE_BASE),
                         imgsz=320, base_epochs=100, finetune_epochs=30, replay=300, device=""),
 }
 
@@ -87,8 +100,13 @@ def run(config: BenchConfig, out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     runs, baselines = [], []
     started = time.monotonic()
+    base = None
     for seed in config.seeds:
-        seed_runs, baseline = _run_seed(config, seed, out_dir / "work" / f"seed{seed}")
+        work = out_dir / "work" / f"seed{seed}"
+        generate(dataclasses.replace(config.data, seed=seed), work / "data")
+        if base is None or not config.shared_base:
+            base = _train_base(config, seed, work)
+        seed_runs, baseline = _run_seed(config, seed, work, base)
         runs += seed_runs
         baselines.append(baseline)
     results = {"config": _jsonable(dataclasses.asdict(config)), "selection_knobs": config.selection_knobs(),
@@ -98,32 +116,46 @@ def run(config: BenchConfig, out_dir: Path) -> dict:
     return results
 
 
-def _run_seed(config: BenchConfig, seed: int, work: Path) -> tuple[list[dict], dict]:
-    data_config = dataclasses.replace(config.data, seed=seed)
-    root = work / "data"
-    generate(data_config, root)
-    settings = Settings(
+@dataclass(frozen=True)
+class BaseModel:
+    weights: ModelSource
+    root: Path
+    """The generated data set whose base split trained it (its images are the replay of every fine-tune)."""
+    seed: int
+
+
+def _settings(config: BenchConfig, seed: int, work: Path) -> Settings:
+    return Settings(
         model_dir=work / "state", device=config.device, imgsz=config.imgsz, inference_batch=config.batch,
         score_conf=config.score_conf, score_iou=config.score_iou, score_max_det=config.score_max_det,
         agnostic_nms=config.agnostic_nms, train_imgsz=config.imgsz, train_batch=config.batch,
         train_device=config.device, train_seed=seed, train_patience=max(config.base_epochs, config.finetune_epochs),
-        train_mosaic=config.mosaic,
+        train_mosaic=config.mosaic, train_fliplr=config.fliplr,
     )
-    logger.info("seed %s: training the base model (%d epochs)", seed, config.base_epochs)
-    base_weights = fine_tune(ModelSource("yolov5nu.yaml", "yolov5nu-untrained", is_config=True),
-                             write_base_yaml(root, data_config),
-                             dataclasses.replace(settings, train_epochs=config.base_epochs), work / "base",
-                             on_epoch=lambda e: None)
-    base = ModelSource(str(base_weights), f"base-seed{seed}", is_config=False)
 
+
+def _train_base(config: BenchConfig, seed: int, work: Path) -> BaseModel:
+    logger.info("seed %s: training the base model (%d epochs)", seed, config.base_epochs)
+    root = work / "data"
+    settings = dataclasses.replace(_settings(config, seed, work), train_epochs=config.base_epochs)
+    weights = fine_tune(ModelSource("yolov5nu.yaml", "yolov5nu-untrained", is_config=True),
+                        write_base_yaml(root, dataclasses.replace(config.data, seed=seed)), settings, work / "base",
+                        on_epoch=lambda e: None)
+    return BaseModel(ModelSource(str(weights), f"base-seed{seed}", is_config=False), root, seed)
+
+
+def _run_seed(config: BenchConfig, seed: int, work: Path, base_model: BaseModel) -> tuple[list[dict], dict]:
+    root = work / "data"
+    settings = _settings(config, seed, work)
+    base = base_model.weights
     pool_images = sorted((root / "pool" / "images").glob("*.png"))
     detections = Detector(base, settings).detect([cv2.imread(str(p)) for p in pool_images])
     class_scores = [d.above(config.score_conf).class_scores for d in detections]
     pool_truth = [_labels(root / "pool" / "labels" / f"{p.stem}.txt") for p in pool_images]
     test = Evaluation(root, config, settings)
-    baseline = {"seed": seed, **test(base)}
+    baseline = {"seed": seed, "base_model_seed": base_model.seed, **test(base)}
 
-    replay = sorted((root / "base" / "images").glob("*.png"))[: config.replay]
+    replay = sorted((base_model.root / "base" / "images").glob("*.png"))[: config.replay]
     trained: dict[tuple[int, ...], dict] = {}
     runs = []
     for strategy in config.strategies:
