@@ -22,4 +22,6 @@ def test_the_smoke_configuration_produces_every_output(tmp_path):
     for strategy in STRATEGIES:
         assert f"| {strategy} |" in report
     assert "paper's table shape" in report and "Normalised area" in report
+    assert "| ale-lc-max vs lc-max |" in report  # share of images sqrt(N) left in the selection
+    assert "one base model per seed" in report
     assert (tmp_path / "budget_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -37,6 +37,7 @@ def write(results: dict, out_dir: Path, command: str = "") -> list[Path]:
               f"{version('ultralytics-opencv-headless')}; {len(seeds)} seeds; {results['seconds']:.0f} s.", "",
               f"New classes: {', '.join(results['new_classes'])}. Selection-time knobs: "
               + ", ".join(f"{k} {v}" for k, v in results["selection_knobs"].items()) + ".", "",
+              _recipe(results["config"]), "",
               "Base model (known classes only) on the test set: mAP50-95 "
               + _fmt(np.array([base[s]["map50_95"] for s in seeds])) + ", new-class AP "
               + _fmt(np.array([base[s]["new_ap50_95"] for s in seeds])) + ".", ""]
@@ -55,6 +56,20 @@ def write(results: dict, out_dir: Path, command: str = "") -> list[Path]:
             row.append(_paired(values(strategy, budget, "map50_95"), values(plain, budget, "map50_95"))
                        if strategy.startswith("ale-") and plain in strategies else "")
             lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+
+    pairs = [(a, a.removeprefix("ale-")) for a in strategies if a.startswith("ale-") and a[4:] in strategies]
+    if pairs:
+        lines += ["## How much sqrt(N) changed the selection: images shared with the same measure without it", "",
+                  "| strategy | " + " | ".join(f"budget {b}" for b in budgets) + " |",
+                  "|" + "---|" * (len(budgets) + 1)]
+        for ale_strategy, plain in pairs:
+            cells = []
+            for budget in budgets:
+                shared = [len(set(by[(ale_strategy, budget, s)]["selected"]) & set(by[(plain, budget, s)]["selected"]))
+                          / max(1, by[(plain, budget, s)]["images"]) for s in seeds]
+                cells.append(f"{np.mean(shared):.0%}")
+            lines.append(f"| {ale_strategy} vs {plain} | " + " | ".join(cells) + " |")
         lines.append("")
 
     lines += ["## Normalised area under the budget curve (mean mAP50-95 over budgets)", "",
@@ -115,6 +130,17 @@ def _plot(runs, strategies, budgets, seeds, path: Path) -> Path:
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def _recipe(config: dict) -> str:
+    data = config["data"]
+    base = ("one base model for every seed (the first seed's base split)" if config.get("shared_base")
+            else "one base model per seed")
+    counts = data["counts"]
+    return (f"Recipe: {data['image_size']} px images, pool {counts.get('pool')}, test {counts.get('test')} per seed; "
+            f"{base}, {counts.get('base')} base images, {config['base_epochs']} epochs; fine-tunes "
+            f"of {config['finetune_epochs']} epochs on the selection plus {config['replay']} replayed base images; "
+            f"batch {config['batch']}, mosaic {config['mosaic']}, fliplr {config.get('fliplr', 0.5)}.")
 
 
 def _fmt(values: np.ndarray) -> str:
