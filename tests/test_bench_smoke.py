@@ -24,4 +24,6 @@ def test_the_smoke_configuration_produces_every_output(tmp_path):
     assert "paper's table shape" in report and "Normalised area" in report
     assert "| ale-lc-max vs lc-max |" in report  # share of images sqrt(N) left in the selection
     assert "one base model per seed" in report
+    for baseline in results["baselines"]:  # the N of ALE on the pool, per image
+        assert sum(baseline["pool_detections_per_image"]) == smoke.data.counts["pool"]
     assert (tmp_path / "budget_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -80,7 +80,8 @@ PRESETS = {
                          imgsz=96, base_epochs=1, finetune_epochs=1, replay=4, batch=8),
     # this project's 2-core CPU, under 20 minutes: one base model for the three seeds
     "quick": BenchConfig("quick", seeds=(0, 1, 2),
-                         strategies=("random", "count", "entropy-sum", "ale-entropy-sum"), budgets=(20, 50),
+                         strategies=("random", "count", "entropy-sum", "ale-entropy-sum", "entropy-max",
+                                     "ale-entropy-max"), budgets=(20, 50),
                          data=NewSpeciesConfig(counts={"base": 160, "val": 40, "pool": 300, "test": 120},
                                                base_objects_per_image=DENSE_BASE),
                          imgsz=160, base_epochs=40, finetune_epochs=10, replay=40, batch=8, mosaic=0.0,
@@ -153,7 +154,8 @@ def _run_seed(config: BenchConfig, seed: int, work: Path, base_model: BaseModel)
     class_scores = [d.above(config.score_conf).class_scores for d in detections]
     pool_truth = [_labels(root / "pool" / "labels" / f"{p.stem}.txt") for p in pool_images]
     test = Evaluation(root, config, settings)
-    baseline = {"seed": seed, "base_model_seed": base_model.seed, **test(base)}
+    baseline = {"seed": seed, "base_model_seed": base_model.seed,
+                "pool_detections_per_image": np.bincount([len(c) for c in class_scores]).tolist(), **test(base)}
 
     replay = sorted((base_model.root / "base" / "images").glob("*.png"))[: config.replay]
     trained: dict[tuple[int, ...], dict] = {}

@@ -41,6 +41,9 @@ def write(results: dict, out_dir: Path, command: str = "") -> list[Path]:
               "Base model (known classes only) on the test set: mAP50-95 "
               + _fmt(np.array([base[s]["map50_95"] for s in seeds])) + ", new-class AP "
               + _fmt(np.array([base[s]["new_ap50_95"] for s in seeds])) + ".", ""]
+    if all("pool_detections_per_image" in base[s] for s in seeds):
+        lines += ["Its detections per pool image at the selection threshold (N of ALE; images per N, seeds summed): "
+                  + _histogram([base[s]["pool_detections_per_image"] for s in seeds]) + ".", ""]
 
     for budget in budgets:
         lines += [f"## Budget {budget} images", "",
@@ -94,11 +97,12 @@ def write(results: dict, out_dir: Path, command: str = "") -> list[Path]:
         lines.append("")
     report = out_dir / "report.md"
     report.write_text("\n".join(lines))
-    plot = _plot(runs, strategies, budgets, seeds, out_dir / "budget_curves.png")
+    base_means = {k: float(np.mean([base[s][k] for s in seeds])) for k in ("map50_95", "new_ap50_95")}
+    plot = _plot(runs, strategies, budgets, seeds, base_means, out_dir / "budget_curves.png")
     return [report, plot]
 
 
-def _plot(runs, strategies, budgets, seeds, path: Path) -> Path:
+def _plot(runs, strategies, budgets, seeds, base_means: dict, path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -118,6 +122,8 @@ def _plot(runs, strategies, budgets, seeds, path: Path) -> Path:
             std = np.array([np.std([r[key] for r in points[b]]) for b in budgets])
             axis.plot(x, mean, marker="o", label=strategy, linestyle="-" if strategy.startswith("ale-") else "--")
             axis.fill_between(x, mean - std, mean + std, alpha=0.12)
+    for axis, key in zip(axes, ("map50_95", "map50_95", "new_ap50_95")):
+        axis.axhline(base_means[key], color="black", linestyle=":", linewidth=1, label="base model")
     for axis, (xlabel, ylabel) in zip(axes, (("images annotated", "test mAP50-95"), ("boxes annotated",
                                                                                      "test mAP50-95"),
                                              ("images annotated", "new-class AP50-95"))):
@@ -125,7 +131,8 @@ def _plot(runs, strategies, budgets, seeds, path: Path) -> Path:
         axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    figure.suptitle(f"mean +- std over {len(seeds)} seeds")
+    figure.suptitle(f"mean +- std over {len(seeds)} seeds (the bands include the seeds' different test sets; "
+                    "report.md has the paired differences)")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -141,6 +148,13 @@ def _recipe(config: dict) -> str:
             f"{base}, {counts.get('base')} base images, {config['base_epochs']} epochs; fine-tunes "
             f"of {config['finetune_epochs']} epochs on the selection plus {config['replay']} replayed base images; "
             f"batch {config['batch']}, mosaic {config['mosaic']}, fliplr {config.get('fliplr', 0.5)}.")
+
+
+def _histogram(counts: list[list[int]]) -> str:
+    total = np.zeros(max(len(c) for c in counts), dtype=int)
+    for c in counts:
+        total[: len(c)] += c
+    return ", ".join(f"N={n}: {k}" for n, k in enumerate(total))
 
 
 def _fmt(values: np.ndarray) -> str:
