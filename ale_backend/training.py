@@ -58,7 +58,7 @@ def train_project(project: int, settings: Settings, report: Report = lambda stag
                   run_name: str = "round") -> dict[str, Any]:
     """Run one training round for ``project``; returns a JSON-able summary (also stored in the version)."""
     started = time.monotonic()
-    registry = Registry(settings)
+    registry = Registry(settings.model_dir)
     registry.clean_incomplete(project)
     work = registry.project_dir(project) / "work" / run_name
     shutil.rmtree(work, ignore_errors=True)
