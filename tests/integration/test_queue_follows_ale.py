@@ -109,7 +109,10 @@ def test_annotations_retrain_and_rescore_the_queue(live_label_studio, live_backe
     ls, (project_id, samples) = live_label_studio, project
     before = ls.api("GET", f"/api/projects/{project_id}/")["model_version"]
     tasks = sorted(all_tasks(ls, project_id), key=lambda t: t["id"])
-    annotated = [t["id"] for t in tasks[:N_ANNOTATED]]
+    # Label Studio keeps serving the task next_task gave this user (it stays locked to them until they annotate or
+    # skip it), so the annotator labels that one first, as a real one would, then others
+    held = next_task(ls, project_id)
+    annotated = [held, *[t["id"] for t in tasks if t["id"] != held][:N_ANNOTATED - 1]]
     for task_id in annotated:  # each save sends ANNOTATION_CREATED; the 8th reaches MIN_NEW_ANNOTATIONS
         ls.api("POST", f"/api/tasks/{task_id}/annotations/", json={"result": ground_truth(samples[task_id]),
                                                                    "was_cancelled": False})
