@@ -186,6 +186,9 @@ _VARIABLES: dict[str, tuple[str, str, Callable[[str], object]]] = {
     "train_timeout": ("TRAIN_TIMEOUT", "21600", _positive_int),
     "base_dataset": ("BASE_DATASET", "", _optional_file),
     "promotion_tolerance": ("PROMOTION_TOLERANCE", "0.02", _unit_interval),
+    "train_freeze": ("TRAIN_FREEZE", "0", _non_negative_int),
+    "train_keep_best": ("TRAIN_KEEP_BEST", "true", _bool),
+    "train_workers": ("TRAIN_WORKERS", "0", _non_negative_int),
     "keep_versions": ("KEEP_VERSIONS", "5", _positive_int),
     "keep_prediction_versions": ("KEEP_PREDICTION_VERSIONS", "2", _positive_int),
 }
@@ -277,6 +280,13 @@ class Settings:
     """Training seed (deterministic on CPU)."""
     train_timeout: int = 21600
     """Seconds before the worker abandons a training job."""
+    train_freeze: int = 0
+    """Layers kept frozen when fine-tuning trained weights (10: the YOLOv5 backbone); 0 trains every layer."""
+    train_keep_best: bool = True
+    """Keep the epoch with the best validation fitness (validates after every epoch); false: train the fixed number
+    of epochs and keep the last one (validates once, at the end: faster, and no held-out labels steer the result)."""
+    train_workers: int = 0
+    """Dataloader worker processes for training; 0 loads and augments in the training process itself."""
     base_dataset: Path | None = None
     """A YOLO data.yaml whose training images are replayed in every round, so known classes are not forgotten."""
     promotion_tolerance: float = 0.02

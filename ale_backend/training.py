@@ -145,7 +145,8 @@ def annotations_fingerprint(tasks: list[dict]) -> str:
 
 def fine_tune(parent: ModelSource, data_yaml: Path, settings: Settings, run_dir: Path,
               on_epoch: Callable[[int], None]) -> Path:
-    """Train from ``parent`` on ``data_yaml``; returns the best weights (by validation fitness)."""
+    """Train from ``parent`` on ``data_yaml``; returns the best weights by validation fitness, or the last epoch's
+    with ``TRAIN_KEEP_BEST=false`` (ultralytics then saves every epoch as "best" until its one final validation)."""
     model = load_model(parent, settings)
     warmup = settings.train_warmup_epochs
     if warmup is None:
@@ -158,9 +159,11 @@ def fine_tune(parent: ModelSource, data_yaml: Path, settings: Settings, run_dir:
     model.add_callback("on_fit_epoch_end", epoch_done)
     model.train(
         data=str(data_yaml), epochs=settings.train_epochs, patience=settings.train_patience,
-        imgsz=settings.train_imgsz, batch=settings.train_batch, device=_device(settings), workers=0,
+        imgsz=settings.train_imgsz, batch=settings.train_batch, device=_device(settings),
+        workers=settings.train_workers, val=settings.train_keep_best,  # val=False: validates the last epoch only
         optimizer=settings.train_optimizer, lr0=settings.train_lr0, momentum=0.937, weight_decay=0.005,
         warmup_epochs=warmup, mosaic=settings.train_mosaic, fliplr=settings.train_fliplr,
+        freeze=None if parent.is_config or not settings.train_freeze else settings.train_freeze,
         seed=settings.train_seed, deterministic=True, plots=False, amp=False, verbose=False,
         project=str(Path(run_dir).resolve()), name="train", exist_ok=True,  # ultralytics puts relative ones in runs/
     )

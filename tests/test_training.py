@@ -251,12 +251,13 @@ def test_without_redis_webhooks_say_so_and_predictions_still_work(backend, label
 
 def test_the_training_recipe_reaches_ultralytics(dataset, settings, tmp_path):
     recipe = dataclasses.replace(settings, train_epochs=1, train_imgsz=96, train_batch=32, train_fliplr=0.0,
-                                 train_mosaic=0.25, train_lr0=0.003,
-                                 train_optimizer="Adam", train_device="cpu")
+                                 train_mosaic=0.25, train_lr0=0.003, train_freeze=10, train_keep_best=False,
+                                 train_workers=1, train_optimizer="Adam", train_device="cpu")
     epochs: list[int] = []
     weights = fine_tune(resolve_model_source(settings.model_path), dataset / "data.yaml", recipe, tmp_path,
                         on_epoch=epochs.append)
     args = yaml.safe_load((tmp_path / "train" / "args.yaml").read_text())
     assert (args["fliplr"], args["mosaic"], args["lr0"], args["optimizer"]) == (0.0, 0.25, 0.003, "Adam")
     assert args["warmup_epochs"] == 0  # fine-tuning trained weights: no warm-up
+    assert (args["freeze"], args["val"], args["workers"]) == (10, False, 1)
     assert epochs == [1] and weights.is_file()
