@@ -3,8 +3,9 @@
 An image's detections each carry a class-score vector. A strategy turns the ``(N, C)`` matrix of one image into one
 number; the higher the number, the sooner the image should be labelled.
 
-* ``<measure>-<reduction>``: ``A(S)``, the per-detection uncertainty ``S`` (``entropy`` or ``lc``, see
-  :mod:`ale_backend.uncertainty`) aggregated over the image by ``sum``, ``mean`` or ``max`` (eq. 3-5).
+* ``<measure>-<reduction>``: ``A(S)``, the per-detection uncertainty ``S`` aggregated over the image by ``sum``,
+  ``mean`` or ``max`` (eq. 3-5). ``S`` is the paper's ``entropy`` or ``lc`` (least confidence) of the normalised
+  class scores, or ``unknown``, ``1 - max`` of the raw class scores (see :mod:`ale_backend.uncertainty`).
 * ``ale-<measure>-<reduction>``: ``A(S) * sqrt(N)`` (eq. 6), N = number of detections. The paper's "ALE Entr Sum"
   is ``ale-entropy-sum``, the default.
 * ``count``: N itself, the control for "crowded images win".
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ale_backend.uncertainty import MEASURES, normalize
+from ale_backend.uncertainty import MEASURES, PAPER_MEASURES
 
 REDUCTIONS: dict[str, Callable[[np.ndarray], float]] = {
     "sum": np.sum,
@@ -32,14 +33,20 @@ REDUCTIONS: dict[str, Callable[[np.ndarray], float]] = {
 }
 """Aggregation name -> function over an image's per-detection uncertainties (eq. 3-5)."""
 
-_UNCERTAINTY_STRATEGIES = tuple(f"{m}-{r}" for m in MEASURES for r in REDUCTIONS)
+
+
+def _uncertainty_strategies(measures) -> tuple[str, ...]:
+    plain = tuple(f"{m}-{r}" for m in measures for r in REDUCTIONS)
+    return (*plain, *(f"ale-{name}" for name in plain))
+
+
+PAPER_STRATEGIES: tuple[str, ...] = ("random", "count", *_uncertainty_strategies(PAPER_MEASURES))
+"""The 14 strategies of the ALE paper's comparison (``count`` is the control for "crowded images win")."""
 STRATEGIES: tuple[str, ...] = (
-    "random",
-    "count",
-    *_UNCERTAINTY_STRATEGIES,
-    *(f"ale-{name}" for name in _UNCERTAINTY_STRATEGIES),
+    *PAPER_STRATEGIES,
+    *_uncertainty_strategies(m for m in MEASURES if m not in PAPER_MEASURES),
 )
-"""Every strategy name, in a stable order."""
+"""Every strategy name, in a stable order: the paper's first."""
 
 DEFAULT_STRATEGY = "ale-entropy-sum"
 
@@ -75,14 +82,14 @@ def aggregated_uncertainty(class_scores: np.ndarray, measure: str, reduction: st
     Parameters
     ----------
     class_scores : array of shape (N, C)
-        Raw non-negative class scores of the image's N detections; each row is normalised to sum 1 first.
-    measure : ``"entropy"`` or ``"lc"``
+        Raw class scores of the image's N detections (each measure normalises them where it needs to).
+    measure : a key of :data:`ale_backend.uncertainty.MEASURES`
     reduction : ``"sum"``, ``"mean"`` or ``"max"``
     """
     scores = _as_matrix(class_scores)
     if scores.shape[0] == 0:
         return 0.0
-    uncertainties = MEASURES[measure](normalize(scores))
+    uncertainties = MEASURES[measure](scores)
     return float(REDUCTIONS[reduction](uncertainties))
 
 

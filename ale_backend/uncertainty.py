@@ -1,10 +1,16 @@
-"""Per-detection uncertainty measures over class-probability matrices.
+"""Per-detection uncertainty measures.
 
-Each measure takes an ``(N, C)`` matrix whose rows are probability distributions over the C classes (one row per
-detection) and returns ``(N,)`` uncertainties, larger meaning more uncertain. YOLO class scores are independent
-sigmoids, not a distribution: pass them through :func:`normalize` first (``scoring`` does).
+:func:`least_confidence` and :func:`entropy` take an ``(N, C)`` matrix whose rows are probability distributions over
+the C classes (one row per detection) and return ``(N,)`` uncertainties, larger meaning more uncertain. YOLO class
+scores are independent sigmoids, not a distribution: :func:`normalize` turns them into one. Normalising hides how
+*low* the scores are: a box whose every class score is 0.05 normalises like one whose scores are all 0.9. That case,
+"this is no class I know", is what an unseen species looks like; :func:`unknown` measures it from the raw scores.
 
-References: equations (1) and (2) of "ALE: Active Learning Extension for object detection".
+:data:`MEASURES` maps each measure's name to its uncertainty over *raw* class scores (normalising where the measure
+needs it); ``scoring`` uses that table.
+
+References: equations (1) and (2) of "ALE: Active Learning Extension for object detection" (least confidence,
+entropy); ``unknown`` is this project's addition.
 """
 
 from __future__ import annotations
@@ -75,5 +81,40 @@ def entropy(probabilities: np.ndarray) -> np.ndarray:
     return -(p * logs).sum(axis=1)
 
 
-MEASURES = {"entropy": entropy, "lc": least_confidence}
-"""Measure name (as used in strategy names) -> function."""
+def unknown(class_scores: np.ndarray) -> np.ndarray:
+    """Doubt that a detection is any known class: ``S = 1 - max_c s_c`` over the raw class scores.
+
+    ``s`` are the detector's independent per-class sigmoid scores, *not* normalised: a box the model finds but cannot
+    call any of its classes with confidence (every score low, as on a species it has never seen) scores near 1, a
+    confidently recognised object near 0. Background boxes score near 1 as well, so this measure relies on the
+    scoring threshold (``SCORE_CONF``) to keep clutter out.
+
+    Parameters
+    ----------
+    class_scores : array of shape (N, C), values in [0, 1].
+
+    Returns
+    -------
+    array of shape (N,), values in [0, 1].
+    """
+    scores = np.asarray(class_scores, dtype=np.float64)
+    if scores.ndim != 2 or scores.shape[1] == 0:
+        raise ValueError(f"class scores must be a 2-D (detections, classes) array, got shape {scores.shape}")
+    if np.any(scores < 0) or np.any(scores > 1) or not np.all(np.isfinite(scores)):
+        raise ValueError("raw class scores must be finite and in [0, 1]")
+    return 1.0 - scores.max(axis=1)
+
+
+def _normalized(measure):
+    def of_raw_scores(class_scores: np.ndarray) -> np.ndarray:
+        return measure(normalize(class_scores))
+
+    of_raw_scores.__doc__ = f"``{measure.__name__}`` of the normalised class scores."
+    return of_raw_scores
+
+
+MEASURES = {"entropy": _normalized(entropy), "lc": _normalized(least_confidence), "unknown": unknown}
+"""Measure name (as used in strategy names) -> per-detection uncertainty of raw ``(N, C)`` class scores."""
+
+PAPER_MEASURES = ("entropy", "lc")
+"""The measures of the ALE paper; the others are this project's."""

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ale_backend import scoring, uncertainty
-from ale_backend.scoring import STRATEGIES, Strategy, priority, score_image, score_images
+from ale_backend.scoring import PAPER_STRATEGIES, STRATEGIES, Strategy, priority, score_image, score_images
 
 # Three detections with raw (sigmoid) class scores; normalised rows are [.25 .75], [.5 .5], [1 0].
 IMAGE = np.array([[0.2, 0.6], [0.5, 0.5], [0.9, 0.0]])
@@ -14,6 +14,7 @@ H1 = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))  # 0.562335...
 H2 = math.log(2)
 ENTROPIES = [H1, H2, 0.0]
 LCS = [1 - (0.75 - 0.25), 1 - (0.5 - 0.5), 1 - (1.0 - 0.0)]  # 0.5, 1, 0
+UNKNOWNS = [1 - 0.6, 1 - 0.5, 1 - 0.9]  # 1 - the highest raw score: 0.4, 0.5, 0.1
 
 
 def test_normalize_scales_rows_and_makes_empty_evidence_uniform():
@@ -35,6 +36,27 @@ def test_entropy_matches_hand_values():
 def test_least_confidence_matches_hand_values():
     p = uncertainty.normalize(IMAGE)
     np.testing.assert_allclose(uncertainty.least_confidence(p), LCS, atol=1e-12)
+
+
+def test_unknown_is_one_minus_the_highest_raw_score():
+    np.testing.assert_allclose(uncertainty.unknown(IMAGE), UNKNOWNS, atol=1e-12)
+
+
+def test_normalising_hides_a_box_that_is_no_known_class_and_unknown_does_not():
+    """An unseen species: every class score low. Normalised, it looks like a confident known object."""
+    known = np.array([[0.9, 0.1, 0.1]])
+    unseen = np.array([[0.09, 0.01, 0.01]])  # the same shape, ten times lower
+    assert score_image(unseen, "entropy-sum") == pytest.approx(score_image(known, "entropy-sum"))
+    assert score_image(unseen, "lc-max") == pytest.approx(score_image(known, "lc-max"))
+    assert score_image(unseen, "unknown-sum") == pytest.approx(0.91)
+    assert score_image(known, "unknown-sum") == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("bad", [np.array([[1.2, 0.5]]), np.array([[-0.1, 0.5]]), np.array([[np.inf, 0.1]]),
+                                 np.zeros((2, 0)), np.ones(3)])
+def test_unknown_rejects_scores_that_are_not_sigmoids(bad):
+    with pytest.raises(ValueError):
+        uncertainty.unknown(bad)
 
 
 def test_ties_between_top_classes_are_maximally_uncertain_for_lc():
@@ -66,6 +88,12 @@ def test_single_class_detections_are_certain():
         ("ale-lc-sum", 1.5 * math.sqrt(3)),
         ("ale-lc-mean", 0.5 * math.sqrt(3)),
         ("ale-lc-max", math.sqrt(3)),
+        ("unknown-sum", 1.0),
+        ("unknown-mean", 1.0 / 3),
+        ("unknown-max", 0.5),
+        ("ale-unknown-sum", math.sqrt(3)),
+        ("ale-unknown-mean", math.sqrt(3) / 3),
+        ("ale-unknown-max", 0.5 * math.sqrt(3)),
         ("count", 3.0),
     ],
 )
@@ -113,10 +141,15 @@ def test_score_images_scores_each_image():
     np.testing.assert_allclose(score_images(images, "ale-lc-sum"), [1.5 * math.sqrt(3), 0.0, 0.5])
 
 
-def test_strategy_names_cover_the_paper_and_controls():
-    assert len(STRATEGIES) == 14 and len(set(STRATEGIES)) == 14
+def test_strategy_names_cover_the_paper_first_then_the_additions():
+    assert len(PAPER_STRATEGIES) == 14 and STRATEGIES[:14] == PAPER_STRATEGIES  # the paper's keep their order
+    assert not any("unknown" in s for s in PAPER_STRATEGIES)
+    assert STRATEGIES[14:] == ("unknown-sum", "unknown-mean", "unknown-max", "ale-unknown-sum", "ale-unknown-mean",
+                               "ale-unknown-max")
+    assert len(set(STRATEGIES)) == 20
     assert Strategy.parse("ale-entropy-sum") == Strategy("ale-entropy-sum", "entropy", "sum", True)
     assert Strategy.parse("lc-max") == Strategy("lc-max", "lc", "max", False)
+    assert Strategy.parse("ale-unknown-mean") == Strategy("ale-unknown-mean", "unknown", "mean", True)
     with pytest.raises(ValueError, match="ale-entropy-sum"):
         Strategy.parse("ale-count")
 
