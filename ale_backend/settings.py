@@ -13,7 +13,12 @@ from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
 
-from ale_backend.scoring import STRATEGIES
+from ale_backend.scoring import DEFAULT_STRATEGY, STRATEGIES
+
+DEFAULT_SCORE_CONF = 0.1
+"""Default ``SCORE_CONF``. Objects of classes the model has never seen get low class scores (median highest score
+0.4 against 0.85 for known classes, benchmark diagnosis in ``docs/benchmark``); at 0.25 a quarter of them get no
+box, and images that show only such objects would score 0. Background boxes stay rare down to about 0.1."""
 
 
 class SettingsError(ValueError):
@@ -145,13 +150,13 @@ def _url(raw: str) -> str:
 _VARIABLES: dict[str, tuple[str, str, Callable[[str], object]]] = {
     "model_path": ("MODEL_PATH", "yolov5nu.yaml", _text),
     "model_dir": ("MODEL_DIR", "data/models", _path),
-    "strategy": ("ALE_STRATEGY", "ale-entropy-sum", _strategy),
+    "strategy": ("ALE_STRATEGY", DEFAULT_STRATEGY, _strategy),
     "random_seed": ("ALE_RANDOM_SEED", "0", int),
     "device": ("DEVICE", "", _text),
     "torch_threads": ("TORCH_THREADS", "0", _non_negative_int),
     "imgsz": ("IMGSZ", "640", _positive_int),
     "inference_batch": ("INFERENCE_BATCH", "16", _positive_int),
-    "score_conf": ("SCORE_CONF", "0.25", _unit_interval),
+    "score_conf": ("SCORE_CONF", str(DEFAULT_SCORE_CONF), _unit_interval),
     "score_iou": ("SCORE_IOU", "0.45", _unit_interval),
     "score_max_det": ("SCORE_MAX_DET", "100", _positive_int),
     "agnostic_nms": ("SCORE_AGNOSTIC_NMS", "true", _bool),
@@ -181,14 +186,14 @@ _VARIABLES: dict[str, tuple[str, str, Callable[[str], object]]] = {
     "train_warmup_epochs": ("TRAIN_WARMUP_EPOCHS", "", _optional_int),
     "train_mosaic": ("TRAIN_MOSAIC", "1.0", _unit_interval),
     "train_fliplr": ("TRAIN_FLIPLR", "0.5", _unit_interval),
+    "train_freeze": ("TRAIN_FREEZE", "0", _non_negative_int),
+    "train_keep_best": ("TRAIN_KEEP_BEST", "true", _bool),
+    "train_workers": ("TRAIN_WORKERS", "0", _non_negative_int),
     "train_val_percent": ("TRAIN_VAL_PERCENT", "20", _percent),
     "train_seed": ("TRAIN_SEED", "0", int),
     "train_timeout": ("TRAIN_TIMEOUT", "21600", _positive_int),
     "base_dataset": ("BASE_DATASET", "", _optional_file),
     "promotion_tolerance": ("PROMOTION_TOLERANCE", "0.02", _unit_interval),
-    "train_freeze": ("TRAIN_FREEZE", "0", _non_negative_int),
-    "train_keep_best": ("TRAIN_KEEP_BEST", "true", _bool),
-    "train_workers": ("TRAIN_WORKERS", "0", _non_negative_int),
     "keep_versions": ("KEEP_VERSIONS", "5", _positive_int),
     "keep_prediction_versions": ("KEEP_PREDICTION_VERSIONS", "2", _positive_int),
 }
@@ -202,7 +207,7 @@ class Settings:
     """Local weights (``.pt``) or an ultralytics model YAML; never downloaded."""
     model_dir: Path = Path("data/models").resolve()
     """Where the backend keeps its state (model registry, caches, ultralytics settings)."""
-    strategy: str = "ale-entropy-sum"
+    strategy: str = DEFAULT_STRATEGY
     """Selection strategy that orders tasks (see :mod:`ale_backend.scoring`)."""
     random_seed: int = 0
     """Seed of the ``random`` strategy; a task keeps the same random score for a given seed."""
@@ -215,8 +220,9 @@ class Settings:
     """Inference image size (pixels, longest side after letterboxing)."""
     inference_batch: int = 16
     """Images per forward pass."""
-    score_conf: float = 0.25
-    """Confidence threshold for the detections that ALE scores."""
+    score_conf: float = DEFAULT_SCORE_CONF
+    """Confidence threshold for the detections that ALE scores (lower than the display threshold: see
+    ``DEFAULT_SCORE_CONF``)."""
     score_iou: float = 0.45
     """NMS IoU threshold."""
     score_max_det: int = 100
@@ -274,12 +280,6 @@ class Settings:
     """Probability of a left-right flip in training (0 where a mirror image is another thing: text, digits)."""
     train_warmup_epochs: int | None = None
     """Warm-up epochs; unset: 0 when fine-tuning trained weights, 3 when training from a config."""
-    train_val_percent: int = 20
-    """Share of annotated tasks held out for validation (chosen by a hash of the task id: stable across rounds)."""
-    train_seed: int = 0
-    """Training seed (deterministic on CPU)."""
-    train_timeout: int = 21600
-    """Seconds before the worker abandons a training job."""
     train_freeze: int = 0
     """Layers kept frozen when fine-tuning trained weights (10: the YOLOv5 backbone); 0 trains every layer."""
     train_keep_best: bool = True
@@ -287,6 +287,12 @@ class Settings:
     of epochs and keep the last one (validates once, at the end: faster, and no held-out labels steer the result)."""
     train_workers: int = 0
     """Dataloader worker processes for training; 0 loads and augments in the training process itself."""
+    train_val_percent: int = 20
+    """Share of annotated tasks held out for validation (chosen by a hash of the task id: stable across rounds)."""
+    train_seed: int = 0
+    """Training seed (deterministic on CPU)."""
+    train_timeout: int = 21600
+    """Seconds before the worker abandons a training job."""
     base_dataset: Path | None = None
     """A YOLO data.yaml whose training images are replayed in every round, so known classes are not forgotten."""
     promotion_tolerance: float = 0.02

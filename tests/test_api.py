@@ -66,7 +66,7 @@ def test_predictions_are_valid_for_label_studio_and_ordered_by_ale(served, sampl
             {k: prediction[k] for k in ("result", "score", "model_version")}, return_errors=True
         ) == []
         ale = prediction["ale"]
-        assert ale["strategy"] == "ale-entropy-sum" and ale["detections"] >= 0
+        assert ale["strategy"] == "ale-unknown-mean" and ale["detections"] >= 0
         assert prediction["score"] == pytest.approx(priority(ale["value"]), rel=2e-6)  # up to the tie-break
         for region in prediction["result"]:
             regions += 1

@@ -7,11 +7,11 @@ from ale_backend.settings import Settings, SettingsError, environment_variables
 
 def test_defaults_are_the_documented_ones():
     s = Settings.from_env({})
-    assert s.strategy == "ale-entropy-sum"
+    assert s.strategy == "ale-unknown-mean" and s.score_conf == 0.1
     assert s.model_path == "yolov5nu.yaml"
     assert s.model_dir == Path("data/models").resolve()
     assert s.agnostic_nms is True
-    assert environment_variables()["ALE_STRATEGY"] == "ale-entropy-sum"
+    assert environment_variables()["ALE_STRATEGY"] == "ale-unknown-mean"
 
 
 def test_values_are_parsed():
