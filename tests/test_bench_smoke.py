@@ -1,29 +1,109 @@
-"""The benchmark's smoke configuration, end to end: every output, every strategy and seed (not the result)."""
+"""The benchmark's smoke configuration, end to end: every output, every strategy and seed (not the result); the base
+model cache; the report's verdict on hand-made results."""
 
+import dataclasses
 import json
 
+import pytest
+
+from ale_backend.bench import report
 from ale_backend.bench.__main__ import main
-from ale_backend.bench.protocol import PRESETS
+from ale_backend.bench.protocol import PRESETS, base_model_key
 from ale_backend.scoring import STRATEGIES
 
 
-def test_the_smoke_configuration_produces_every_output(tmp_path):
-    assert main(["--config", "smoke", "--out", str(tmp_path)]) == 0
-    results = json.loads((tmp_path / "results.json").read_text())
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out, cache = tmp_path_factory.mktemp("smoke"), tmp_path_factory.mktemp("cache")
+    assert main(["--config", "smoke", "--out", str(out), "--cache", str(cache)]) == 0
+    return out, cache
+
+
+def test_the_smoke_configuration_produces_every_output(smoke_run):
+    out, _ = smoke_run
+    results = json.loads((out / "results.json").read_text())
     smoke = PRESETS["smoke"]
     expected = {(s, b, seed) for s in STRATEGIES for b in smoke.budgets for seed in smoke.seeds}
     assert {(r["strategy"], r["budget"], r["seed"]) for r in results["runs"]} == expected
-    assert {b["seed"] for b in results["baselines"]} == set(smoke.seeds)
+    assert {b["seed"] for b in results["baselines"]} == set(smoke.seeds) and results["complete"]
     for run in results["runs"]:
         assert run["images"] == run["budget"] == len(run["selected"])
         assert 0 <= run["map50_95"] <= 1 and 0 <= run["new_ap50_95"] <= 1 and run["boxes"] >= run["images"]
-    assert results["selection_knobs"] == {"conf": 0.25, "iou": 0.45, "max_det": 100, "nms": "class-agnostic"}
-    report = (tmp_path / "report.md").read_text()
+    assert results["selection_knobs"] == {"conf": 0.1, "iou": 0.45, "max_det": 100, "nms": "class-agnostic"}
+    pool = smoke.data.counts["pool"]
+    for baseline in results["baselines"]:
+        assert sum(baseline["pool_detections_per_image"]) == pool  # the N of ALE on the pool, per image
+        assert len(baseline["diagnosis"]["images"]) == pool
+        assert set(baseline["selection"]) == set(STRATEGIES)
+    report_text = (out / "report.md").read_text()
     for strategy in STRATEGIES:
-        assert f"| {strategy} |" in report
-    assert "paper's table shape" in report and "Normalised area" in report
-    assert "| ale-lc-max vs lc-max |" in report  # share of images sqrt(N) left in the selection
-    assert "one base model per seed" in report
-    for baseline in results["baselines"]:  # the N of ALE on the pool, per image
-        assert sum(baseline["pool_detections_per_image"]) == smoke.data.counts["pool"]
-    assert (tmp_path / "budget_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"| {strategy} |" in report_text
+    for section in ("## Verdict", "## Diagnosis", "## What each strategy selects", "paper's table shape",
+                    "Normalised area", "| ale-lc-max vs lc-max |", "one base model per seed"):
+        assert section in report_text
+    assert (out / "budget_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_second_run_takes_the_base_models_from_the_cache(smoke_run, tmp_path):
+    _, cache = smoke_run
+    weights = sorted(cache.glob("base-*/base-weights.pt"))
+    assert len(weights) == len(PRESETS["smoke"].seeds)
+    stamps = [w.stat().st_mtime_ns for w in weights]
+    assert main(["--config", "smoke", "--out", str(tmp_path), "--cache", str(cache), "--strategies", "random"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [w.stat().st_mtime_ns for w in sorted(cache.glob("base-*/base-weights.pt"))] == stamps
+    assert not (tmp_path / "work" / "seed0" / "base").exists()  # nothing was trained for it
+    assert {b["base_model"] for b in results["baselines"]} == {
+        b["base_model"] for b in json.loads((smoke_run[0] / "results.json").read_text())["baselines"]}
+
+
+def test_the_cache_key_follows_what_shapes_the_base_model_only():
+    quick = PRESETS["quick"]
+    key = base_model_key(quick, 0)
+    assert base_model_key(quick, 1) != key
+    for shaping in ({"base_epochs": 99}, {"imgsz": 128}, {"mosaic": 0.5},
+                    {"data": dataclasses.replace(quick.data, counts={**quick.data.counts, "base": 100})},
+                    {"data": dataclasses.replace(quick.data, new_classes=(1, 7))}):
+        assert base_model_key(dataclasses.replace(quick, **shaping), 0) != key, shaping
+    for other in ({"strategies": ("random",)}, {"budgets": (10,)}, {"finetune_epochs": 3}, {"replay": 7},
+                  {"score_conf": 0.3}, {"name": "other"},
+                  {"data": dataclasses.replace(quick.data, counts={**quick.data.counts, "pool": 10, "test": 5})}):
+        assert base_model_key(dataclasses.replace(quick, **other), 0) == key, other
+
+
+def fake_results(default_gains: dict[int, list[float]]) -> dict:
+    """Runs of random and the default over five seeds; the default's mAP and new-class AP exceed random's by the
+    given gains per budget and seed."""
+    runs, baselines = [], []
+    for seed in range(5):
+        baselines.append({"seed": seed, "map50_95": 0.5, "new_ap50_95": 0.0, "known_ap50_95": 0.6})
+        for budget, gains in default_gains.items():
+            for strategy, gain in (("random", 0.0), ("ale-unknown-mean", gains[seed])):
+                runs.append({"seed": seed, "strategy": strategy, "budget": budget, "images": budget,
+                             "boxes": budget, "new_boxes": 1, "selected": [], "map50_95": 0.5 + gain,
+                             "new_ap50_95": 0.1 + gain, "known_ap50_95": 0.6})
+    config = {"name": "fake", "data": {"image_size": 160, "counts": {"base": 1, "pool": 2, "test": 3}},
+              "base_epochs": 1, "finetune_epochs": 1, "replay": 1, "batch": 1, "mosaic": 0.0}
+    return {"config": config, "selection_knobs": {"conf": 0.1}, "default_strategy": "ale-unknown-mean",
+            "new_classes": ["digit3"], "baselines": baselines, "runs": runs, "seconds": 1.0}
+
+
+@pytest.mark.parametrize("gains, verdict", [
+    ({50: [0.1, 0.1, 0.1, 0.1, -0.1], 100: [0.1, 0.2, 0.1, 0.1, -0.3]}, "met"),
+    ({50: [0.1, 0.1, 0.1, -0.1, -0.1], 100: [0.1, 0.1, 0.1, 0.1, 0.1]}, "not met"),
+])
+def test_the_verdict_asks_for_four_of_five_seeds_at_50_and_100_images(tmp_path, gains, verdict):
+    report.write(fake_results(gains), tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert f"**{verdict}**" in text
+    assert "| 50 | +0.060 +- 0.080 (4/5) |" in text if verdict == "met" else "(3/5)" in text
+
+
+def test_past_the_deadline_no_fine_tune_starts_and_the_report_says_so(smoke_run, tmp_path):
+    _, cache = smoke_run
+    assert main(["--config", "smoke", "--out", str(tmp_path), "--cache", str(cache), "--deadline", "0"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["runs"] == [] and results["complete"] is False
+    assert len(results["baselines"]) == len(PRESETS["smoke"].seeds)  # the diagnosis needs no fine-tune
+    text = (tmp_path / "report.md").read_text()
+    assert "**Incomplete**" in text and "## Diagnosis" in text

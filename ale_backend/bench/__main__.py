@@ -1,13 +1,14 @@
-"""``python -m ale_backend.bench [--config smoke|quick|full] [--out DIR] [--seeds 0 1 2] [--budgets 20 50]``
+"""``python -m ale_backend.bench [--config smoke|quick|gpu] [--out DIR] [--cache DIR] [--seeds 0 1 2] ...``
 
 Runs the benchmark protocol (:mod:`ale_backend.bench.protocol`) and writes ``results.json``, ``report.md`` and
-``budget_curves.png`` to ``--out``.
+``budget_curves.png`` to ``--out``. ``--report-only`` rewrites the report and plot from an existing ``results.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import shlex
 import sys
@@ -26,6 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", type=int, nargs="+")
     parser.add_argument("--strategies", nargs="+", choices=STRATEGIES)
     parser.add_argument("--device", help="'' for auto, cpu, 0...")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="base models, kept by a key of what shapes them (default: data/benchmark/cache)")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="seconds after which no new fine-tune starts (the results say they are incomplete)")
+    parser.add_argument("--report-only", action="store_true", help="rewrite report.md and the plot from results.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = protocol.PRESETS[args.config]
@@ -35,9 +41,14 @@ def main(argv: list[str] | None = None) -> int:
         overrides["device"] = args.device
     config = dataclasses.replace(config, **overrides)
     out = args.out or Path("data/benchmark") / config.name
-    prepare_environment(out / "work" / "state")
-    results = protocol.run(config, out)
-    for path in report.write(results, out, "python -m ale_backend.bench " + shlex.join(argv or sys.argv[1:])):
+    command = "python -m ale_backend.bench " + shlex.join(argv or sys.argv[1:])
+    if args.report_only:
+        results = json.loads((out / "results.json").read_text())
+        command = results.get("command", command)
+    else:
+        prepare_environment(out / "work" / "state")
+        results = protocol.run(config, out, args.cache or Path("data/benchmark/cache"), args.deadline, command)
+    for path in report.write(results, out, command):
         print(path)
     return 0
 

@@ -27,6 +27,8 @@ import numpy as np
 import yaml
 
 CLASS_NAMES = tuple(f"digit{i}" for i in range(10))
+BASE_SPLITS = ("base", "val")
+"""The splits the base model is trained and validated on: known classes only."""
 TEXTURES = ("gravel", "grass", "brick")
 
 
@@ -142,7 +144,7 @@ def generate(config: NewSpeciesConfig, root: Path) -> dict[str, dict]:
     stats = {}
     for index, (split, count) in enumerate(config.counts.items()):
         rng = np.random.default_rng([config.seed, index])
-        allow_new = split in {"pool", "test"}
+        allow_new = split not in BASE_SPLITS
         (root / split / "images").mkdir(parents=True, exist_ok=True)
         (root / split / "labels").mkdir(parents=True, exist_ok=True)
         histogram: dict[int, int] = {}
@@ -170,7 +172,7 @@ def write_base_yaml(root: Path, config: NewSpeciesConfig) -> Path:
     root = Path(root)
     known = config.known_classes
     renumber = {c: i for i, c in enumerate(known)}
-    for split in ("base", "val"):
+    for split in BASE_SPLITS:
         target = root / "base-known" / split
         (target / "labels").mkdir(parents=True, exist_ok=True)
         (target / "images").mkdir(parents=True, exist_ok=True)

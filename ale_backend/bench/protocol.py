@@ -4,14 +4,16 @@ Per seed:
 
 1. generate the "new species" data set (:mod:`ale_backend.bench.newspecies`): base / val / pool / test splits, the
    test set fixed and never in the pool;
-2. train the base model on the known classes only (the product's ``training.fine_tune`` from ``yolov5nu.yaml``);
-   with ``shared_base`` (the CPU preset) the first seed's base split and model serve every seed, whose own pool and
-   test set are still drawn per seed;
-3. score the pool once with the base model (the product's ``Detector`` and ``scoring``) and let every strategy rank
-   it; each budget takes the top of the ranking (ties keep pool order; ``random`` ranks by a seeded draw);
-4. fine-tune the base model on each selection plus a fixed replay of base images, with the same recipe for every
-   strategy and budget (a selection identical to one already trained reuses that result: training is
-   deterministic);
+2. train the seed's base model on the known classes only (the product's ``training.fine_tune`` from
+   ``yolov5nu.yaml``), or take it from the cache (:func:`cached_base_model`);
+3. detect on the pool once with the base model (the product's ``Detector``); record what it outputs over every
+   object (:mod:`ale_backend.bench.diagnosis`); let every strategy rank the pool from the detections at the scoring
+   threshold (the product's ``scoring``); each budget takes the top of the ranking (ties keep pool order;
+   ``random`` ranks by a seeded draw); count what every strategy's selection holds;
+4. fine-tune the base model on the selections of the configured strategies plus a fixed replay of base images, with
+   the same recipe for every strategy and budget: a fixed number of epochs, the last one kept
+   (``TRAIN_KEEP_BEST=false``: no held-out labels steer a fine-tune); a selection identical to one already trained
+   reuses that result (training is deterministic);
 5. evaluate every model, the base model included, on the fixed test set with one implementation
    (:mod:`ale_backend.bench.evaluation`): mAP50-95, mAP50, AP per class, split into new and known classes.
 """
@@ -19,24 +21,35 @@ Per seed:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 
 import cv2
 import numpy as np
 import yaml
 
+from ale_backend import training
+from ale_backend.bench import diagnosis, newspecies
 from ale_backend.bench.evaluation import ImageBoxes, evaluate
-from ale_backend.bench.newspecies import CLASS_NAMES, NewSpeciesConfig, generate, write_base_yaml
+from ale_backend.bench.newspecies import BASE_SPLITS, CLASS_NAMES, NewSpeciesConfig, generate, write_base_yaml
 from ale_backend.detector import Detector, ModelSource
-from ale_backend.scoring import STRATEGIES, score_images
-from ale_backend.settings import Settings
+from ale_backend.scoring import DEFAULT_STRATEGY, STRATEGIES, score_images
+from ale_backend.settings import DEFAULT_SCORE_CONF, Settings
 from ale_backend.training import fine_tune
+from ale_backend.ultralytics_setup import cpu_cores
 
 logger = logging.getLogger(__name__)
+
+DIAGNOSIS_CONF = 0.001
+"""Lowest confidence the diagnosis looks at (every box the base model proposes, as for mAP)."""
+QUICK_STRATEGIES = tuple(dict.fromkeys(("random", DEFAULT_STRATEGY, "ale-entropy-sum")))
+"""Fine-tuned by ``quick`` (what 25 minutes of a 2-core CPU hold): random, the default and the paper's best."""
 
 
 @dataclass(frozen=True)
@@ -44,22 +57,23 @@ class BenchConfig:
     name: str
     seeds: tuple[int, ...]
     strategies: tuple[str, ...]
+    """The strategies that are fine-tuned; the selection of every strategy is counted anyway (no training)."""
     budgets: tuple[int, ...]
     data: NewSpeciesConfig = field(default_factory=NewSpeciesConfig)
     imgsz: int = 160
-    base_epochs: int = 40
-    finetune_epochs: int = 15
-    replay: int = 100
+    base_epochs: int = 100
+    finetune_epochs: int = 20
+    replay: int = 40
     """Base training images replayed in every fine-tune (the same ones for every strategy)."""
-    batch: int = 16
-    mosaic: float = 1.0
+    batch: int = 8
+    mosaic: float = 0.0
     """Mosaic augmentation probability, for the base model and every fine-tune alike."""
     fliplr: float = 0.0
     """Left-right flip probability, likewise; 0 because a mirrored digit is not that digit."""
-    shared_base: bool = False
-    """Train one base model (on the first seed's base split) for all seeds: the CPU preset's time budget."""
     device: str = "cpu"
-    score_conf: float = 0.25
+    workers: int = 0
+    """Dataloader worker processes of every training (``TRAIN_WORKERS``)."""
+    score_conf: float = DEFAULT_SCORE_CONF
     score_iou: float = 0.45
     score_max_det: int = 100
     agnostic_nms: bool = True
@@ -73,124 +87,204 @@ DENSE_BASE = (0.0, 0.1, 0.2, 0.3, 0.2, 0.2)
 """Objects per base/val image (1 to 6): the project's earlier labelled data, denser than the pool, so that a base model
 learns the known classes within the CPU budget."""
 
+QUICK_DATA = NewSpeciesConfig(counts={"base": 160, "val": 40, "pool": 500, "test": 300},
+                              base_objects_per_image=DENSE_BASE)
+
 PRESETS = {
     # CI: checks the pipeline end to end, never the result
     "smoke": BenchConfig("smoke", seeds=(0, 1), strategies=STRATEGIES, budgets=(4, 8),
                          data=NewSpeciesConfig(image_size=96, counts={"base": 16, "val": 4, "pool": 24, "test": 8}),
                          imgsz=96, base_epochs=1, finetune_epochs=1, replay=4, batch=8),
-    # this project's 2-core CPU, under 20 minutes: one base model for the three seeds
-    "quick": BenchConfig("quick", seeds=(0, 1, 2),
-                         strategies=("random", "count", "entropy-sum", "ale-entropy-sum", "entropy-max",
-                                     "ale-entropy-max"), budgets=(20, 50),
-                         data=NewSpeciesConfig(counts={"base": 160, "val": 40, "pool": 300, "test": 120},
-                                               base_objects_per_image=DENSE_BASE),
-                         imgsz=160, base_epochs=40, finetune_epochs=10, replay=40, batch=8, mosaic=0.0,
-                         shared_base=True),
-    # a GPU
-    "full": BenchConfig("full", seeds=(0, 1, 2, 3, 4), strategies=STRATEGIES, budgets=(20, 50, 100),
-                        data=NewSpeciesConfig(image_size=320, digit_size=(32, 68),
-                                              counts={"base": 1000, "val": 200, "pool": 1500, "test": 500},
-                                              base_objects_per_image=DENSE_BASE),
-                        imgsz=320, base_epochs=100, finetune_epochs=30, replay=300, device=""),
+    # this project's 2-core CPU: the default strategy against random and the paper's ALE, 5 seeds
+    "quick": BenchConfig("quick", seeds=(0, 1, 2, 3, 4), strategies=QUICK_STRATEGIES, budgets=(20, 50, 100),
+                         data=QUICK_DATA),
+    # one GPU, one process with dataloader workers: every strategy on the quick data
+    "gpu": BenchConfig("gpu", seeds=(0, 1, 2, 3, 4), strategies=tuple(dict.fromkeys((*QUICK_STRATEGIES, *STRATEGIES))),
+                       budgets=(20, 50, 100), data=QUICK_DATA, device="", workers=8),
 }
 
 
-def run(config: BenchConfig, out_dir: Path) -> dict:
-    """Run the protocol; writes ``results.json`` under ``out_dir`` and returns its content."""
+def run(config: BenchConfig, out_dir: Path, cache_dir: Path | None = None, deadline: float | None = None,
+        command: str = "") -> dict:
+    """Run the protocol; writes ``results.json`` under ``out_dir`` and returns its content.
+
+    Base models are kept in ``cache_dir`` (default ``<out_dir>/cache``) under a key of everything that shapes them
+    (:func:`base_model_key`), so a second run, or another configuration with the same base recipe, reuses them.
+    After ``deadline`` seconds no new fine-tune starts; the results then say ``complete: false``.
+    """
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs, baselines = [], []
+    cache_dir = Path(cache_dir).resolve() if cache_dir else out_dir / "cache"
     started = time.monotonic()
-    base = None
-    for seed in config.seeds:
-        work = out_dir / "work" / f"seed{seed}"
-        generate(dataclasses.replace(config.data, seed=seed), work / "data")
-        if base is None or not config.shared_base:
-            base = _train_base(config, seed, work)
-        seed_runs, baseline = _run_seed(config, seed, work, base)
-        runs += seed_runs
-        baselines.append(baseline)
-    results = {"config": _jsonable(dataclasses.asdict(config)), "selection_knobs": config.selection_knobs(),
-               "new_classes": [CLASS_NAMES[c] for c in config.data.new_classes], "baselines": baselines,
-               "runs": runs, "seconds": round(time.monotonic() - started, 1)}
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    timings = {"base_training": 0.0, "fine_tuning": 0.0}
+    seeds = [_Seed(config, seed, out_dir / "work" / f"seed{seed}", cache_dir, timings) for seed in config.seeds]
+    runs, complete = [], True
+    # strategy by strategy across the seeds: under a deadline, the first strategies are complete and paired
+    for strategy in config.strategies:
+        for seed in seeds:
+            for budget in config.budgets:
+                if deadline is not None and time.monotonic() - started > deadline and not seed.has_run(strategy,
+                                                                                                     budget):
+                    logger.warning("seed %s: deadline reached, %s at %d images not run", seed.seed, strategy, budget)
+                    complete = False
+                    continue
+                runs.append(seed.run(strategy, budget))
+    results = {"command": command, "config": _jsonable(dataclasses.asdict(config)),
+               "selection_knobs": config.selection_knobs(),
+               "default_strategy": DEFAULT_STRATEGY, "new_classes": [CLASS_NAMES[c] for c in config.data.new_classes],
+               "baselines": [seed.baseline for seed in seeds], "runs": runs, "complete": complete,
+               "seconds": round(time.monotonic() - started, 1),
+               "timings": {k: round(v, 1) for k, v in timings.items()}, "machine": machine()}
+    (out_dir / "results.json").write_text(_dumps(results))
     return results
 
 
-@dataclass(frozen=True)
-class BaseModel:
-    weights: ModelSource
-    root: Path
-    """The generated data set whose base split trained it (its images are the replay of every fine-tune)."""
-    seed: int
+def _dumps(results: dict) -> str:
+    """JSON with one line per top-level key, and per run and baseline (a diff shows what changed)."""
+    def value(v):
+        if isinstance(v, list) and v and isinstance(v[0], dict):
+            return "[\n  " + ",\n  ".join(json.dumps(item) for item in v) + "\n ]"
+        return json.dumps(v)
+
+    return "{\n" + ",\n".join(f" {json.dumps(k)}: {value(v)}" for k, v in results.items()) + "\n}\n"
+
+
+def machine() -> dict:
+    """What the figures were measured on."""
+    import platform
+
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or platform.machine(),
+            "cores": cpu_cores(), "gpu": gpu, "torch": version("torch"),
+            "ultralytics": version("ultralytics-opencv-headless")}
 
 
 def _settings(config: BenchConfig, seed: int, work: Path) -> Settings:
     return Settings(
         model_dir=work / "state", device=config.device, imgsz=config.imgsz, inference_batch=config.batch,
-        score_conf=config.score_conf, score_iou=config.score_iou, score_max_det=config.score_max_det,
-        agnostic_nms=config.agnostic_nms, train_imgsz=config.imgsz, train_batch=config.batch,
-        train_device=config.device, train_seed=seed, train_patience=max(config.base_epochs, config.finetune_epochs),
-        train_mosaic=config.mosaic, train_fliplr=config.fliplr,
+        score_conf=config.score_conf, display_conf=config.score_conf, score_iou=config.score_iou,
+        score_max_det=config.score_max_det, agnostic_nms=config.agnostic_nms, train_imgsz=config.imgsz,
+        train_batch=config.batch, train_device=config.device, train_workers=config.workers, train_seed=seed,
+        train_epochs=config.finetune_epochs, train_patience=config.finetune_epochs, train_mosaic=config.mosaic,
+        train_fliplr=config.fliplr, train_keep_best=False,
     )
 
 
-def _train_base(config: BenchConfig, seed: int, work: Path) -> BaseModel:
+def _base_settings(config: BenchConfig, seed: int, work: Path) -> Settings:
+    return dataclasses.replace(_settings(config, seed, work), train_epochs=config.base_epochs,
+                               train_patience=config.base_epochs)
+
+
+BASE_CONFIG = "yolov5nu.yaml"
+
+
+def base_model_key(config: BenchConfig, seed: int) -> str:
+    """SHA-256 of everything that shapes a seed's base model: the base and validation splits' generator settings and
+    code, the training recipe and code, the device kind and the torch / ultralytics versions."""
+    import torch
+
+    data = dataclasses.asdict(dataclasses.replace(config.data, seed=seed))
+    data["counts"] = [(split, n) for split, n in data["counts"].items() if split in BASE_SPLITS]
+    recipe = {k: v for k, v in dataclasses.asdict(_base_settings(config, seed, Path())).items()
+              if k.startswith("train_")}
+    device = "cpu" if config.device == "cpu" or not torch.cuda.is_available() else "cuda"
+    sources = [Path(newspecies.__file__), Path(training.__file__)]
+    described = {"data": data, "recipe": recipe, "imgsz": config.imgsz, "model": BASE_CONFIG, "device": device,
+                 "torch": version("torch"), "ultralytics": version("ultralytics-opencv-headless"),
+                 "code": [hashlib.sha256(p.read_bytes()).hexdigest() for p in sources]}
+    return hashlib.sha256(json.dumps(_jsonable(described), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def cached_base_model(config: BenchConfig, seed: int, work: Path, cache_dir: Path) -> ModelSource:
+    """The seed's base model (known classes only), trained from ``yolov5nu.yaml`` on the first use of its key."""
+    key = base_model_key(config, seed)
+    weights = Path(cache_dir) / f"base-{key[:16]}" / "base-weights.pt"
+    source = ModelSource(str(weights), f"base-seed{seed}-{key[:8]}", is_config=False)
+    if weights.is_file():
+        logger.info("seed %s: base model from the cache (%s)", seed, weights)
+        return source
     logger.info("seed %s: training the base model (%d epochs)", seed, config.base_epochs)
-    root = work / "data"
-    settings = dataclasses.replace(_settings(config, seed, work), train_epochs=config.base_epochs)
-    weights = fine_tune(ModelSource("yolov5nu.yaml", "yolov5nu-untrained", is_config=True),
-                        write_base_yaml(root, dataclasses.replace(config.data, seed=seed)), settings, work / "base",
-                        on_epoch=lambda e: None)
-    return BaseModel(ModelSource(str(weights), f"base-seed{seed}", is_config=False), root, seed)
+    settings = _base_settings(config, seed, work)
+    trained = fine_tune(ModelSource(BASE_CONFIG, "yolov5nu-untrained", is_config=True),
+                        write_base_yaml(work / "data", dataclasses.replace(config.data, seed=seed)), settings,
+                        work / "base", on_epoch=lambda e: None)
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    partial = weights.with_suffix(".partial")
+    shutil.copyfile(trained, partial)
+    partial.replace(weights)
+    return source
 
 
-def _run_seed(config: BenchConfig, seed: int, work: Path, base_model: BaseModel) -> tuple[list[dict], dict]:
-    root = work / "data"
-    settings = _settings(config, seed, work)
-    base = base_model.weights
-    pool_images = sorted((root / "pool" / "images").glob("*.png"))
-    detections = Detector(base, settings).detect([cv2.imread(str(p)) for p in pool_images])
-    class_scores = [d.above(config.score_conf).class_scores for d in detections]
-    pool_truth = [_labels(root / "pool" / "labels" / f"{p.stem}.txt") for p in pool_images]
-    test = Evaluation(root, config, settings)
-    baseline = {"seed": seed, "base_model_seed": base_model.seed,
-                "pool_detections_per_image": np.bincount([len(c) for c in class_scores]).tolist(), **test(base)}
+class _Seed:
+    """One seed's data set, base model and pool detections; fine-tunes and scores the selections of strategies."""
 
-    replay = sorted((base_model.root / "base" / "images").glob("*.png"))[: config.replay]
-    trained: dict[tuple[int, ...], dict] = {}
-    runs = []
-    for strategy in config.strategies:
-        rng = np.random.default_rng([seed, STRATEGIES.index(strategy)])
-        scores = score_images(class_scores, strategy, rng)
-        order = np.argsort(-scores, kind="stable")
-        for budget in config.budgets:
-            chosen = tuple(sorted(int(i) for i in order[:budget]))
-            if chosen not in trained:
-                logger.info("seed %s: %s, %d images: fine-tuning", seed, strategy, budget)
-                trained[chosen] = test(_fine_tune(base, root, [pool_images[i] for i in chosen], replay, config,
-                                                  settings, work / f"ft{len(trained)}"))
-            classes = np.concatenate([pool_truth[i].classes for i in chosen]) if chosen else np.zeros(0)
-            runs.append({
-                "seed": seed, "strategy": strategy, "budget": budget, "images": len(chosen),
-                "boxes": int(len(classes)),
-                "new_boxes": int(np.isin(classes, config.data.new_classes).sum()),
-                "selected": [pool_images[i].stem for i in chosen],
-                **trained[chosen],
-            })
-    return runs, baseline
+    def __init__(self, config: BenchConfig, seed: int, work: Path, cache_dir: Path, timings: dict):
+        self.config, self.seed, self.work, self.timings = config, seed, work, timings
+        self.root = work / "data"
+        generate(dataclasses.replace(config.data, seed=seed), self.root)
+        began = time.monotonic()
+        self.base = cached_base_model(config, seed, work, cache_dir)
+        timings["base_training"] += time.monotonic() - began
+        self.settings = _settings(config, seed, work)
+        self.pool = sorted((self.root / "pool" / "images").glob("*.png"))
+        self.pool_truth = [_labels(self.root / "pool" / "labels" / f"{p.stem}.txt", config.data.image_size)
+                           for p in self.pool]
+        # every box down to 0.001 once (for the diagnosis); the strategies see those at the scoring threshold
+        every_box = Detector(self.base, dataclasses.replace(self.settings, score_conf=DIAGNOSIS_CONF,
+                                                            display_conf=DIAGNOSIS_CONF))
+        detections = every_box.detect([cv2.imread(str(p)) for p in self.pool])
+        self.class_scores = [d.above(config.score_conf).class_scores for d in detections]
+        new_classes = set(config.data.new_classes)
+        self.test = Evaluation(self.root, config, self.settings)
+        self.baseline = {
+            "seed": seed, "base_model": self.base.version,
+            "pool_detections_per_image": np.bincount([len(c) for c in self.class_scores]).tolist(),
+            "diagnosis": diagnosis.box_records(detections, self.pool_truth, new_classes),
+            "selection": diagnosis.selection_counts(self.class_scores, self.pool_truth, STRATEGIES, config.budgets,
+                                                    new_classes, self._rng),
+            **self.test(self.base),
+        }
+        self.replay = sorted((self.root / "base" / "images").glob("*.png"))[: config.replay]
+        self.trained: dict[tuple[int, ...], dict] = {}
+
+    def _rng(self, strategy: str) -> np.random.Generator:
+        return np.random.default_rng([self.seed, STRATEGIES.index(strategy)])
+
+    def selection(self, strategy: str, budget: int) -> tuple[int, ...]:
+        """Pool indices of the ``budget`` images ``strategy`` ranks first (ties keep pool order)."""
+        order = np.argsort(-score_images(self.class_scores, strategy, self._rng(strategy)), kind="stable")
+        return tuple(sorted(int(i) for i in order[:budget]))
+
+    def has_run(self, strategy: str, budget: int) -> bool:
+        return self.selection(strategy, budget) in self.trained
+
+    def run(self, strategy: str, budget: int) -> dict:
+        """Fine-tune on the selection (or reuse an identical selection's result) and score it on the test set."""
+        chosen = self.selection(strategy, budget)
+        if chosen not in self.trained:
+            logger.info("seed %s: %s, %d images: fine-tuning", self.seed, strategy, budget)
+            began = time.monotonic()
+            weights = _fine_tune(self.base, self.root, [self.pool[i] for i in chosen], self.replay, self.settings,
+                                 self.work / f"ft{len(self.trained)}")
+            self.timings["fine_tuning"] += time.monotonic() - began
+            self.trained[chosen] = self.test(weights)
+        classes = np.concatenate([self.pool_truth[i].classes for i in chosen]) if chosen else np.zeros(0)
+        return {"seed": self.seed, "strategy": strategy, "budget": budget, "images": len(chosen),
+                "boxes": int(len(classes)), "new_boxes": int(np.isin(classes, self.config.data.new_classes).sum()),
+                "selected": [self.pool[i].stem for i in chosen], **self.trained[chosen]}
 
 
-def _fine_tune(base: ModelSource, root: Path, chosen: list[Path], replay: list[Path], config: BenchConfig,
-               settings: Settings, work: Path) -> ModelSource:
+def _fine_tune(base: ModelSource, root: Path, chosen: list[Path], replay: list[Path], settings: Settings,
+               work: Path) -> ModelSource:
     work.mkdir(parents=True, exist_ok=True)
     (work / "train.txt").write_text("".join(f"{p.resolve()}\n" for p in [*chosen, *replay]))
     (work / "val.txt").write_text("".join(f"{p.resolve()}\n" for p in sorted((root / "val" / "images").glob("*"))))
     data = work / "data.yaml"
     data.write_text(yaml.safe_dump({"path": str(work), "train": "train.txt", "val": "val.txt",
                                     "names": dict(enumerate(CLASS_NAMES))}, sort_keys=False))
-    weights = fine_tune(base, data, dataclasses.replace(settings, train_epochs=config.finetune_epochs), work,
-                        on_epoch=lambda e: None)
+    weights = fine_tune(base, data, settings, work, on_epoch=lambda e: None)
     return ModelSource(str(weights), work.name, is_config=False)
 
 

@@ -1,125 +1,254 @@
 """Tables and plots from ``results.json``: ``report.md`` and ``budget_curves.png`` next to it.
 
-* mean +- std over seeds of mAP50-95, mAP50, new-class and known-class AP, images and boxes per selection;
-* paired differences (same seed) against ``random`` and against the same measure without sqrt(N), with the win
-  rate over seeds;
-* normalised area under the budget curve (mean mAP50-95 over the budget range);
-* the paper's table shape: % change of mAP50-95 over the base model, with the ALE variants in columns and the base
-  model, random and the other strategies in rows (a cell compares the column's ALE variant with the row).
+* the verdict: the default strategy against ``random``, paired by seed, on mAP50-95 and new-class AP;
+* the diagnosis: what the base model outputs over new-class objects, known-class objects and background, per
+  confidence threshold (:mod:`ale_backend.bench.diagnosis`), and what every strategy's selection holds;
+* per budget, mean +- std over seeds of mAP50-95, new- and known-class AP and what was selected, with paired
+  differences (same seed, same test set) against ``random`` and against the same measure without sqrt(N), each with
+  its win rate over seeds;
+* normalised area under the budget curve (mean mAP50-95 over the budgets);
+* the paper's table shape: % change of mAP50-95 with the ALE variants in columns and the base model, random and the
+  other strategies in rows (a cell compares the column's ALE variant with the row).
 """
 
 from __future__ import annotations
 
-import platform
 from collections import defaultdict
-from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 
+from ale_backend.bench.diagnosis import object_table
+
+VERDICT_BUDGETS = (50, 100)
+VERDICT_WINS = 4 / 5
+"""The default strategy "beats random" at a budget when its paired difference is positive in at least this share of
+the seeds, on mAP50-95 and on new-class AP alike."""
+
+
+class _Runs:
+    """The runs of ``results.json``, indexed by (strategy, budget, seed)."""
+
+    def __init__(self, results: dict):
+        runs = results["runs"]
+        self.strategies = list(dict.fromkeys(r["strategy"] for r in runs))
+        self.budgets = sorted({r["budget"] for r in runs})
+        self.seeds = sorted(b["seed"] for b in results["baselines"])
+        self.by = {(r["strategy"], r["budget"], r["seed"]): r for r in runs}
+        self.base = {b["seed"]: b for b in results["baselines"]}
+
+    def values(self, strategy: str, budget: int, key: str, seeds=None) -> np.ndarray:
+        return np.array([self.by[(strategy, budget, s)][key] for s in (seeds or self.seeds)
+                         if (strategy, budget, s) in self.by], float)
+
+    def paired(self, a: str, b: str, budget: int, key: str) -> np.ndarray:
+        """Per seed that ran both: a - b."""
+        seeds = [s for s in self.seeds if (a, budget, s) in self.by and (b, budget, s) in self.by]
+        return self.values(a, budget, key, seeds) - self.values(b, budget, key, seeds)
+
+    def base_values(self, key: str) -> np.ndarray:
+        return np.array([self.base[s][key] for s in self.seeds], float)
+
 
 def write(results: dict, out_dir: Path, command: str = "") -> list[Path]:
     out_dir = Path(out_dir)
-    runs = results["runs"]
-    strategies = list(dict.fromkeys(r["strategy"] for r in runs))
-    budgets = sorted({r["budget"] for r in runs})
-    seeds = sorted({r["seed"] for r in runs})
-    by = {(r["strategy"], r["budget"], r["seed"]): r for r in runs}
-    base = {b["seed"]: b for b in results["baselines"]}
-
-    def values(strategy, budget, key):
-        return np.array([by[(strategy, budget, s)][key] for s in seeds if (strategy, budget, s) in by], float)
-
+    r = _Runs(results)
     lines = [f"# Active-learning benchmark: {results['config']['name']}", ""]
     if command:
         lines += [f"Command: `{command}`", ""]
-    lines += [f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}; torch {version('torch')}, ultralytics "
-              f"{version('ultralytics-opencv-headless')}; {len(seeds)} seeds; {results['seconds']:.0f} s.", "",
-              f"New classes: {', '.join(results['new_classes'])}. Selection-time knobs: "
+    lines += [_machine(results, r), ""]
+    if not results.get("complete", True):
+        lines += ["**Incomplete**: the deadline stopped the run before every fine-tune; the tables hold what ran.", ""]
+    lines += [f"New classes: {', '.join(results['new_classes'])}. Selection-time knobs: "
               + ", ".join(f"{k} {v}" for k, v in results["selection_knobs"].items()) + ".", "",
               _recipe(results["config"]), "",
-              "Base model (known classes only) on the test set: mAP50-95 "
-              + _fmt(np.array([base[s]["map50_95"] for s in seeds])) + ", new-class AP "
-              + _fmt(np.array([base[s]["new_ap50_95"] for s in seeds])) + ".", ""]
-    if all("pool_detections_per_image" in base[s] for s in seeds):
-        lines += ["Its detections per pool image at the selection threshold (N of ALE; images per N, seeds summed): "
-                  + _histogram([base[s]["pool_detections_per_image"] for s in seeds]) + ".", ""]
+              "Base model (known classes only) on the test set: mAP50-95 " + _fmt(r.base_values("map50_95"))
+              + ", known-class AP " + _fmt(r.base_values("known_ap50_95")) + ", new-class AP "
+              + _fmt(r.base_values("new_ap50_95")) + ". Fine-tunes above the base model's mAP50-95: "
+              + _beat_base(r) + ".", ""]
+    lines += _verdict(results.get("default_strategy"), r)
+    lines += _diagnosis(results, r)
+    lines += _selection(results, r)
+    lines += _budget_tables(r)
+    lines += _sqrt_n_changes(r)
+    lines += _auc(r)
+    lines += _paper_table(r)
+    report = out_dir / "report.md"
+    report.write_text("\n".join(lines))
+    base_means = {k: float(np.mean(r.base_values(k))) for k in ("map50_95", "new_ap50_95")}
+    plot = _plot(results["runs"], r, base_means, out_dir / "budget_curves.png")
+    return [report, plot]
 
-    for budget in budgets:
+
+def _machine(results: dict, r: _Runs) -> str:
+    m = results.get("machine", {})
+    where = f"{m.get('date', '?')}, {m.get('gpu') or 'no GPU'}, {m.get('cores', '?')} CPU cores ({m.get('cpu', '?')})"
+    timings = results.get("timings", {})
+    spent = ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in timings.items())
+    return (f"Measured {where}; torch {m.get('torch', '?')}, ultralytics {m.get('ultralytics', '?')}; "
+            f"{len(r.seeds)} seeds; {results['seconds']:.0f} s in all" + (f" ({spent})." if spent else "."))
+
+
+def _beat_base(r: _Runs) -> str:
+    above = [r.by[k]["map50_95"] > r.base[k[2]]["map50_95"] for k in r.by]
+    return f"{sum(above)} of {len(above)}" if above else "none ran"
+
+
+def _verdict(default: str | None, r: _Runs) -> list[str]:
+    if not default or default not in r.strategies or "random" not in r.strategies:
+        return []
+    lines = [f"## Verdict: the default strategy `{default}` against `random`", "",
+             "Paired by seed (same pool, same test set); mean +- std of the difference, and in how many seeds it is "
+             "positive.", "", "| budget | mAP50-95 | new-class AP | known-class AP | new-class boxes selected | "
+             "beats random |", "|---|---|---|---|---|---|"]
+    beats = {}
+    for budget in r.budgets:
+        cells = [_paired(r.paired(default, "random", budget, k))
+                 for k in ("map50_95", "new_ap50_95", "known_ap50_95")]
+        new_boxes = " vs ".join(f"{r.values(s, budget, 'new_boxes').mean():.1f}" for s in (default, "random"))
+        won = all(_wins(r.paired(default, "random", budget, k)) for k in ("map50_95", "new_ap50_95"))
+        beats[budget] = won
+        lines.append(f"| {budget} | " + " | ".join(cells) + f" | {new_boxes} | {'yes' if won else 'no'} |")
+    asked = [b for b in VERDICT_BUDGETS if b in beats]
+    if asked:
+        held = all(beats[b] for b in asked)
+        lines += ["", f"Criterion (positive on mAP50-95 and on new-class AP in at least {VERDICT_WINS:.0%} of the "
+                  f"seeds, at {' and '.join(map(str, asked))} images): **{'met' if held else 'not met'}**."]
+    return lines + [""]
+
+
+def _wins(diff: np.ndarray) -> bool:
+    return len(diff) > 0 and (diff > 0).mean() >= VERDICT_WINS - 1e-9
+
+
+def _diagnosis(results: dict, r: _Runs) -> list[str]:
+    records = defaultdict(list)
+    for s in r.seeds:
+        for group, rows in r.base[s].get("diagnosis", {}).items():
+            records[group] += rows
+    if not records:
+        return []
+    lines = ["## Diagnosis: what the base model outputs over the pool (seeds pooled)", "",
+             "Every box of the base model down to confidence 0.001 (class-agnostic NMS, as the product scores); an "
+             "object's box is the highest-confidence one with IoU >= 0.5. *max* and *sum* are the highest and summed "
+             "raw class scores (independent sigmoids) before normalising, medians; *entropy* (nats) and *LC* (least "
+             "confidence) are means over the normalised class vector. The last column: images holding a new-class "
+             "object whose every box is below the threshold, so that every strategy scores them 0.", "",
+             "| threshold | group | with a box | max | sum | entropy | LC | new-class images without a box |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in object_table(dict(records)):
+        share = (f"{row['per_image']:.2f} per image" if row["group"] == "background"
+                 else f"{row['boxed']} of {row['objects']} ({row['share']:.0%})")
+        stats = [f"{row[k]:.3f}" if k in row else "" for k in ("max_score", "score_sum", "entropy", "lc")]
+        missed = f"{row['new_images_without_box']:.0%}" if "new_images_without_box" in row else ""
+        lines.append(f"| {row['threshold']} | {row['group']} | {share} | " + " | ".join(stats) + f" | {missed} |")
+    return lines + [""]
+
+
+def _selection(results: dict, r: _Runs) -> list[str]:
+    if not all("selection" in r.base[s] for s in r.seeds):
+        return []
+    strategies = list(r.base[r.seeds[0]]["selection"])
+    budgets = sorted({int(b) for b in r.base[r.seeds[0]]["selection"][strategies[0]]})
+    lines = ["## What each strategy selects (every strategy, no training; mean over seeds)", "",
+             f"At the scoring threshold {results['selection_knobs']['conf']}: new-class boxes / all boxes / images "
+             "with a new class in the top images.", "",
+             "| strategy | " + " | ".join(f"{b} images" for b in budgets) + " |", "|" + "---|" * (len(budgets) + 1)]
+    for strategy in strategies:
+        cells = []
+        for b in budgets:
+            picked = [r.base[s]["selection"][strategy][str(b)] for s in r.seeds]
+            cells.append(" / ".join(f"{np.mean([p[k] for p in picked]):.1f}"
+                                    for k in ("new_boxes", "boxes", "new_images")))
+        lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _budget_tables(r: _Runs) -> list[str]:
+    lines = []
+    for budget in r.budgets:
         lines += [f"## Budget {budget} images", "",
-                  "| strategy | mAP50-95 | mAP50 | new-class AP | known-class AP | boxes | new boxes | "
-                  "vs random (win rate) | vs without sqrt(N) (win rate) |", "|" + "---|" * 9]
-        for strategy in strategies:
-            row = [strategy] + [_fmt(values(strategy, budget, k)) for k in
-                                ("map50_95", "map50", "new_ap50_95", "known_ap50_95")]
-            row += [f"{values(strategy, budget, k).mean():.1f}" for k in ("boxes", "new_boxes")]
-            row.append(_paired(values(strategy, budget, "map50_95"), values("random", budget, "map50_95"))
-                       if strategy != "random" and "random" in strategies else "")
+                  "| strategy | mAP50-95 | new-class AP | known-class AP | boxes | new boxes | mAP vs random | "
+                  "new-class AP vs random | mAP vs without sqrt(N) |", "|" + "---|" * 9]
+        for strategy in r.strategies:
+            row = [strategy] + [_fmt(r.values(strategy, budget, k)) for k in
+                                ("map50_95", "new_ap50_95", "known_ap50_95")]
+            row += [f"{r.values(strategy, budget, k).mean():.1f}" for k in ("boxes", "new_boxes")]
+            against_random = strategy != "random" and "random" in r.strategies
+            row += [_paired(r.paired(strategy, "random", budget, k)) if against_random else ""
+                    for k in ("map50_95", "new_ap50_95")]
             plain = strategy.removeprefix("ale-")
-            row.append(_paired(values(strategy, budget, "map50_95"), values(plain, budget, "map50_95"))
-                       if strategy.startswith("ale-") and plain in strategies else "")
+            row.append(_paired(r.paired(strategy, plain, budget, "map50_95"))
+                       if strategy.startswith("ale-") and plain in r.strategies else "")
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
+    return lines
 
-    pairs = [(a, a.removeprefix("ale-")) for a in strategies if a.startswith("ale-") and a[4:] in strategies]
-    if pairs:
-        lines += ["## How much sqrt(N) changed the selection: images shared with the same measure without it", "",
-                  "| strategy | " + " | ".join(f"budget {b}" for b in budgets) + " |",
-                  "|" + "---|" * (len(budgets) + 1)]
-        for ale_strategy, plain in pairs:
-            cells = []
-            for budget in budgets:
-                shared = [len(set(by[(ale_strategy, budget, s)]["selected"]) & set(by[(plain, budget, s)]["selected"]))
-                          / max(1, by[(plain, budget, s)]["images"]) for s in seeds]
-                cells.append(f"{np.mean(shared):.0%}")
-            lines.append(f"| {ale_strategy} vs {plain} | " + " | ".join(cells) + " |")
-        lines.append("")
 
-    lines += ["## Normalised area under the budget curve (mean mAP50-95 over budgets)", "",
-              "| strategy | AUC |", "|---|---|"]
-    for strategy in strategies:
-        per_seed = [np.mean([by[(strategy, b, s)]["map50_95"] for b in budgets]) for s in seeds]
+def _sqrt_n_changes(r: _Runs) -> list[str]:
+    pairs = [(a, a.removeprefix("ale-")) for a in r.strategies if a.startswith("ale-") and a[4:] in r.strategies]
+    if not pairs:
+        return []
+    lines = ["## How much sqrt(N) changed the selection: images shared with the same measure without it", "",
+             "| strategy | " + " | ".join(f"budget {b}" for b in r.budgets) + " |", "|" + "---|" * (len(r.budgets) + 1)]
+    for ale_strategy, plain in pairs:
+        cells = []
+        for budget in r.budgets:
+            seeds = [s for s in r.seeds if (ale_strategy, budget, s) in r.by and (plain, budget, s) in r.by]
+            shared = [len(set(r.by[(ale_strategy, budget, s)]["selected"]) & set(r.by[(plain, budget, s)]["selected"]))
+                      / max(1, r.by[(plain, budget, s)]["images"]) for s in seeds]
+            cells.append(f"{np.mean(shared):.0%}" if shared else "")
+        lines.append(f"| {ale_strategy} vs {plain} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _auc(r: _Runs) -> list[str]:
+    lines = ["## Normalised area under the budget curve (mean mAP50-95 over budgets)", "", "| strategy | AUC |",
+             "|---|---|"]
+    for strategy in r.strategies:
+        per_seed = [np.mean([r.by[(strategy, b, s)]["map50_95"] for b in r.budgets]) for s in r.seeds
+                    if all((strategy, b, s) in r.by for b in r.budgets)]
         lines.append(f"| {strategy} | {_fmt(np.array(per_seed))} |")
-    lines.append("")
+    return lines + [""]
 
-    ale = [s for s in strategies if s.startswith("ale-")]
-    rows = ["base model", *[s for s in strategies if not s.startswith("ale-")]]
-    for budget in budgets:
+
+def _paper_table(r: _Runs) -> list[str]:
+    ale = [s for s in r.strategies if s.startswith("ale-")]
+    rows = ["base model", *[s for s in r.strategies if not s.startswith("ale-")]]
+    base = r.base_values("map50_95")
+    lines = []
+    for budget in r.budgets:
         lines += [f"## The paper's table shape, budget {budget}: % change in mAP50-95 of the column's ALE variant "
                   "over the row", "", "| row (its own % over the base model) | " + " | ".join(ale) + " |",
                   "|" + "---|" * (len(ale) + 1)]
         for row in rows:
-            ref = (np.array([base[s]["map50_95"] for s in seeds]) if row == "base model"
-                   else values(row, budget, "map50_95"))
-            own = "" if row == "base model" else f" ({_pct(ref, np.array([base[s]['map50_95'] for s in seeds]))})"
-            lines.append(f"| {row}{own} | " + " | ".join(_pct(values(a, budget, "map50_95"), ref) for a in ale)
+            ref = base if row == "base model" else r.values(row, budget, "map50_95")
+            own = "" if row == "base model" else f" ({_pct(ref, base)})"
+            lines.append(f"| {row}{own} | " + " | ".join(_pct(r.values(a, budget, "map50_95"), ref) for a in ale)
                          + " |")
         lines.append("")
-    report = out_dir / "report.md"
-    report.write_text("\n".join(lines))
-    base_means = {k: float(np.mean([base[s][k] for s in seeds])) for k in ("map50_95", "new_ap50_95")}
-    plot = _plot(runs, strategies, budgets, seeds, base_means, out_dir / "budget_curves.png")
-    return [report, plot]
+    return lines
 
 
-def _plot(runs, strategies, budgets, seeds, base_means: dict, path: Path) -> Path:
+def _plot(runs, r: _Runs, base_means: dict, path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for strategy in strategies:
+    for strategy in r.strategies:
         points = defaultdict(list)
-        for r in runs:
-            if r["strategy"] == strategy:
-                points[r["budget"]].append(r)
+        for run in runs:
+            if run["strategy"] == strategy:
+                points[run["budget"]].append(run)
+        budgets = [b for b in r.budgets if points[b]]
         x_images = np.array(budgets, float)
-        x_boxes = np.array([np.mean([r["boxes"] for r in points[b]]) for b in budgets])
+        x_boxes = np.array([np.mean([run["boxes"] for run in points[b]]) for b in budgets])
         for axis, x, key in ((axes[0], x_images, "map50_95"), (axes[1], x_boxes, "map50_95"),
                              (axes[2], x_images, "new_ap50_95")):
-            mean = np.array([np.mean([r[key] for r in points[b]]) for b in budgets])
-            std = np.array([np.std([r[key] for r in points[b]]) for b in budgets])
+            mean = np.array([np.mean([run[key] for run in points[b]]) for b in budgets])
+            std = np.array([np.std([run[key] for run in points[b]]) for b in budgets])
             axis.plot(x, mean, marker="o", label=strategy, linestyle="-" if strategy.startswith("ale-") else "--")
             axis.fill_between(x, mean - std, mean + std, alpha=0.12)
     for axis, key in zip(axes, ("map50_95", "map50_95", "new_ap50_95")):
@@ -131,7 +260,7 @@ def _plot(runs, strategies, budgets, seeds, base_means: dict, path: Path) -> Pat
         axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    figure.suptitle(f"mean +- std over {len(seeds)} seeds (the bands include the seeds' different test sets; "
+    figure.suptitle(f"mean +- std over {len(r.seeds)} seeds (the bands include the seeds' different test sets; "
                     "report.md has the paired differences)")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -141,31 +270,22 @@ def _plot(runs, strategies, budgets, seeds, base_means: dict, path: Path) -> Pat
 
 def _recipe(config: dict) -> str:
     data = config["data"]
-    base = ("one base model for every seed (the first seed's base split)" if config.get("shared_base")
-            else "one base model per seed")
     counts = data["counts"]
     return (f"Recipe: {data['image_size']} px images, pool {counts.get('pool')}, test {counts.get('test')} per seed; "
-            f"{base}, {counts.get('base')} base images, {config['base_epochs']} epochs; fine-tunes "
-            f"of {config['finetune_epochs']} epochs on the selection plus {config['replay']} replayed base images; "
-            f"batch {config['batch']}, mosaic {config['mosaic']}, fliplr {config.get('fliplr', 0.5)}.")
-
-
-def _histogram(counts: list[list[int]]) -> str:
-    total = np.zeros(max(len(c) for c in counts), dtype=int)
-    for c in counts:
-        total[: len(c)] += c
-    return ", ".join(f"N={n}: {k}" for n, k in enumerate(total))
+            f"one base model per seed, {counts.get('base')} base images, {config['base_epochs']} epochs; fine-tunes "
+            f"of {config['finetune_epochs']} epochs (the last kept) on the selection plus {config['replay']} replayed "
+            f"base images; batch {config['batch']}, mosaic {config['mosaic']}, fliplr {config.get('fliplr', 0.5)}, "
+            f"dataloader workers {config.get('workers', 0)}.")
 
 
 def _fmt(values: np.ndarray) -> str:
     return f"{values.mean():.3f} +- {values.std():.3f}" if len(values) else ""
 
 
-def _paired(a: np.ndarray, b: np.ndarray) -> str:
-    if len(a) == 0 or len(a) != len(b):
+def _paired(diff: np.ndarray) -> str:
+    if len(diff) == 0:
         return ""
-    diff = a - b
-    return f"{diff.mean():+.3f} +- {diff.std():.3f} ({(diff > 0).mean():.0%})"
+    return f"{diff.mean():+.3f} +- {diff.std():.3f} ({int((diff > 0).sum())}/{len(diff)})"
 
 
 def _pct(a: np.ndarray, b: np.ndarray) -> str:
