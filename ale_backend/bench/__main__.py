@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
                                           ("strategies", args.strategies)) if v}
     if args.device is not None:
         overrides["device"] = args.device
+    if args.deadline is not None:
+        overrides["deadline"] = args.deadline
     config = dataclasses.replace(config, **overrides)
     out = args.out or Path("data/benchmark") / config.name
     command = "python -m ale_backend.bench " + shlex.join(argv or sys.argv[1:])
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         command = results.get("command", command)
     else:
         prepare_environment(out / "work" / "state")
-        results = protocol.run(config, out, args.cache or Path("data/benchmark/cache"), args.deadline, command)
+        results = protocol.run(config, out, args.cache or Path("data/benchmark/cache"), command)
     for path in report.write(results, out, command):
         print(path)
     return 0
