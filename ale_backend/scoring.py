@@ -50,9 +50,9 @@ STRATEGIES: tuple[str, ...] = (
 
 DEFAULT_STRATEGY = "ale-unknown-mean"
 """ALE over the ``unknown`` measure: ``mean(1 - max raw class score) * sqrt(N)``. Chosen by the benchmark on
-development seeds kept apart from the evaluation seeds (``docs/benchmark``): its selections hold about 2.5 times as
-many new-class objects as random ones and taught the new classes far better, where ``ale-entropy-sum`` (the paper's
-best) barely differed from random."""
+development seeds kept apart from the evaluation seeds (``docs/benchmark``): its selections hold 2 to 3 times as many
+new-class objects as random ones and teach the new classes about twice as fast, where ``ale-entropy-sum`` (the
+paper's best) teaches them no faster than random order."""
 
 READABLE_PRIORITY_CEILING = 1.0 - 1e-6
 """Largest priority score a readable image gets; 1.0 itself is kept for tasks whose image could not be read."""

@@ -17,7 +17,7 @@ from ale_backend.scoring import DEFAULT_STRATEGY, STRATEGIES
 
 DEFAULT_SCORE_CONF = 0.1
 """Default ``SCORE_CONF``. Objects of classes the model has never seen get low class scores (median highest score
-0.4 against 0.85 for known classes, benchmark diagnosis in ``docs/benchmark``); at 0.25 a quarter of them get no
+0.43 against 0.80 for known classes, benchmark diagnosis in ``docs/benchmark``); at 0.25 a fifth of them get no
 box, and images that show only such objects would score 0. Background boxes stay rare down to about 0.1."""
 
 
