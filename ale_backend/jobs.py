@@ -85,7 +85,10 @@ class TrainingQueue:
                                    f"{', '.join(sorted(FORCING_EVENTS | COUNTING_EVENTS))}"}
         project = project_id(payload.get("project"))
         if project is None:
-            return 400, {"error": "the event names no project (expected 'project': {'id': ...})"}
+            return 400, {"error": "the event names no project (expected 'project': {'id': <integer >= 1>})"}
+        for field, kind, name in (("annotation", dict, "an object"), ("annotations", list, "a list")):
+            if payload.get(field) is not None and not isinstance(payload[field], kind):
+                return 400, {"error": f"'{field}' must be {name}, got {type(payload[field]).__name__}"}
         try:
             if event in COUNTING_EVENTS:
                 if (payload.get("annotation") or {}).get("was_cancelled"):

@@ -9,8 +9,9 @@ label-studio-ml provides the routes Label Studio calls (``/health``, ``/setup``,
   each time; the weights live in a process-wide cache, so ``/setup`` never loads a model and two projects served
   by one process never see each other's config.
 * **Basic auth** on every route when ``BASIC_AUTH_USER``/``BASIC_AUTH_PASS`` are set (1.0.9 has none).
-* **Bad requests get a 4xx with a reason.** Its views turn any exception, malformed JSON included, into a 500;
-  :func:`_check_request` answers 415/400 before a view runs, an unusable labelling config included.
+* **Bad requests get a 4xx with a reason.** Its views turn any exception, malformed JSON included, into a 500 whose
+  body holds the traceback; :func:`_check_request` answers 415/400 before a view runs (an unusable labelling
+  config or project reference included), and :func:`_hide_tracebacks` keeps tracebacks out of every response.
 * **Training through our queue.** Its ``/webhook`` trains only on some events (not ``START_TRAINING``, not the
   plural ``ANNOTATIONS_DELETED``), drops jobs while one waits, and without Redis forks a process per event. Here
   ``/webhook`` hands the event to :class:`~ale_backend.jobs.TrainingQueue` (RQ over Redis, coalescing per project)
@@ -97,6 +98,7 @@ def create_app(settings: Settings | None = None, warm_up: bool = True) -> Flask:
     app = ls_api.init_app(model_class=ALEModel, model_dir=str(settings.model_dir), settings=settings)
     if not app.config.get("ALE_EXTENDED"):
         app.before_request(_check_request)
+        app.after_request(_hide_tracebacks)
         app.add_url_rule("/versions", "versions_get", _versions, methods=["GET"])
         app.add_url_rule("/status", "status", _status, methods=["GET"])
         app.view_functions["webhook"] = _webhook
@@ -118,8 +120,8 @@ def _check_request():
         return _error(413, f"request body of {request.content_length} bytes is over MAX_REQUEST_MB ({limit} bytes)")
     if settings.basic_auth_user:
         auth = request.authorization
-        if auth is None or not (hmac.compare_digest(auth.username or "", settings.basic_auth_user)
-                                and hmac.compare_digest(auth.password or "", settings.basic_auth_pass)):
+        if auth is None or not (_same(auth.username, settings.basic_auth_user)
+                                and _same(auth.password, settings.basic_auth_pass)):
             response = _error(401, "basic authentication required (BASIC_AUTH_USER / BASIC_AUTH_PASS)")
             response.headers["WWW-Authenticate"] = 'Basic realm="ALE backend"'
             return response
@@ -134,6 +136,9 @@ def _check_request():
         value = payload.get(field)
         if not isinstance(value, kind) or not value:
             return _error(400, f"'{field}' must be {meaning}")
+    if payload.get("project") is not None and request.path in ("/setup", "/predict", "/versions") \
+            and project_id(payload["project"]) is None:
+        return _error(400, "'project' must be Label Studio's project reference, e.g. \"3.1700000000\" or 3")
     if request.path == "/predict":
         bad = [i for i, task in enumerate(payload["tasks"]) if not isinstance(task, dict)]
         if bad:
@@ -145,6 +150,22 @@ def _check_request():
         except LabelConfigError as exc:
             return _error(400, f"unusable labelling config: {exc}")
     return None
+
+
+def _same(given: str | None, expected: str) -> bool:
+    """Constant-time comparison of credentials, any characters (``hmac.compare_digest`` refuses non-ASCII str)."""
+    return hmac.compare_digest((given or "").encode("utf-8"), expected.encode("utf-8"))
+
+
+def _hide_tracebacks(response):
+    """label-studio-ml's views answer an unexpected exception with a 500 whose body holds the traceback (file paths,
+    code): keep it in the log, which already has it, and tell the caller only that it failed."""
+    if response.status_code >= 500 and response.is_json:
+        body = response.get_json(silent=True)
+        result = body.get("result") if isinstance(body, dict) else None
+        if isinstance(body, dict) and ("traceback" in body or isinstance(result, dict) and "traceback" in result):
+            response = _error(response.status_code, "internal error; the backend's log has the details")
+    return response
 
 
 def _versions():

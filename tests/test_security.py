@@ -6,8 +6,11 @@ import io
 import logging
 
 import pytest
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from ale_backend.jobs import key
+from ale_backend.model import ALEModel
 from ale_backend.server import create_app
 from ale_backend.settings import Settings, SettingsError
 from tests.conftest import LABEL_CONFIG
@@ -103,3 +106,54 @@ def test_half_configured_basic_auth_is_a_settings_error():
         Settings.from_env({"BASIC_AUTH_USER": "x"})
     with pytest.raises(SettingsError, match="LOG_FORMAT"):
         Settings.from_env({"LOG_FORMAT": "xml"})
+
+
+def test_non_ascii_credentials_are_compared_not_crashed_on(secured, settings, image_server, redis_url, tmp_path):
+    client, _ = secured
+    assert client.get("/health", headers=auth(user="annotätor", password="pässwörd")).status_code == 401
+    unicode_settings = dataclasses.replace(settings, model_dir=tmp_path / "unicode", basic_auth_user="José",
+                                           basic_auth_pass="pässwörd²", redis_url=redis_url)
+    unicode_client = create_app(unicode_settings, warm_up=False).test_client()
+    assert unicode_client.get("/health", headers=auth("José", "pässwörd²")).status_code == 200
+    assert unicode_client.get("/health", headers=auth("José", "passwörd²")).status_code == 401
+
+
+@pytest.mark.parametrize("project", ["²", "-5", -5, 0, "1e3", True, {"id": "٣"}])
+def test_a_malformed_project_reference_gets_a_400_with_a_reason(secured, project):
+    client, _ = secured
+    for path, body in (("/setup", {"project": project, "schema": LABEL_CONFIG}),
+                       ("/predict", {"project": project, "label_config": LABEL_CONFIG,
+                                     "tasks": [{"id": 1, "data": {"image": "/data/upload/1/a.png"}}]}),
+                       ("/webhook", {"action": "START_TRAINING", "project": project})):
+        response = client.post(path, json=body, headers=auth())
+        assert response.status_code == 400, (path, project, response.data[:300])
+        assert "project" in response.json["error"] and "Traceback" not in response.get_data(as_text=True)
+    query = project["id"] if isinstance(project, dict) else project
+    assert client.get(f"/status?project={query}", headers=auth()).status_code == 400
+
+
+@pytest.mark.parametrize("payload, field", [
+    ({"annotations": 5}, "annotations"), ({"annotation": "x"}, "annotation"),
+    ({"annotations": {"id": 1}}, "annotations"),
+])
+def test_a_malformed_webhook_gets_a_400_and_counts_nothing(secured, payload, field):
+    client, app_settings = secured
+    connection = redis.Redis.from_url(app_settings.redis_url)
+    response = client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 4321}, **payload},
+                           headers=auth())
+    assert response.status_code == 400 and f"'{field}'" in response.json["error"]
+    assert connection.keys(key(4321, "*")) == []
+
+
+def test_an_unexpected_error_answers_500_without_a_traceback(secured, monkeypatch):
+    client, _ = secured
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("boom in /opt/secret/path.py")
+
+    monkeypatch.setattr(ALEModel, "predict", broken)
+    response = client.post("/predict", json={"project": "1.1", "label_config": LABEL_CONFIG,
+                                             "tasks": [{"id": 1, "data": {"image": "/data/upload/1/a.png"}}]},
+                           headers=auth())
+    assert response.status_code == 500
+    assert response.json == {"error": "internal error; the backend's log has the details"}
