@@ -16,8 +16,14 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import requests
+from urllib3.exceptions import NewConnectionError
 
 logger = logging.getLogger(__name__)
+
+RETRIED_ALWAYS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "PATCH", "DELETE"})
+"""Methods whose repetition changes nothing more than one call (PATCH: the backend only sets fields with it).
+A POST is retried only when it never reached Label Studio: after a read timeout or a 5xx it may have been applied,
+and repeating it would create duplicates."""
 
 ANNOTATED = {"conjunction": "and", "items": [
     {"filter": "filter:tasks:total_annotations", "operator": "greater", "type": "Number", "value": 0}
@@ -49,12 +55,14 @@ class LabelStudioClient:
         self._session = requests.Session()
 
     def request(self, method: str, path: str, **kwargs) -> Any:
-        """Call the API and return its JSON; connection errors and 5xx are retried with exponential backoff.
+        """Call the API and return its JSON; connection errors and 5xx are retried with exponential backoff, for a
+        POST only when it never reached Label Studio (see :data:`RETRIED_ALWAYS`).
 
         Raises :class:`LabelStudioError` with Label Studio's own explanation when it refuses the request (4xx) or
         keeps failing.
         """
         url = self.absolute_url(path)
+        method = method.upper()
         last = ""
         for attempt in range(self._retries + 1):
             if attempt:
@@ -65,11 +73,15 @@ class LabelStudioClient:
             except requests.RequestException as exc:
                 last = f"{type(exc).__name__}: {exc}"
                 logger.warning("Label Studio %s %s failed (attempt %d): %s", method, path, attempt + 1, last)
-                continue
+                if method in RETRIED_ALWAYS or _never_sent(exc):
+                    continue
+                raise self._maybe_applied(method, path, last) from exc
             if response.status_code >= 500:
                 last = f"HTTP {response.status_code}: {response.text[:300]}"
                 logger.warning("Label Studio %s %s failed (attempt %d): %s", method, path, attempt + 1, last)
-                continue
+                if method in RETRIED_ALWAYS:
+                    continue
+                raise self._maybe_applied(method, path, last)
             if response.status_code >= 400:
                 raise LabelStudioError(
                     f"Label Studio refused {method} {path}: HTTP {response.status_code}: {_body_detail(response)}"
@@ -77,6 +89,12 @@ class LabelStudioClient:
             return response.json() if response.content else None
         raise LabelStudioError(
             f"Label Studio at {self.url} kept failing on {method} {path} after {self._retries + 1} attempts: {last}"
+        )
+
+    def _maybe_applied(self, method: str, path: str, reason: str) -> LabelStudioError:
+        return LabelStudioError(
+            f"Label Studio at {self.url} failed on {method} {path} ({reason}); not retried, since Label Studio may "
+            "have applied it already"
         )
 
     def project(self, project_id: int) -> dict:
@@ -158,6 +176,14 @@ class LabelStudioClient:
         """Whether ``url`` points at this Label Studio (same scheme, host and port): only then is the key sent."""
         mine, theirs = urlsplit(self.url), urlsplit(url)
         return (mine.scheme, mine.hostname, _port(mine)) == (theirs.scheme, theirs.hostname, _port(theirs))
+
+
+def _never_sent(exc: requests.RequestException) -> bool:
+    """Whether the request failed before a connection was made (nothing can have reached Label Studio)."""
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return True
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None
+    return isinstance(reason, NewConnectionError)
 
 
 def _port(parts) -> int | None:

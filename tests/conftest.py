@@ -116,6 +116,8 @@ class FakeLabelStudio:
         self.api_failures = 0
         """The next this many API requests answer 503, as an overloaded Label Studio would."""
         server = self
+        self.import_failures_after_commit = 0
+        """The next this many prediction imports are stored, then answered 504 (a proxy that timed out waiting)."""
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def log_message(self, *args):
@@ -131,6 +133,9 @@ class FakeLabelStudio:
                     created = body[: server.max_created] if server.max_created is not None else body
                     server.predictions.setdefault(project, []).extend(created)
                     return self._send(201, json.dumps({"created": len(created)}).encode(), "application/json")
+                    if server.import_failures_after_commit > 0:
+                        server.import_failures_after_commit -= 1
+                        return self._send(504, b"Gateway Timeout", "text/plain")
                 if self.path == "/api/token/refresh/" and body.get("refresh") == server.refresh_token:
                     self._send(200, json.dumps({"access": server.access_token}).encode(), "application/json")
                 else:

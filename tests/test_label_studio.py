@@ -31,6 +31,22 @@ def test_persistent_failures_end_with_a_clear_error(label_studio):
         client_for(label_studio, retries=2).project(3)
 
 
+def test_a_post_that_may_have_been_applied_is_not_repeated(label_studio):
+    add_project(label_studio, 3, n_tasks=2, seed=0)
+    label_studio.import_failures_after_commit = 1
+    items = [{"task": 3000, "result": [], "score": 0.5, "model_version": "v1"}]
+    with pytest.raises(LabelStudioError, match="not retried, since Label Studio may have applied it"):
+        client_for(label_studio, retries=3).import_predictions(3, items)
+    assert len(label_studio.predictions[3]) == 1  # one copy: no duplicate from a retry
+    assert client_for(label_studio).import_predictions(3, items) == 1  # and the next call works
+
+
+def test_a_post_that_never_connected_is_retried(label_studio):
+    client = LabelStudioClient("http://127.0.0.1:9", "key", retries=2, backoff=0.01, timeout=1)
+    with pytest.raises(LabelStudioError, match="kept failing on POST .* after 3 attempts: ConnectionError"):
+        client.import_predictions(3, [])
+
+
 def test_refusals_are_not_retried_and_say_why(label_studio):
     with pytest.raises(LabelStudioError, match=r"HTTP 404: Not found"):
         client_for(label_studio).project(99)
