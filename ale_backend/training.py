@@ -24,7 +24,8 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -57,13 +58,57 @@ class NothingToTrain(Exception):
 def train_project(project: int, settings: Settings, report: Report = lambda stage, **details: None,
                   run_name: str = "round") -> dict[str, Any]:
     """Run one training round for ``project``; returns a JSON-able summary (also stored in the version)."""
-    started = time.monotonic()
     registry = Registry(settings.model_dir)
     registry.clean_incomplete(project)
-    work = registry.project_dir(project) / "work" / run_name
+    with round_folder(registry.project_dir(project) / "work", run_name) as work:
+        return _train_round(project, settings, report, registry, work)
+
+
+@contextmanager
+def round_folder(work_root: Path, name: str) -> Iterator[Path]:
+    """A fresh folder for one round's dataset and ultralytics run.
+
+    It is removed when the round succeeds or has nothing to train on. When the round fails, or its worker is killed,
+    what helps to debug it stays (ultralytics' ``args.yaml`` and ``results.csv``, the dataset's lists and
+    ``data.yaml``) and the bulk goes (images, labels, weights, caches), and the folders of earlier failures go. Of
+    earlier rounds' folders only the newest, the last failure (or a killed round), is kept, likewise trimmed.
+    """
+    earlier = sorted((p for p in work_root.glob("*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    for folder in earlier[:-1]:
+        shutil.rmtree(folder, ignore_errors=True)
+    for folder in earlier[-1:]:
+        _trim(folder)
+    work = work_root / name
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    try:
+        yield work
+    except NothingToTrain:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    except BaseException:
+        _trim(work)
+        for folder in work_root.iterdir():  # this is the last failure now
+            if folder != work:
+                shutil.rmtree(folder, ignore_errors=True)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
 
+
+_BULK_FOLDERS = {"images", "labels", "weights"}
+_BULK_SUFFIXES = {".pt", ".cache", ".npy", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def _trim(folder: Path) -> None:
+    for path in sorted(folder.rglob("*"), reverse=True):  # children before their parents
+        if path.is_dir() and path.name in _BULK_FOLDERS:
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.is_file() and path.suffix.lower() in _BULK_SUFFIXES:
+            path.unlink(missing_ok=True)
+
+
+def _train_round(project: int, settings: Settings, report: Report, registry: Registry, work: Path) -> dict[str, Any]:
+    started = time.monotonic()
     report("fetching annotations")
     client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
     config = parse_label_config(client.project(project)["label_config"])
@@ -125,7 +170,6 @@ def train_project(project: int, settings: Settings, report: Report = lambda stag
     )
     registry.add(weights, info)
     pruned = registry.prune(project, settings.keep_versions)
-    shutil.rmtree(work, ignore_errors=True)
     (logger.info if promoted else logger.warning)(
         "project %s: version %s %s (%s) after %.0f s%s", project, info.version,
         "serving" if promoted else "kept but NOT served", reason, info.train_seconds,

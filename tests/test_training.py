@@ -27,7 +27,7 @@ from ale_backend import synthetic
 from ale_backend.detector import resolve_model_source
 from ale_backend.registry import Registry, VersionInfo
 from ale_backend.server import create_app
-from ale_backend.training import fine_tune
+from ale_backend.training import NothingToTrain, fine_tune, round_folder
 from tests.conftest import LABEL_CONFIG, ROOT, add_project
 from tests.stack import stop
 
@@ -186,6 +186,12 @@ def test_a_failed_training_keeps_the_served_version_and_reports_why(backend, lab
     assert registry.current(9) == "p9-v1-20260101T000000" and len(registry.versions(9)) == 1
     setup = client.post("/setup", json={"project": "9.1", "schema": LABEL_CONFIG})
     assert setup.json["model_version"] == "p9-v1-20260101T000000"
+    # a second failure: only the last failed round's folder stays, trimmed to what explains it
+    assert webhook(client, "START_TRAINING", 9).status_code == 201
+    wait_for(lambda: status(client, 9)["last_failure"]["job"] != failure["job"] or None, 180, "the second failure")
+    work = registry.project_dir(9) / "work"
+    assert [p.name for p in work.iterdir()] == [status(client, 9)["last_failure"]["job"]]
+    assert not [p for p in work.rglob("*") if p.suffix in {".pt", ".png"}]
 
 
 def test_events_below_the_minimum_wait_and_others_are_ignored(backend):
@@ -247,6 +253,46 @@ def test_without_redis_webhooks_say_so_and_predictions_still_work(backend, label
                                               "label_config": LABEL_CONFIG, "project": "3.1"})
     assert predicted.status_code == 200 and len(predicted.json["results"]) == 1
     assert client.get("/status?project=3").status_code == 503
+
+
+def make_round(folder):
+    """What a round leaves: dataset images and labels, lists, an ultralytics run with weights."""
+    for name, content in (("dataset/images/a.png", b"png"), ("dataset/labels/a.txt", b"0 .5 .5 .1 .1"),
+                          ("dataset/data.yaml", b"names: {}"), ("dataset/train.txt", b"a.png"),
+                          ("run/train/args.yaml", b"epochs: 1"), ("run/train/results.csv", b"epoch"),
+                          ("run/train/weights/best.pt", b"weights"), ("dataset/labels.cache", b"cache")):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(content)
+
+
+def kept(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+DEBUG_FILES = ["dataset/data.yaml", "dataset/train.txt", "run/train/args.yaml", "run/train/results.csv"]
+
+
+def test_round_folders_go_when_done_and_keep_only_the_last_failures_logs(tmp_path):
+    root = tmp_path / "work"
+    with round_folder(root, "ok") as work:
+        make_round(work)
+    assert not (root / "ok").exists()
+    with pytest.raises(NothingToTrain), round_folder(root, "noop") as work:
+        make_round(work)
+        raise NothingToTrain("nothing changed")
+    assert not (root / "noop").exists()
+    make_round(root / "older-failure")
+    with pytest.raises(RuntimeError), round_folder(root, "failed") as work:
+        make_round(work)
+        raise RuntimeError("out of memory")
+    assert kept(root / "failed") == DEBUG_FILES and [p.name for p in root.iterdir()] == ["failed"]
+    make_round(root / "killed")  # a worker killed mid-round leaves everything
+    time.sleep(0.01)
+    os.utime(root / "killed")
+    with round_folder(root, "next") as work:
+        assert sorted(p.name for p in root.iterdir()) == ["killed", "next"]  # the older failure is gone
+        assert kept(root / "killed") == DEBUG_FILES
+    assert [p.name for p in root.iterdir()] == ["killed"]
 
 
 def test_the_training_recipe_reaches_ultralytics(dataset, settings, tmp_path):
