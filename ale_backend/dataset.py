@@ -146,12 +146,12 @@ class ImageCache:
         for existing in self.folder.glob(f"{key}.*"):
             return existing
         data = self._loader.read_bytes(url)
-        decode_image(data, url)  # refuse what is not an image before it reaches the trainer
+        decode_image(data, url, self._loader.max_pixels)  # refuse what is not an image before the trainer sees it
         suffix = next((s for magic, s in IMAGE_SUFFIXES.items() if data.startswith(magic)), None)
         if suffix is None:  # e.g. WebP: re-encode losslessly to a format every trainer reads
             import cv2
 
-            ok, encoded = cv2.imencode(".png", decode_image(data, url))
+            ok, encoded = cv2.imencode(".png", decode_image(data, url, self._loader.max_pixels))
             data, suffix = encoded.tobytes(), ".png"
         target = self.folder / f"{key}{suffix}"
         tmp = target.with_suffix(f".part{os.getpid()}")

@@ -1,7 +1,8 @@
 """Load task images: Label Studio uploads and local files, plain http(s) URLs and local paths.
 
 * ``/data/upload/...`` and ``/data/local-files/?d=...`` are fetched from ``LABEL_STUDIO_URL`` with the API key;
-* ``http(s)://`` URLs are fetched as they are (with the API key only when they point at Label Studio itself);
+* ``http(s)://`` URLs are fetched as they are (with the API key only when they point at Label Studio itself, and
+  never after a redirect from another host);
 * anything else without a scheme is a path on this machine.
 
 Task data comes from whoever can create tasks, so the loader refuses to be used against the network it runs in
@@ -11,17 +12,21 @@ redirect is checked the same way; other schemes (``file://``, ``ftp://``...) are
 under ``LOCAL_FILES_ROOT`` (or the backend's own cache under ``MODEL_DIR``). The check resolves the host once before
 connecting, so a DNS answer that changes between the check and the connection is not caught.
 
-Images are decoded with OpenCV to BGR ``uint8`` arrays (EXIF orientation applied, as browsers show them). Loading
-many images runs concurrently and never raises: each URL yields an array or an :class:`ImageLoadError` saying why,
-so one broken image fails its own task only.
+Images are decoded with OpenCV to BGR ``uint8`` arrays (EXIF orientation applied, as browsers show them), after
+their width and height are read from the file's header (Pillow, without decoding): an image of more than
+``MAX_IMAGE_PIXELS`` pixels is refused before it is decoded, since a small file can unpack to gigabytes (a
+30000 x 30000 one-bit PNG is about 100 KB). Loading many images runs concurrently and never raises: each URL yields
+an array or an :class:`ImageLoadError` saying why, so one broken image fails its own task only.
 """
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import logging
 import socket
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,6 +35,8 @@ from urllib.parse import urljoin, urlsplit
 import cv2
 import numpy as np
 import requests
+import urllib3
+from PIL import Image, UnidentifiedImageError
 
 from ale_backend.label_studio import LabelStudioClient, LabelStudioError
 
@@ -38,6 +45,7 @@ logger = logging.getLogger(__name__)
 _LABEL_STUDIO_PREFIXES = ("/data/upload/", "/data/local-files/")
 _CLOUD_SCHEMES = {"s3", "gs", "azure-blob", "gcs"}
 _MAX_REDIRECTS = 5
+DEFAULT_MAX_PIXELS = 100_000_000
 
 
 class ImageLoadError(Exception):
@@ -54,34 +62,46 @@ class ImageLoader:
     workers : int
         Images fetched concurrently.
     timeout : float
-        Seconds for each download (connect and read).
+        Seconds for each download, all of it: connecting, every redirect and the whole body (a server that sends
+        one byte at a time does not hold a thread longer than this).
     max_bytes : int
         Larger files are refused before being read whole.
     allowed_hosts : iterable of str
         Hosts that may resolve to private addresses (besides Label Studio's).
     local_roots : iterable of paths
         Folders whose files may be read by path.
+    max_pixels : int
+        Larger images (width x height) are refused before they are decoded.
     """
 
     def __init__(
         self, label_studio: LabelStudioClient | None, workers: int = 8, timeout: float = 10.0,
         max_bytes: int = 50 * 1024 * 1024, allowed_hosts: Iterable[str] = (), local_roots: Iterable[Path] = (),
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ):
         self._label_studio = label_studio
+        self.max_pixels = max_pixels
         self._timeout = timeout
         self._max_bytes = max_bytes
         self._allowed_hosts = {h.strip().lower() for h in allowed_hosts if h.strip()}
         self._local_roots = [Path(r).resolve() for r in local_roots]
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="image-fetch")
+        self._workers = workers
         self._local = threading.local()
 
     def load_many(self, urls: Sequence[str]) -> list[np.ndarray | ImageLoadError]:
-        """Load every URL concurrently; the result at index i belongs to ``urls[i]``."""
-        return list(self._pool.map(self._load_or_error, urls))
+        """Load every URL concurrently; the result at index i belongs to ``urls[i]``.
+
+        Each call has threads of its own (up to ``workers``): a request whose images are slow to come cannot hold
+        the threads that another request's images need.
+        """
+        if len(urls) <= 1:
+            return [self._load_or_error(url) for url in urls]
+        with ThreadPoolExecutor(max_workers=min(self._workers, len(urls)), thread_name_prefix="image-fetch") as pool:
+            return list(pool.map(self._load_or_error, urls))
 
     def load(self, url: str) -> np.ndarray:
         """Load one image or raise :class:`ImageLoadError`."""
-        return decode_image(self.read_bytes(url), url)
+        return decode_image(self.read_bytes(url), url, self.max_pixels)
 
     def read_bytes(self, url: str) -> bytes:
         """The raw bytes behind ``url``, or :class:`ImageLoadError`."""
@@ -144,27 +164,31 @@ class ImageLoader:
 
     def _download(self, url: str) -> bytes:
         session = self._session()
+        deadline = time.monotonic() + self._timeout
+        # the key goes only where the task's own URL is Label Studio's: a redirect from another host to Label Studio
+        # must not make the backend send it (the other host chose the target)
+        keyed = self._label_studio is not None and self._label_studio.owns(url)
         for _hop in range(_MAX_REDIRECTS + 1):
             self.check_url(url)
             headers = {}
-            if self._label_studio is not None and self._label_studio.owns(url):
+            if keyed and self._label_studio.owns(url):
                 try:
                     headers.update(self._label_studio.auth_headers())
                 except LabelStudioError as exc:
                     raise ImageLoadError(f"{_short(url)}: {exc}") from exc
             try:
-                response = session.get(url, headers=headers, timeout=self._timeout, stream=True,
-                                       allow_redirects=False)
+                response = session.get(url, headers=headers, timeout=_left(deadline, url, self._timeout),
+                                       stream=True, allow_redirects=False)
             except requests.RequestException as exc:
                 raise ImageLoadError(f"{_short(url)}: {type(exc).__name__}: {exc}") from exc
             if response.is_redirect and response.headers.get("Location"):
                 response.close()
                 url = urljoin(url, response.headers["Location"])
                 continue
-            return self._read(response, url)
+            return self._read(response, url, deadline)
         raise ImageLoadError(f"{_short(url)}: more than {_MAX_REDIRECTS} redirects")
 
-    def _read(self, response: requests.Response, url: str) -> bytes:
+    def _read(self, response: requests.Response, url: str, deadline: float) -> bytes:
         try:
             with response:
                 if response.status_code != 200:
@@ -174,12 +198,14 @@ class ImageLoader:
                 if declared > self._max_bytes:
                     raise ImageLoadError(f"{_short(url)}: {declared} bytes is over the {self._max_bytes} byte limit")
                 body = bytearray()
-                for chunk in response.iter_content(chunk_size=1 << 16):
+                # read1 returns whatever one read brings, so the deadline is checked however slowly bytes come
+                while chunk := response.raw.read1(1 << 16, decode_content=True):
                     body += chunk
                     if len(body) > self._max_bytes:
                         raise ImageLoadError(f"{_short(url)}: larger than the {self._max_bytes} byte limit")
+                    _left(deadline, url, self._timeout)
                 return bytes(body)
-        except requests.RequestException as exc:
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
             raise ImageLoadError(f"{_short(url)}: {type(exc).__name__}: {exc}") from exc
 
     def _read_file(self, path: Path) -> bytes:
@@ -200,14 +226,42 @@ class ImageLoader:
             raise ImageLoadError(f"{path}: permission denied") from exc
 
 
-def decode_image(data: bytes, name: str = "image") -> np.ndarray:
-    """Decode encoded image bytes to a BGR ``uint8`` array, or raise :class:`ImageLoadError`."""
+def decode_image(data: bytes, name: str = "image", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode encoded image bytes to a BGR ``uint8`` array, or raise :class:`ImageLoadError`.
+
+    The size comes from the header first: a format Pillow cannot identify, or more than ``max_pixels`` pixels, is
+    refused without decoding.
+    """
     if not data:
         raise ImageLoadError(f"{_short(name)}: empty file")
+    width, height = image_size(data, name)
+    if width * height > max_pixels:
+        raise ImageLoadError(f"{_short(name)}: {width} x {height} pixels is over MAX_IMAGE_PIXELS ({max_pixels})")
     image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     if image is None or image.size == 0:
         raise ImageLoadError(f"{_short(name)}: not a decodable image ({len(data)} bytes)")
     return image
+
+
+def _left(deadline: float, url: str, timeout: float) -> float:
+    """Seconds left before ``deadline``; :class:`ImageLoadError` when none are."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise ImageLoadError(f"{_short(url)}: the download took longer than FETCH_TIMEOUT ({timeout:g} s)")
+    return left
+
+
+def image_size(data: bytes, name: str = "image") -> tuple[int, int]:
+    """(width, height) from the image file's header, without decoding the pixels."""
+    try:
+        with Image.open(io.BytesIO(data)) as header:
+            return header.size
+    except Image.DecompressionBombError as exc:  # Pillow's own limit (179 million pixels) says it first
+        raise ImageLoadError(f"{_short(name)}: refused before decoding: {exc}") from exc
+    except (UnidentifiedImageError, OSError, ValueError, ImportError) as exc:
+        # ImportError: once ultralytics is imported, its patch of Image.open answers an unidentified file by
+        # importing the optional HEIF plugin (pi-heif), which this backend does not install
+        raise ImageLoadError(f"{_short(name)}: not a decodable image ({len(data)} bytes)") from exc
 
 
 def _short(url: str, limit: int = 200) -> str:
@@ -226,7 +280,8 @@ def get_image_loader(settings) -> ImageLoader:
     """The process's loader for these settings (one thread pool and HTTP connection pool, reused)."""
     roots = (settings.model_dir, *((settings.local_files_root,) if settings.local_files_root else ()))
     key = (settings.label_studio_url, settings.label_studio_api_key, settings.fetch_workers,
-           settings.fetch_timeout, settings.max_image_bytes, settings.image_host_allowlist, roots)
+           settings.fetch_timeout, settings.max_image_bytes, settings.image_host_allowlist, roots,
+           settings.max_image_pixels)
     with _loaders_lock:
         loader = _loaders.get(key)
         if loader is None:
@@ -236,6 +291,6 @@ def get_image_loader(settings) -> ImageLoader:
             )
             loader = _loaders[key] = ImageLoader(
                 client, settings.fetch_workers, settings.fetch_timeout, settings.max_image_bytes,
-                allowed_hosts=settings.image_host_allowlist, local_roots=roots,
+                allowed_hosts=settings.image_host_allowlist, local_roots=roots, max_pixels=settings.max_image_pixels,
             )
         return loader

@@ -10,6 +10,7 @@ import hashlib
 import http.server
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import cv2
@@ -98,7 +99,7 @@ class FakeLabelStudio:
     ``POST /api/token/refresh/ {"refresh": <PAT>}`` as Label Studio 1.23 does it. Files are served from ``root``
     under ``/data/upload/...``, ``/data/local-files/?d=...`` and ``/public/...`` (the last one without auth);
     ``/together/...`` answers only when ``barrier.parties`` requests wait at once (proof of concurrent fetching);
-    ``/redirect?to=<url>`` answers 302 to that URL.
+    ``/redirect?to=<url>`` answers 302 to that URL; ``/drip?every=<seconds>`` sends a 1000-byte body one byte at a time.
     ``projects`` maps a project id to ``{"label_config": ..., "tasks": [...]}``, served by ``/api/projects/<id>/``
     and ``/api/tasks/?project=<id>&page=&page_size=`` (paginated like Label Studio: ``{"tasks", "total"}``).
     """
@@ -115,9 +116,9 @@ class FakeLabelStudio:
         """When set, /import/predictions creates at most this many (Label Studio skips invalid items silently)."""
         self.api_failures = 0
         """The next this many API requests answer 503, as an overloaded Label Studio would."""
-        server = self
         self.import_failures_after_commit = 0
         """The next this many prediction imports are stored, then answered 504 (a proxy that timed out waiting)."""
+        server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def log_message(self, *args):
@@ -132,10 +133,10 @@ class FakeLabelStudio:
                     project = int(self.path.split("/")[3])
                     created = body[: server.max_created] if server.max_created is not None else body
                     server.predictions.setdefault(project, []).extend(created)
-                    return self._send(201, json.dumps({"created": len(created)}).encode(), "application/json")
                     if server.import_failures_after_commit > 0:
                         server.import_failures_after_commit -= 1
                         return self._send(504, b"Gateway Timeout", "text/plain")
+                    return self._send(201, json.dumps({"created": len(created)}).encode(), "application/json")
                 if self.path == "/api/token/refresh/" and body.get("refresh") == server.refresh_token:
                     self._send(200, json.dumps({"access": server.access_token}).encode(), "application/json")
                 else:
@@ -170,6 +171,20 @@ class FakeLabelStudio:
                     self.send_header("Location", parse_qs(parts.query)["to"][0])
                     self.send_header("Content-Length", "0")
                     self.end_headers()
+                    return None
+                if parts.path == "/drip":  # a 1000-byte body, one byte every `every` seconds
+                    every = float(parse_qs(parts.query)["every"][0])
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/png")
+                    self.send_header("Content-Length", "1000")
+                    self.end_headers()
+                    try:
+                        for _ in range(1000):
+                            self.wfile.write(b"\0")
+                            self.wfile.flush()
+                            time.sleep(every)
+                    except OSError:  # the client gave up
+                        pass
                     return None
                 if parts.path.startswith("/together/"):
                     # Answers only once `barrier.parties` requests are in flight at the same time.

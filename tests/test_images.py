@@ -1,10 +1,13 @@
 """Image loading against a real local HTTP server that checks credentials like Label Studio does."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
 
+from ale_backend import images
+from ale_backend.dataset import ImageCache
 from ale_backend.images import ImageLoader, ImageLoadError, decode_image
 from ale_backend.label_studio import LabelStudioClient, LabelStudioError
 from tests.conftest import FakeLabelStudio, make_jwt
@@ -58,6 +61,20 @@ def test_the_key_goes_only_to_label_studio(image_server, sample_images, tmp_path
         image = loader.load(f"{elsewhere.url}/public/x.png")
     assert image.shape == (160, 160, 3)
     assert elsewhere.requests == [("/public/x.png", None)]
+
+
+def test_a_redirect_from_another_host_to_label_studio_does_not_get_the_key(image_server, sample_images, tmp_path):
+    (tmp_path / "other").mkdir()
+    with FakeLabelStudio(tmp_path / "other", "t", "r", "a") as elsewhere:
+        loader = loader_for(image_server, image_server.legacy_token,
+                            allowed_hosts=[elsewhere.url.removeprefix("http://")])
+        target = f"{image_server.url}/data/upload/1/{sample_images[0].name}"
+        with pytest.raises(ImageLoadError, match="HTTP 401"):
+            loader.load(f"{elsewhere.url}/redirect?to={target}")
+    assert image_server.requests[-1] == (f"/data/upload/1/{sample_images[0].name}", None)
+    # Label Studio's own URL still gets it, also when Label Studio redirects within itself
+    assert loader.load(f"{image_server.url}/redirect?to={target}").shape == (160, 160, 3)
+    assert image_server.requests[-1][1] == f"Token {image_server.legacy_token}"
 
 
 def test_private_addresses_are_refused_before_any_request(image_server, sample_images, tmp_path):
@@ -137,12 +154,70 @@ def test_images_are_fetched_concurrently(image_server, sample_images):
     assert all(isinstance(r, np.ndarray) for r in results), results
 
 
+def test_a_server_that_sends_a_byte_at_a_time_is_cut_at_the_fetch_timeout(image_server):
+    loader = ImageLoader(None, workers=2, timeout=1.0, allowed_hosts=["127.0.0.1"])
+    started = time.monotonic()
+    with pytest.raises(ImageLoadError, match=r"took longer than FETCH_TIMEOUT \(1 s\)"):
+        loader.load(f"{image_server.url}/drip?every=0.1")  # each byte well within the per-read timeout
+    assert time.monotonic() - started < 2.5
+
+
+def test_slow_images_of_one_request_do_not_hold_back_another(image_server, sample_images):
+    loader = ImageLoader(None, workers=2, timeout=3.0, allowed_hosts=["127.0.0.1"])
+    slow = threading.Thread(target=loader.load_many, args=([f"{image_server.url}/drip?every=0.1"] * 2,))
+    slow.start()
+    time.sleep(0.3)  # both of the slow request's downloads are under way
+    started = time.monotonic()
+    (image,) = loader.load_many([f"{image_server.url}/public/1/{sample_images[0].name}"])
+    assert image.shape == (160, 160, 3) and time.monotonic() - started < 1.0
+    slow.join()
+
+
 def test_oversized_images_are_refused(image_server, sample_images, local_images):
     loader = loader_for(image_server, image_server.legacy_token, max_bytes=1000, local_roots=[local_images])
     with pytest.raises(ImageLoadError, match="byte limit"):
         loader.load(f"/data/upload/1/{sample_images[0].name}")
     with pytest.raises(ImageLoadError, match="byte limit"):
         loader.load(str(local_images / "inside.png"))
+
+
+def bomb_png(side: int) -> bytes:
+    """A one-bit black PNG of side x side pixels: about 110 KB at 30000, 2.7 GB once decoded to BGR."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\0" * (1 + (side + 7) // 8)
+    packer = zlib.compressobj(9)
+    body = b"".join(packer.compress(row * 1000) for _ in range(side // 1000)) + packer.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+
+
+def test_an_image_of_too_many_pixels_is_refused_before_it_is_decoded(image_server, tmp_path, monkeypatch):
+    data = bomb_png(30000)
+    assert len(data) < 200_000
+    (image_server.root / "1" / "bomb.png").write_bytes(data)
+    decoded = []
+    monkeypatch.setattr(images.cv2, "imdecode", lambda *a: decoded.append(a) or None)  # must never be reached
+    loader = loader_for(image_server, image_server.legacy_token)
+    with pytest.raises(ImageLoadError, match="pixels"):
+        loader.load("/data/upload/1/bomb.png")
+    with pytest.raises(ImageLoadError, match="over MAX_IMAGE_PIXELS"):
+        decode_image(bomb_png(2000), "small-bomb.png", max_pixels=1_000_000)
+    cache = ImageCache(tmp_path / "cache", loader)  # the training rounds' path
+    with pytest.raises(ImageLoadError, match="pixels"):
+        cache.get(1, "/data/upload/1/bomb.png")
+    assert decoded == [] and not list((tmp_path / "cache").iterdir())
+
+
+def test_the_pixel_limit_is_width_times_height(sample_images):
+    data = sample_images[0].read_bytes()  # 160 x 160
+    assert decode_image(data, "ok.png", max_pixels=160 * 160).shape == (160, 160, 3)
+    with pytest.raises(ImageLoadError, match="160 x 160 pixels is over MAX_IMAGE_PIXELS"):
+        decode_image(data, "big.png", max_pixels=160 * 160 - 1)
 
 
 def test_decode_rejects_empty_bytes():
