@@ -11,7 +11,14 @@ worker frees it within ``LOCK_SECONDS``), then moves the project to the next gen
 waiting job), resets the count, runs :func:`ale_backend.training.train_project` and records the outcome. Progress
 (stage, epoch) is kept in the job's meta; :meth:`TrainingQueue.status` gathers it all per project.
 
-Redis keys, per project: ``ale:p<id>:generation``, ``:new``, ``:running``, ``:lock``, ``:last-result``,
+A job that stops without finishing (its worker killed, the machine gone) shows within seconds: while it runs it
+keeps ``:alive`` (its id, expiring after ``HEARTBEAT_SECONDS``) fresh; a ``:running`` mark without it is a dead job,
+recorded as the last failure by the next status read or job start. RQ runs each job in a work horse of its own
+process group, so stopping the worker's group would leave the horse training: the horse asks the kernel to kill it
+when the worker dies (:func:`_die_with_worker`).
+
+Redis keys, per project: ``ale:p<id>:generation``, ``:new``, ``:min-new`` (the threshold the web side counts
+against), ``:running``, ``:alive``, ``:lock``, ``:last-result`` (the last job of either kind), ``:last-training``,
 ``:last-failure``.
 """
 
@@ -19,8 +26,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import sys
 import threading
-import traceback
 import uuid
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -43,6 +52,8 @@ FORCING_EVENTS = {"START_TRAINING"}
 COUNTING_EVENTS = {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED", "ANNOTATIONS_DELETED"}
 """Add to the count of new annotations; train once it reaches MIN_NEW_ANNOTATIONS."""
 LOCK_SECONDS = 60
+HEARTBEAT_SECONDS = 6
+"""A running job refreshes its ``alive`` key every third of this; a job silent for this long is dead."""
 RESULT_TTL = 7 * 24 * 3600
 _WAITING = {JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED, JobStatus.CREATED}
 
@@ -94,7 +105,9 @@ class TrainingQueue:
                 if (payload.get("annotation") or {}).get("was_cancelled"):
                     return 200, {"status": "ignored", "event": event, "reason": "a skipped task is not an annotation"}
                 added = len(payload.get("annotations") or []) or 1
-                count = self.redis.incrby(key(project, "new"), added)
+                # the threshold goes along, so that any status reader reports the one this server counts against
+                count, _ = (self.redis.pipeline(transaction=False).incrby(key(project, "new"), added)
+                            .set(key(project, "min-new"), self.settings.min_new_annotations).execute())
                 if count < self.settings.min_new_annotations:
                     return 200, {"status": "pending", "project": project, "new_annotations": count,
                                  "min_new_annotations": self.settings.min_new_annotations}
@@ -151,15 +164,17 @@ class TrainingQueue:
 
     def status(self, project: int) -> dict[str, Any]:
         """Running and waiting jobs with their progress, the served version and the last outcome."""
+        record_dead_job(self.redis, project)
         generation = int(self.redis.get(key(project, "generation")) or 0)
         out: dict[str, Any] = {
             "project": project,
             "current_version": Registry(self.settings.model_dir).current(project),
             "new_annotations": int(self.redis.get(key(project, "new")) or 0),
-            "min_new_annotations": self.settings.min_new_annotations,
+            "min_new_annotations": int(self.redis.get(key(project, "min-new")) or self.settings.min_new_annotations),
             "running": None,
             "waiting": None,
             "last_result": _json(self.redis.get(key(project, "last-result"))),
+            "last_training": _json(self.redis.get(key(project, "last-training"))),
             "last_failure": _json(self.redis.get(key(project, "last-failure"))),
         }
         running = self.redis.get(key(project, "running"))
@@ -183,6 +198,7 @@ def run_training_job(project: int, generation: int) -> dict[str, Any]:
     from ale_backend.rescoring import rescore_project
     from ale_backend.training import NothingToTrain, train_project
 
+    _die_with_worker()
     settings = get_settings()
     connection = redis.Redis.from_url(settings.redis_url)
     job = get_current_job()
@@ -190,11 +206,12 @@ def run_training_job(project: int, generation: int) -> dict[str, Any]:
     report = _reporter(job, project)
 
     report("waiting for the project lock")
-    with _project_lock(connection, project):
+    with _project_lock(connection, project), _heartbeat(connection, project, jid):
+        record_dead_job(connection, project)
         new = connection.eval(_CLAIM, 3, key(project, "generation"), key(project, "running"), key(project, "new"),
                               generation, jid)
         logger.info("project %s: job %s starts (%s new annotation events)", project, jid, int(new or 0))
-        with _outcome(connection, project, jid, report) as outcome:
+        with _outcome(connection, project, jid, report, training=True) as outcome:
             try:
                 result = train_project(project, settings, report, run_name=jid)
             except NothingToTrain as exc:
@@ -212,12 +229,15 @@ def run_rescoring_job(project: int, version: str | None = None) -> dict[str, Any
     """The RQ job that re-scores a project's pool with its served version."""
     from ale_backend.rescoring import rescore_project
 
+    _die_with_worker()
     settings = get_settings()
     connection = redis.Redis.from_url(settings.redis_url)
     job = get_current_job()
     report = _reporter(job, project)
     jid = job.id if job else "rescore"
-    with _project_lock(connection, project), _outcome(connection, project, jid, report) as outcome:
+    with _project_lock(connection, project), _heartbeat(connection, project, jid), \
+            _outcome(connection, project, jid, report) as outcome:
+        record_dead_job(connection, project)
         connection.set(key(project, "running"), jid)
         outcome.update(rescore_project(project, settings, report))
     return dict(outcome)
@@ -234,14 +254,15 @@ def _reporter(job, project: int):
 
 
 @contextmanager
-def _outcome(connection: redis.Redis, project: int, jid: str, report):
-    """Record how a job ended (``last-result`` or ``last-failure``) and clear the running mark."""
+def _outcome(connection: redis.Redis, project: int, jid: str, report, training: bool = False):
+    """Record how a job ended (``last-result``, and ``last-training`` for a training job, or ``last-failure``) and
+    clear the running mark. A failure's traceback goes to the log, not to Redis (status readers get the reason)."""
     outcome: dict[str, Any] = {}
     try:
         yield outcome
     except Exception as exc:
-        failure = {"job": jid, "at": _now(), "error": f"{type(exc).__name__}: {exc}",
-                   "traceback": traceback.format_exc(limit=8)}
+        failure = {"job": jid, "at": _now(), "error": f"{type(exc).__name__}: {exc}"}
+        logger.exception("project %s: job %s failed", project, jid)
         connection.set(key(project, "last-failure"), json.dumps(failure))
         report("failed", error=failure["error"])
         raise
@@ -251,7 +272,72 @@ def _outcome(connection: redis.Redis, project: int, jid: str, report):
         "status", "reason", "version", "promoted", "metrics", "annotations", "boxes", "train_seconds", "scored",
         "model_version", "unreadable_count") if k in outcome}}
     connection.set(key(project, "last-result"), json.dumps(summary))
+    if training:
+        connection.set(key(project, "last-training"), json.dumps(summary))
     report("done", **{k: summary[k] for k in ("version", "promoted", "scored") if k in summary})
+
+
+# If the running mark names a job whose heartbeat has stopped: clear it and return the job id (else nil).
+_REAP = (
+    "local running = redis.call('GET', KEYS[1]) "
+    "if running and redis.call('GET', KEYS[2]) ~= running then redis.call('DEL', KEYS[1]) return running end "
+    "return false"
+)
+
+
+def record_dead_job(connection: redis.Redis, project: int) -> str | None:
+    """If the project's running job stopped without finishing (no heartbeat), record it as the last failure and
+    clear its running mark; returns its id."""
+    dead = connection.eval(_REAP, 2, key(project, "running"), key(project, "alive"))
+    if not dead:
+        return None
+    dead = dead.decode() if isinstance(dead, bytes) else str(dead)
+    failure = {"job": dead, "at": _now(), "error": "the job stopped without finishing: its worker was killed or "
+                                                   f"lost Redis for over {HEARTBEAT_SECONDS} s"}
+    connection.set(key(project, "last-failure"), json.dumps(failure))
+    logger.error("project %s: job %s %s", project, dead, failure["error"].removeprefix("the job "))
+    return dead
+
+
+@contextmanager
+def _heartbeat(connection: redis.Redis, project: int, jid: str):
+    """Keep ``alive`` = ``jid`` fresh while the block runs (set before it starts, removed when it ends)."""
+    alive = key(project, "alive")
+    connection.set(alive, jid, px=HEARTBEAT_SECONDS * 1000)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_SECONDS / 3):
+            try:
+                connection.set(alive, jid, px=HEARTBEAT_SECONDS * 1000)
+            except redis.exceptions.RedisError:
+                logger.exception("could not refresh the heartbeat of job %s", jid)
+
+    beater = threading.Thread(target=beat, name=f"heartbeat-p{project}", daemon=True)
+    beater.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        beater.join()
+        if connection.get(alive) == jid.encode():
+            connection.delete(alive)
+
+
+def _die_with_worker() -> None:
+    """In RQ's work horse: be killed when the worker process dies (Linux ``PR_SET_PDEATHSIG``).
+
+    The horse runs in a process group of its own, so stopping the worker's group, or killing the worker, would leave
+    it training (and holding the project lock) with nobody to record how it ends.
+    """
+    if not sys.platform.startswith("linux") or get_current_job() is None:
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the worker died before the request took effect
+        os._exit(1)
 
 
 @contextmanager

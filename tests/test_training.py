@@ -98,9 +98,13 @@ def test_a_training_round_serves_a_new_version_that_knows_the_new_class(backend,
 
     response = webhook(client, "START_TRAINING", 7)
     assert response.status_code == 201 and response.json["status"] == "queued"
-    done = wait_for(lambda: status(client, 7)["last_result"], 600, "the training round")
+    done = wait_for(lambda: status(client, 7)["last_training"], 600, "the training round")
     assert done["promoted"] is True, done
-    assert done["annotations"] == 40 and done["boxes"] > 40
+    assert done["annotations"] == 40 and done["boxes"] > 40 and done["metrics"]["map50_95"] > 0
+    # the re-scoring that follows becomes the last result; the training's outcome stays in view
+    rescored = wait_for(lambda: (r := status(client, 7)["last_result"]) and r["job"] != done["job"] and r, 300,
+                        "the re-scoring")
+    assert rescored["status"] == "rescored" and status(client, 7)["last_training"] == done
 
     # The web app serves the new version on the next request, without a restart.
     version = Registry(app_settings.model_dir).current(7)
@@ -167,6 +171,26 @@ def test_a_burst_of_events_makes_one_waiting_job_and_a_killed_worker_leaves_no_v
     assert served == resolve_model_source(app_settings.model_path).version
 
 
+def test_killing_the_worker_stops_its_job_and_the_status_says_so_within_seconds(backend, label_studio, start_worker):
+    app_settings, client = backend
+    add_project(label_studio, 23, n_tasks=24, seed=6)
+    worker = start_worker(train_epochs=300)
+    assert webhook(client, "START_TRAINING", 23).status_code == 201
+    running = wait_for(
+        lambda: (s := status(client, 23))["running"] and s["running"].get("epoch", 0) >= 1 and s["running"], 300,
+        "the first epoch",
+    )
+    horse = psutil.Process(worker.pid).children()[0]
+    assert os.getpgid(horse.pid) != os.getpgid(worker.pid)  # RQ puts the horse in a process group of its own
+    os.killpg(worker.pid, signal.SIGKILL)  # stop the worker the way a supervisor or a container stop would
+    killed = time.monotonic()
+    wait_for(lambda: not horse.is_running() or horse.status() == psutil.STATUS_ZOMBIE, 10, "the work horse to die")
+    failure = wait_for(lambda: status(client, 23)["last_failure"], 20, "the failure to show")
+    assert failure["job"] == running["id"] and "stopped without finishing" in failure["error"]
+    assert time.monotonic() - killed < 20 and status(client, 23)["running"] is None
+    assert Registry(app_settings.model_dir).current(23) is None
+
+
 def test_a_failed_training_keeps_the_served_version_and_reports_why(backend, label_studio, start_worker,
                                                                     trained_weights):
     app_settings, client = backend
@@ -183,6 +207,7 @@ def test_a_failed_training_keeps_the_served_version_and_reports_why(backend, lab
     assert webhook(client, "START_TRAINING", 9).status_code == 201
     failure = wait_for(lambda: status(client, 9)["last_failure"], 180, "the failure")
     assert "no annotated task could be used" in failure["error"] and "HTTP 404" in failure["error"]
+    assert set(failure) == {"job", "at", "error"}  # no traceback for callers: the worker's log has it
     assert registry.current(9) == "p9-v1-20260101T000000" and len(registry.versions(9)) == 1
     setup = client.post("/setup", json={"project": "9.1", "schema": LABEL_CONFIG})
     assert setup.json["model_version"] == "p9-v1-20260101T000000"
@@ -207,14 +232,15 @@ def test_events_below_the_minimum_wait_and_others_are_ignored(backend):
     assert third.status_code == 201 and third.json["status"] == "queued"
     assert webhook(client, "START_TRAINING", 4).json["status"] == "coalesced"
 
-    # The CLI shows the same status.
-    env = {**os.environ, "REDIS_URL": app_settings.redis_url, "MODEL_DIR": str(app_settings.model_dir),
-           "MIN_NEW_ANNOTATIONS": "3"}
+    # The CLI shows the same status, with the threshold the server counts against (not its own default of 10).
+    env = {k: v for k, v in os.environ.items() if k != "MIN_NEW_ANNOTATIONS"}
+    env |= {"REDIS_URL": app_settings.redis_url, "MODEL_DIR": str(app_settings.model_dir)}
     cli = subprocess.run([sys.executable, "-m", "ale_backend", "status", "--project", "4"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=60)
     assert cli.returncode == 0, cli.stderr
     shown = json.loads(cli.stdout)
     assert shown["waiting"]["id"] == third.json["job"] and shown["new_annotations"] == 3
+    assert shown["min_new_annotations"] == 3
     assert shown["current_version"] is None and shown["running"] is None
 
     ignored = webhook(client, "PROJECT_UPDATED", 4)
