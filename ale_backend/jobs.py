@@ -31,6 +31,7 @@ import signal
 import sys
 import threading
 import uuid
+from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any
@@ -304,24 +305,34 @@ def _heartbeat(connection: redis.Redis, project: int, jid: str):
     """Keep ``alive`` = ``jid`` fresh while the block runs (set before it starts, removed when it ends)."""
     alive = key(project, "alive")
     connection.set(alive, jid, px=HEARTBEAT_SECONDS * 1000)
+    try:
+        with _every(HEARTBEAT_SECONDS / 3, lambda: connection.set(alive, jid, px=HEARTBEAT_SECONDS * 1000),
+                    f"the heartbeat of job {jid}"):
+            yield
+    finally:
+        if connection.get(alive) == jid.encode():
+            connection.delete(alive)
+
+
+@contextmanager
+def _every(seconds: float, action: Callable[[], Any], what: str):
+    """Run ``action`` every ``seconds`` in a thread while the block runs (a Redis error is logged, not raised)."""
     stop = threading.Event()
 
-    def beat() -> None:
-        while not stop.wait(HEARTBEAT_SECONDS / 3):
+    def repeat() -> None:
+        while not stop.wait(seconds):
             try:
-                connection.set(alive, jid, px=HEARTBEAT_SECONDS * 1000)
+                action()
             except redis.exceptions.RedisError:
-                logger.exception("could not refresh the heartbeat of job %s", jid)
+                logger.exception("could not renew %s", what)
 
-    beater = threading.Thread(target=beat, name=f"heartbeat-p{project}", daemon=True)
-    beater.start()
+    thread = threading.Thread(target=repeat, name=what, daemon=True)
+    thread.start()
     try:
         yield
     finally:
         stop.set()
-        beater.join()
-        if connection.get(alive) == jid.encode():
-            connection.delete(alive)
+        thread.join()
 
 
 def _die_with_worker() -> None:
@@ -345,22 +356,11 @@ def _project_lock(connection: redis.Redis, project: int):
     """The project's training lock, held (and renewed) for the whole block."""
     lock = connection.lock(key(project, "lock"), timeout=LOCK_SECONDS, thread_local=False)
     lock.acquire(blocking=True)
-    stop = threading.Event()
-
-    def renew() -> None:
-        while not stop.wait(LOCK_SECONDS / 3):
-            try:
-                lock.extend(LOCK_SECONDS, replace_ttl=True)
-            except redis.exceptions.RedisError:
-                logger.exception("could not renew the training lock of project %s", project)
-
-    renewer = threading.Thread(target=renew, name=f"lock-p{project}", daemon=True)
-    renewer.start()
     try:
-        yield
+        with _every(LOCK_SECONDS / 3, lambda: lock.extend(LOCK_SECONDS, replace_ttl=True),
+                    f"the training lock of project {project}"):
+            yield
     finally:
-        stop.set()
-        renewer.join()
         try:
             lock.release()
         except redis.exceptions.LockError:

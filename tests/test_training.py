@@ -131,17 +131,23 @@ def test_a_training_round_serves_a_new_version_that_knows_the_new_class(backend,
     assert client.post("/setup", json={**setup, "project": "8.1"}).json["model_version"] == base_version
 
 
+def train_past_the_first_epoch(client, label_studio, start_worker, project, seed):
+    """A worker training a long round for a new project: (worker process, running job status) after epoch 1."""
+    add_project(label_studio, project, n_tasks=24, seed=seed)
+    worker = start_worker(train_epochs=300)
+    assert webhook(client, "START_TRAINING", project).status_code == 201
+    running = wait_for(
+        lambda: (s := status(client, project))["running"] and s["running"].get("epoch", 0) >= 1 and s["running"],
+        300, "the first epoch",
+    )
+    return worker, running
+
+
 def test_a_burst_of_events_makes_one_waiting_job_and_a_killed_worker_leaves_no_version(
     backend, label_studio, start_worker, redis_url
 ):
     app_settings, client = backend
-    add_project(label_studio, 21, n_tasks=24, seed=5)
-    worker = start_worker(train_epochs=300)
-    assert webhook(client, "START_TRAINING", 21).status_code == 201
-    running = wait_for(
-        lambda: (s := status(client, 21))["running"] and s["running"].get("epoch", 0) >= 1 and s["running"], 300,
-        "the first epoch",
-    )
+    worker, running = train_past_the_first_epoch(client, label_studio, start_worker, 21, seed=5)
 
     # 20 annotation events while it trains: one new waiting job, the others fold into it.
     answers, latencies = [], []
@@ -173,13 +179,7 @@ def test_a_burst_of_events_makes_one_waiting_job_and_a_killed_worker_leaves_no_v
 
 def test_killing_the_worker_stops_its_job_and_the_status_says_so_within_seconds(backend, label_studio, start_worker):
     app_settings, client = backend
-    add_project(label_studio, 23, n_tasks=24, seed=6)
-    worker = start_worker(train_epochs=300)
-    assert webhook(client, "START_TRAINING", 23).status_code == 201
-    running = wait_for(
-        lambda: (s := status(client, 23))["running"] and s["running"].get("epoch", 0) >= 1 and s["running"], 300,
-        "the first epoch",
-    )
+    worker, running = train_past_the_first_epoch(client, label_studio, start_worker, 23, seed=6)
     horse = psutil.Process(worker.pid).children()[0]
     assert os.getpgid(horse.pid) != os.getpgid(worker.pid)  # RQ puts the horse in a process group of its own
     os.killpg(worker.pid, signal.SIGKILL)  # stop the worker the way a supervisor or a container stop would
