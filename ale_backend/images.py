@@ -39,13 +39,13 @@ import urllib3
 from PIL import Image, UnidentifiedImageError
 
 from ale_backend.label_studio import LabelStudioClient, LabelStudioError
+from ale_backend.settings import DEFAULT_MAX_IMAGE_PIXELS
 
 logger = logging.getLogger(__name__)
 
 _LABEL_STUDIO_PREFIXES = ("/data/upload/", "/data/local-files/")
 _CLOUD_SCHEMES = {"s3", "gs", "azure-blob", "gcs"}
 _MAX_REDIRECTS = 5
-DEFAULT_MAX_PIXELS = 100_000_000
 
 
 class ImageLoadError(Exception):
@@ -77,7 +77,7 @@ class ImageLoader:
     def __init__(
         self, label_studio: LabelStudioClient | None, workers: int = 8, timeout: float = 10.0,
         max_bytes: int = 50 * 1024 * 1024, allowed_hosts: Iterable[str] = (), local_roots: Iterable[Path] = (),
-        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     ):
         self._label_studio = label_studio
         self.max_pixels = max_pixels
@@ -226,7 +226,7 @@ class ImageLoader:
             raise ImageLoadError(f"{path}: permission denied") from exc
 
 
-def decode_image(data: bytes, name: str = "image", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode_image(data: bytes, name: str = "image", max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decode encoded image bytes to a BGR ``uint8`` array, or raise :class:`ImageLoadError`.
 
     The size comes from the header first: a format Pillow cannot identify, or more than ``max_pixels`` pixels, is

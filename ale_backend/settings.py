@@ -21,6 +21,10 @@ DEFAULT_SCORE_CONF = 0.1
 box, and images that show only such objects would score 0. Background boxes stay rare down to about 0.1."""
 
 
+DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
+"""Default ``MAX_IMAGE_PIXELS``: a 10000 x 10000 image; a decoded BGR image of that size takes 300 MB."""
+
+
 class SettingsError(ValueError):
     """One or more environment variables have invalid values."""
 
@@ -166,7 +170,7 @@ _VARIABLES: dict[str, tuple[str, str, Callable[[str], object]]] = {
     "fetch_workers": ("FETCH_WORKERS", "8", _positive_int),
     "fetch_timeout": ("FETCH_TIMEOUT", "10", _positive_float),
     "max_image_mb": ("MAX_IMAGE_MB", "50", _positive_float),
-    "max_image_pixels": ("MAX_IMAGE_PIXELS", "100000000", _positive_int),
+    "max_image_pixels": ("MAX_IMAGE_PIXELS", str(DEFAULT_MAX_IMAGE_PIXELS), _positive_int),
     "image_host_allowlist": ("IMAGE_HOST_ALLOWLIST", "", _host_list),
     "local_files_root": ("LOCAL_FILES_ROOT", "", _optional_dir),
     "max_request_mb": ("MAX_REQUEST_MB", "100", _positive_float),
@@ -242,7 +246,7 @@ class Settings:
     """Seconds before an image download is abandoned."""
     max_image_mb: float = 50.0
     """Images larger than this are refused."""
-    max_image_pixels: int = 100_000_000
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     """Images of more pixels (width x height, read from the header) are refused before they are decoded."""
     image_host_allowlist: tuple[str, ...] = ()
     """Image hosts (``host`` or ``host:port``) that may resolve to private addresses, besides Label Studio's."""
