@@ -48,15 +48,22 @@ def main(argv: list[str] | None = None) -> int:
     import redis
 
     from ale_backend import jobs
+    from ale_backend.registry import ModelDirTaken
 
     try:
         if args.command == "worker":
             jobs.work(settings, burst=args.burst)
         elif args.command == "status":
+            if not settings.label_studio_url:
+                print("note: LABEL_STUDIO_URL is not set, so this is the queue of a backend without one; give the "
+                      "status command the server's LABEL_STUDIO_URL to see its projects", file=sys.stderr)
             print(json.dumps(jobs.TrainingQueue(settings).status(args.project), indent=2))
     except redis.exceptions.ConnectionError as exc:
         print(f"Redis does not answer at {jobs.where(settings.redis_url)} (REDIS_URL): {exc}", file=sys.stderr)
         return 1
+    except ModelDirTaken as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -65,6 +72,7 @@ def _label_studio_command(args, settings) -> int:
 
     from ale_backend.connect import BasicAuth, ConnectError, connect
     from ale_backend.label_studio import LabelStudioClient, LabelStudioError
+    from ale_backend.registry import ModelDirTaken, Registry
     from ale_backend.rescoring import rescore_project
 
     settings = dataclasses.replace(
@@ -73,6 +81,7 @@ def _label_studio_command(args, settings) -> int:
         label_studio_api_key=getattr(args, "api_key", None) or settings.label_studio_api_key,
     )
     try:
+        Registry(settings.model_dir).claim(settings.label_studio_url)
         client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
         if args.command == "connect":
             auth = BasicAuth(settings.basic_auth_user, settings.basic_auth_pass) if settings.basic_auth_user else None
@@ -84,7 +93,7 @@ def _label_studio_command(args, settings) -> int:
         result = rescore_project(args.project, settings, client=client)
         print(f"scored {result['scored']} unlabelled tasks with {result['model_version']} "
               f"({result['unreadable_count']} without a readable image) in {result['seconds']['total']:.1f} s")
-    except (ConnectError, LabelStudioError) as exc:
+    except (ConnectError, LabelStudioError, ModelDirTaken) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -3,8 +3,8 @@
 Web side (:class:`TrainingQueue`, called by ``/webhook``): an event adds to the project's count of new annotations;
 once it reaches ``MIN_NEW_ANNOTATIONS`` (or at once for ``START_TRAINING``) the project gets a training job, unless
 one is already waiting, in which case the event folds into it: a job reads all annotations when it starts, so
-nothing is lost. Each waiting job has the id ``ale-train-p<project>-g<generation>`` and is enqueued with RQ's atomic
-``unique=True``, so concurrent web processes cannot create two.
+nothing is lost. Each waiting job has the id ``ale-train-<instance>-p<project>-g<generation>`` and is enqueued with
+RQ's atomic ``unique=True``, so concurrent web processes cannot create two.
 
 Worker side (:func:`run_training_job`): the job takes the project's Redis lock (renewed while it runs, so a killed
 worker frees it within ``LOCK_SECONDS``), then moves the project to the next generation (new events now make a new
@@ -17,9 +17,11 @@ recorded as the last failure by the next status read or job start. RQ runs each 
 process group, so stopping the worker's group would leave the horse training: the horse asks the kernel to kill it
 when the worker dies (:func:`_die_with_worker`).
 
-Redis keys, per project: ``ale:p<id>:generation``, ``:new``, ``:min-new`` (the threshold the web side counts
-against), ``:running``, ``:alive``, ``:lock``, ``:last-result`` (the last job of either kind), ``:last-training``,
-``:last-failure``.
+Redis keys, per project: ``ale:<instance>:p<id>:generation``, ``:new``, ``:min-new`` (the threshold the web side
+counts against), ``:running``, ``:alive``, ``:lock``, ``:last-result`` (the last job of either kind),
+``:last-training``, ``:last-failure``. ``<instance>`` names the Label Studio (:attr:`Settings.instance`): keys, job
+ids and the queue (``TRAIN_QUEUE-<instance>``) of two Label Studio instances sharing one Redis stay apart, and a
+worker only takes the jobs of the instance whose annotations it can read (:class:`Names`).
 """
 
 from __future__ import annotations
@@ -71,12 +73,21 @@ class QueueUnavailable(RuntimeError):
     """Redis does not answer; the message says where it was expected."""
 
 
-def key(project: int, name: str) -> str:
-    return f"ale:p{int(project)}:{name}"
+class Names:
+    """The Redis keys, job ids and RQ queue name of one Label Studio instance's projects."""
 
+    def __init__(self, settings: Settings):
+        self.instance = settings.instance
+        self.queue = f"{settings.queue_name}-{self.instance}"
 
-def job_id(project: int, generation: int) -> str:
-    return f"ale-train-p{int(project)}-g{int(generation)}"
+    def key(self, project: int, name: str) -> str:
+        return f"ale:{self.instance}:p{int(project)}:{name}"
+
+    def training_job(self, project: int, generation: int) -> str:
+        return f"ale-train-{self.instance}-p{int(project)}-g{int(generation)}"
+
+    def rescoring_job(self, project: int, version: str | None) -> str:
+        return f"ale-rescore-{self.instance}-p{int(project)}-{version or uuid.uuid4().hex[:8]}"
 
 
 class TrainingQueue:
@@ -87,7 +98,8 @@ class TrainingQueue:
         self.redis = connection or redis.Redis.from_url(
             settings.redis_url, socket_connect_timeout=0.5, socket_timeout=2.0
         )
-        self.queue = Queue(settings.queue_name, connection=self.redis, default_timeout=settings.train_timeout)
+        self.names = Names(settings)
+        self.queue = Queue(self.names.queue, connection=self.redis, default_timeout=settings.train_timeout)
 
     def handle_event(self, event: str, payload: dict) -> tuple[int, dict]:
         """Answer a Label Studio webhook: ``(HTTP status, JSON body)``. Never blocks on training."""
@@ -96,6 +108,7 @@ class TrainingQueue:
                          "reason": f"{event} does not affect training; handled: "
                                    f"{', '.join(sorted(FORCING_EVENTS | COUNTING_EVENTS))}"}
         project = project_id(payload.get("project"))
+        key = self.names.key
         if project is None:
             return 400, {"error": "the event names no project (expected 'project': {'id': <integer >= 1>})"}
         for field, kind, name in (("annotation", dict, "an object"), ("annotations", list, "a list")):
@@ -123,9 +136,10 @@ class TrainingQueue:
 
     def submit(self, project: int) -> tuple[str, bool]:
         """Make sure a training job is waiting for ``project``: ``(job id, whether this call created it)``."""
+        key = self.names.key
         for _ in range(10):
             generation = int(self.redis.get(key(project, "generation")) or 0)
-            jid = job_id(project, generation)
+            jid = self.names.training_job(project, generation)
             try:
                 self.queue.enqueue_call(
                     "ale_backend.jobs.run_training_job", args=(project, generation), job_id=jid, unique=True,
@@ -149,7 +163,7 @@ class TrainingQueue:
 
     def submit_rescoring(self, project: int, version: str | None = None) -> str | None:
         """Queue a re-scoring of the project's pool (once per version); returns the job id, None if one exists."""
-        jid = f"ale-rescore-p{int(project)}-{version or uuid.uuid4().hex[:8]}"
+        jid = self.names.rescoring_job(project, version)
         try:
             self.queue.enqueue_call("ale_backend.jobs.run_rescoring_job", args=(project, version), job_id=jid,
                                     unique=version is not None, timeout=self.settings.train_timeout,
@@ -161,14 +175,16 @@ class TrainingQueue:
         return jid
 
     def _bump_generation(self, project: int, expected: int) -> None:
-        self.redis.eval(_BUMP, 1, key(project, "generation"), expected)
+        self.redis.eval(_BUMP, 1, self.names.key(project, "generation"), expected)
 
     def status(self, project: int) -> dict[str, Any]:
         """Running and waiting jobs with their progress, the served version and the last outcome."""
-        record_dead_job(self.redis, project)
+        names, key = self.names, self.names.key
+        record_dead_job(self.redis, names, project)
         generation = int(self.redis.get(key(project, "generation")) or 0)
         out: dict[str, Any] = {
             "project": project,
+            "label_studio": {"url": self.settings.label_studio_url or None, "instance": names.instance},
             "current_version": Registry(self.settings.model_dir).current(project),
             "new_annotations": int(self.redis.get(key(project, "new")) or 0),
             "min_new_annotations": int(self.redis.get(key(project, "min-new")) or self.settings.min_new_annotations),
@@ -181,10 +197,10 @@ class TrainingQueue:
         running = self.redis.get(key(project, "running"))
         if running:
             out["running"] = _describe(running.decode(), self.redis)
-        waiting = _describe(job_id(project, generation), self.redis)
+        waiting = _describe(names.training_job(project, generation), self.redis)
         if waiting and waiting["status"] in {s.value for s in _WAITING | {JobStatus.STARTED}}:
             out["waiting"] = waiting
-        previous = _describe(job_id(project, generation - 1), self.redis) if generation else None
+        previous = _describe(names.training_job(project, generation - 1), self.redis) if generation else None
         if previous and previous["status"] == JobStatus.FAILED.value:
             failure = out["last_failure"] or {}
             if failure.get("job") != previous["id"]:  # died without recording why (worker killed)
@@ -201,18 +217,20 @@ def run_training_job(project: int, generation: int) -> dict[str, Any]:
 
     _die_with_worker()
     settings = get_settings()
+    names = Names(settings)
+    key = names.key
     connection = redis.Redis.from_url(settings.redis_url)
     job = get_current_job()
-    jid = job.id if job else job_id(project, generation)
+    jid = job.id if job else names.training_job(project, generation)
     report = _reporter(job, project)
 
     report("waiting for the project lock")
-    with _project_lock(connection, project), _heartbeat(connection, project, jid):
-        record_dead_job(connection, project)
+    with _project_lock(connection, names, project), _heartbeat(connection, names, project, jid):
+        record_dead_job(connection, names, project)
         new = connection.eval(_CLAIM, 3, key(project, "generation"), key(project, "running"), key(project, "new"),
                               generation, jid)
         logger.info("project %s: job %s starts (%s new annotation events)", project, jid, int(new or 0))
-        with _outcome(connection, project, jid, report, training=True) as outcome:
+        with _outcome(connection, names, project, jid, report, training=True) as outcome:
             try:
                 result = train_project(project, settings, report, run_name=jid)
             except NothingToTrain as exc:
@@ -232,14 +250,15 @@ def run_rescoring_job(project: int, version: str | None = None) -> dict[str, Any
 
     _die_with_worker()
     settings = get_settings()
+    names = Names(settings)
     connection = redis.Redis.from_url(settings.redis_url)
     job = get_current_job()
     report = _reporter(job, project)
     jid = job.id if job else "rescore"
-    with _project_lock(connection, project), _heartbeat(connection, project, jid), \
-            _outcome(connection, project, jid, report) as outcome:
-        record_dead_job(connection, project)
-        connection.set(key(project, "running"), jid)
+    with _project_lock(connection, names, project), _heartbeat(connection, names, project, jid), \
+            _outcome(connection, names, project, jid, report) as outcome:
+        record_dead_job(connection, names, project)
+        connection.set(names.key(project, "running"), jid)
         outcome.update(rescore_project(project, settings, report))
     return dict(outcome)
 
@@ -255,9 +274,10 @@ def _reporter(job, project: int):
 
 
 @contextmanager
-def _outcome(connection: redis.Redis, project: int, jid: str, report, training: bool = False):
+def _outcome(connection: redis.Redis, names: Names, project: int, jid: str, report, training: bool = False):
     """Record how a job ended (``last-result``, and ``last-training`` for a training job, or ``last-failure``) and
     clear the running mark. A failure's traceback goes to the log, not to Redis (status readers get the reason)."""
+    key = names.key
     outcome: dict[str, Any] = {}
     try:
         yield outcome
@@ -286,24 +306,24 @@ _REAP = (
 )
 
 
-def record_dead_job(connection: redis.Redis, project: int) -> str | None:
+def record_dead_job(connection: redis.Redis, names: Names, project: int) -> str | None:
     """If the project's running job stopped without finishing (no heartbeat), record it as the last failure and
     clear its running mark; returns its id."""
-    dead = connection.eval(_REAP, 2, key(project, "running"), key(project, "alive"))
+    dead = connection.eval(_REAP, 2, names.key(project, "running"), names.key(project, "alive"))
     if not dead:
         return None
     dead = dead.decode() if isinstance(dead, bytes) else str(dead)
     failure = {"job": dead, "at": _now(), "error": "the job stopped without finishing: its worker was killed or "
                                                    f"lost Redis for over {HEARTBEAT_SECONDS} s"}
-    connection.set(key(project, "last-failure"), json.dumps(failure))
+    connection.set(names.key(project, "last-failure"), json.dumps(failure))
     logger.error("project %s: job %s %s", project, dead, failure["error"].removeprefix("the job "))
     return dead
 
 
 @contextmanager
-def _heartbeat(connection: redis.Redis, project: int, jid: str):
+def _heartbeat(connection: redis.Redis, names: Names, project: int, jid: str):
     """Keep ``alive`` = ``jid`` fresh while the block runs (set before it starts, removed when it ends)."""
-    alive = key(project, "alive")
+    alive = names.key(project, "alive")
     connection.set(alive, jid, px=HEARTBEAT_SECONDS * 1000)
     try:
         with _every(HEARTBEAT_SECONDS / 3, lambda: connection.set(alive, jid, px=HEARTBEAT_SECONDS * 1000),
@@ -352,9 +372,9 @@ def _die_with_worker() -> None:
 
 
 @contextmanager
-def _project_lock(connection: redis.Redis, project: int):
+def _project_lock(connection: redis.Redis, names: Names, project: int):
     """The project's training lock, held (and renewed) for the whole block."""
-    lock = connection.lock(key(project, "lock"), timeout=LOCK_SECONDS, thread_local=False)
+    lock = connection.lock(names.key(project, "lock"), timeout=LOCK_SECONDS, thread_local=False)
     lock.acquire(blocking=True)
     try:
         with _every(LOCK_SECONDS / 3, lambda: lock.extend(LOCK_SECONDS, replace_ttl=True),
@@ -369,9 +389,13 @@ def _project_lock(connection: redis.Redis, project: int):
 
 def work(settings: Settings, burst: bool = False) -> None:
     """Run an RQ worker on the training queue (forks one process per job)."""
+    Registry(settings.model_dir).claim(settings.label_studio_url)
     connection = redis.Redis.from_url(settings.redis_url)
     connection.ping()
-    Worker([Queue(settings.queue_name, connection=connection)], connection=connection).work(
+    names = Names(settings)
+    logger.info("training worker for Label Studio %s (%s): queue %s at %s", settings.label_studio_url or "(none set)",
+                names.instance, names.queue, where(settings.redis_url))
+    Worker([Queue(names.queue, connection=connection)], connection=connection).work(
         burst=burst, logging_level=settings.log_level
     )
 

@@ -59,8 +59,10 @@ class _StateCollector:
             import redis
             from rq import Queue
 
+            from ale_backend.jobs import Names
+
             connection = redis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=0.3, socket_timeout=1)
-            queued = Queue(self.settings.queue_name, connection=connection).count
+            queued = Queue(Names(self.settings).queue, connection=connection).count
         except Exception as exc:  # Redis down: report what is known
             logger.debug("training queue length unavailable: %s", exc)
         else:

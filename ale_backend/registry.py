@@ -2,6 +2,7 @@
 
 Layout under ``MODEL_DIR``::
 
+    projects/label-studio.json  the Label Studio instance whose projects these are (see :meth:`Registry.claim`)
     projects/<project id>/
         current                 the served version's name (replaced atomically; absent: serve MODEL_PATH)
         versions/<version>/
@@ -28,10 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from ale_backend.detector import ModelSource, resolve_model_source
-from ale_backend.settings import Settings
+from ale_backend.settings import Settings, label_studio_instance
 
 WEIGHTS = "weights.pt"
 INFO = "version.json"
+OWNER = "label-studio.json"
+
+
+class ModelDirTaken(RuntimeError):
+    """``MODEL_DIR`` holds the projects of another Label Studio instance."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,32 @@ class Registry:
 
     def __init__(self, model_dir: Path):
         self.root = Path(model_dir) / "projects"
+
+    def claim(self, label_studio_url: str) -> None:
+        """Make sure these projects are the ones of the Label Studio at ``label_studio_url`` (recorded on first use).
+
+        Project ids are per Label Studio instance: a second instance's project 1 must not be served, or fine-tuned
+        from, the first one's models. Without a URL (predictions only) nothing is checked or recorded.
+        Raises :class:`ModelDirTaken` when another instance's URL is recorded.
+        """
+        if not label_studio_url:
+            return
+        owner = self.root / OWNER
+        instance = label_studio_instance(label_studio_url)
+        try:
+            recorded = json.loads(owner.read_text())
+        except FileNotFoundError:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = self.root / f".{OWNER}-{os.getpid()}"
+            tmp.write_text(json.dumps({"url": label_studio_url, "instance": instance}) + "\n")
+            os.replace(tmp, owner)
+            return
+        if recorded.get("instance") != instance:
+            raise ModelDirTaken(
+                f"MODEL_DIR {self.root.parent} holds the models of the Label Studio at {recorded.get('url')}, "
+                f"not {label_studio_url} (LABEL_STUDIO_URL): give each Label Studio instance its own MODEL_DIR; "
+                f"if it is the same Label Studio at a new address, delete {owner}"
+            )
 
     def project_dir(self, project: int) -> Path:
         return self.root / str(int(project))

@@ -93,6 +93,7 @@ def create_app(settings: Settings | None = None, warm_up: bool = True) -> Flask:
     settings = settings or get_settings()
     logs.configure(settings)
     resolve_model_source(settings.model_path)  # fail at start-up on a missing weights file
+    Registry(settings.model_dir).claim(settings.label_studio_url)  # fail at start-up on another instance's MODEL_DIR
     if not isinstance(ls_api._manager, ALEManager):
         ls_api._manager = ALEManager()
     app = ls_api.init_app(model_class=ALEModel, model_dir=str(settings.model_dir), settings=settings)

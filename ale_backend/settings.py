@@ -7,11 +7,13 @@ misconfigured server stops at start-up with a message instead of failing on the 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from ale_backend.scoring import DEFAULT_STRATEGY, STRATEGIES
 
@@ -334,6 +336,15 @@ class Settings:
         return f"Settings({shown})"
 
     @property
+    def instance(self) -> str:
+        """The Label Studio instance this backend serves, as a short stable name: ``ls-`` and 10 hex digits of a hash
+        of ``LABEL_STUDIO_URL`` (scheme and host in lower case, default port dropped), ``ls-none`` without one.
+
+        It names the Redis keys, job ids and training queue, so that backends of two instances can share one Redis.
+        """
+        return label_studio_instance(self.label_studio_url)
+
+    @property
     def max_image_bytes(self) -> int:
         return int(self.max_image_mb * 1024 * 1024)
 
@@ -341,6 +352,17 @@ class Settings:
     def inference_conf(self) -> float:
         """The detector keeps everything either consumer needs; each then filters by its own threshold."""
         return min(self.score_conf, self.display_conf)
+
+
+def label_studio_instance(url: str) -> str:
+    """See :attr:`Settings.instance`."""
+    if not url:
+        return "ls-none"
+    parts = urlsplit(url)
+    scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
+    port = parts.port if parts.port not in (None, {"http": 80, "https": 443}.get(scheme)) else None
+    canonical = f"{scheme}://{host}{f':{port}' if port else ''}{parts.path.rstrip('/')}"
+    return "ls-" + hashlib.sha256(canonical.encode()).hexdigest()[:10]
 
 
 def environment_variables() -> dict[str, str]:

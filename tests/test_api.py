@@ -14,10 +14,11 @@ from tests.conftest import LABEL_CONFIG
 
 
 @pytest.fixture()
-def served(settings, image_server):
+def served(settings, image_server, tmp_path):
     """The app with the trained model, reading Label Studio images from the local image server."""
     app_settings = dataclasses.replace(
-        settings, label_studio_url=image_server.url, label_studio_api_key=image_server.legacy_token
+        settings, model_dir=tmp_path / "models", label_studio_url=image_server.url,
+        label_studio_api_key=image_server.legacy_token,
     )
     return create_app(app_settings, warm_up=False).test_client(), app_settings
 

@@ -9,7 +9,7 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from ale_backend.jobs import key
+from ale_backend.jobs import Names
 from ale_backend.model import ALEModel
 from ale_backend.server import create_app
 from ale_backend.settings import Settings, SettingsError
@@ -142,7 +142,7 @@ def test_a_malformed_webhook_gets_a_400_and_counts_nothing(secured, payload, fie
     response = client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 4321}, **payload},
                            headers=auth())
     assert response.status_code == 400 and f"'{field}'" in response.json["error"]
-    assert connection.keys(key(4321, "*")) == []
+    assert connection.keys(Names(app_settings).key(4321, "*")) == []
 
 
 def test_an_unexpected_error_answers_500_without_a_traceback(secured, monkeypatch):

@@ -25,6 +25,7 @@ from rq.registry import StartedJobRegistry
 
 from ale_backend import synthetic
 from ale_backend.detector import resolve_model_source
+from ale_backend.jobs import Names
 from ale_backend.registry import Registry, VersionInfo
 from ale_backend.server import create_app
 from ale_backend.training import NothingToTrain, fine_tune, round_folder
@@ -161,7 +162,7 @@ def test_a_burst_of_events_makes_one_waiting_job_and_a_killed_worker_leaves_no_v
     assert {a.json["job"] for a in answers} == {answers[0].json["job"]} != {running["id"]}
     assert max(latencies) < 1.0  # answered within Label Studio's webhook timeout (speed: see the benchmark)
     connection = redis.Redis.from_url(redis_url)
-    queue = Queue(app_settings.queue_name, connection=connection)
+    queue = Queue(Names(app_settings).queue, connection=connection)
     assert queue.count == 1 and StartedJobRegistry(queue=queue).count == 1
     now = status(client, 21)
     assert now["running"]["id"] == running["id"] and now["waiting"]["id"] == answers[0].json["job"]
@@ -234,7 +235,8 @@ def test_events_below_the_minimum_wait_and_others_are_ignored(backend):
 
     # The CLI shows the same status, with the threshold the server counts against (not its own default of 10).
     env = {k: v for k, v in os.environ.items() if k != "MIN_NEW_ANNOTATIONS"}
-    env |= {"REDIS_URL": app_settings.redis_url, "MODEL_DIR": str(app_settings.model_dir)}
+    env |= {"REDIS_URL": app_settings.redis_url, "MODEL_DIR": str(app_settings.model_dir),
+            "LABEL_STUDIO_URL": app_settings.label_studio_url}
     cli = subprocess.run([sys.executable, "-m", "ale_backend", "status", "--project", "4"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=60)
     assert cli.returncode == 0, cli.stderr
@@ -262,7 +264,7 @@ def test_concurrent_events_still_make_one_job(backend, redis_url):
                                 range(40)))
     assert sum(1 for code, body in answers if body["status"] == "queued") == 1
     assert len({body["job"] for _, body in answers}) == 1
-    assert Queue(app_settings.queue_name, connection=redis.Redis.from_url(redis_url)).count == 1
+    assert Queue(Names(app_settings).queue, connection=redis.Redis.from_url(redis_url)).count == 1
 
 
 def test_without_redis_webhooks_say_so_and_predictions_still_work(backend, label_studio, sample_images):
