@@ -9,7 +9,8 @@ WORKERS ?= 1
 THREADS ?= 4
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-# Label Studio for the integration tests, in its own virtualenv (its pins differ from the backend's)
+# Label Studio (and an S3-compatible server) for the integration tests, in their own virtualenv (its pins differ
+# from the backend's)
 LS_VENV ?= .venv-label-studio
 LS_STAMP := $(LS_VENV)/.installed
 
@@ -27,10 +28,11 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 run: install
 	VENV=$(VENV) PORT=$(PORT) WORKERS=$(WORKERS) THREADS=$(THREADS) scripts/serve
 
-$(LS_STAMP):
+$(LS_STAMP): tests/integration/requirements.txt tests/integration/constraints.txt
+	@echo "Installing Label Studio 1.23.2 for the integration tests into $(LS_VENV) (first time: a few minutes) ..."
 	test -x $(LS_VENV)/bin/python || $(PYTHON) -m venv $(LS_VENV)
 	$(LS_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(LS_VENV)/bin/python -m pip install --quiet label-studio==1.23.2
+	$(LS_VENV)/bin/python -m pip install --quiet -r tests/integration/requirements.txt -c tests/integration/constraints.txt
 	touch $@
 
 test: install $(LS_STAMP)

@@ -73,7 +73,7 @@ def _label_studio_command(args, settings) -> int:
     from ale_backend.connect import BasicAuth, ConnectError, connect
     from ale_backend.label_studio import LabelStudioClient, LabelStudioError
     from ale_backend.registry import ModelDirTaken, Registry
-    from ale_backend.rescoring import rescore_project
+    from ale_backend.rescoring import RescoringError, rescore_project
 
     settings = dataclasses.replace(
         settings,
@@ -93,7 +93,7 @@ def _label_studio_command(args, settings) -> int:
         result = rescore_project(args.project, settings, client=client)
         print(f"scored {result['scored']} unlabelled tasks with {result['model_version']} "
               f"({result['unreadable_count']} without a readable image) in {result['seconds']['total']:.1f} s")
-    except (ConnectError, LabelStudioError, ModelDirTaken) as exc:
+    except (ConnectError, LabelStudioError, ModelDirTaken, RescoringError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from ale_backend.images import ImageLoader, ImageLoadError, decode_image
+from ale_backend.images import ImageLoader, ImageLoadError, decode_image, task_image_url
 from ale_backend.label_config import LabelConfig
 
 logger = logging.getLogger(__name__)
@@ -89,8 +89,7 @@ def examples_from_tasks(tasks: Iterable[Mapping], config: LabelConfig) -> list[E
             box = rectangle_to_yolo(value)
             if box is not None:
                 boxes.append(Box(labels[0], *box))
-        url = (task.get("data") or {}).get(config.image_key)
-        examples.append(Example(int(task["id"]), url if isinstance(url, str) else "", tuple(boxes)))
+        examples.append(Example(int(task["id"]), task_image_url(task, config.image_key), tuple(boxes)))
     return examples
 
 

@@ -1,6 +1,12 @@
-"""Load task images: Label Studio uploads and local files, plain http(s) URLs and local paths.
+"""Load task images: Label Studio uploads, local files and cloud storage, plain http(s) URLs and local paths.
 
-* ``/data/upload/...`` and ``/data/local-files/?d=...`` are fetched from ``LABEL_STUDIO_URL`` with the API key;
+* ``/data/upload/...``, ``/data/local-files/?d=...`` and Label Studio's storage links
+  (``/tasks/<id>/resolve/?fileuri=``, its older spelling ``/presign/``, and the same under ``/projects/<id>/``) are
+  fetched from ``LABEL_STUDIO_URL`` with the API key;
+* a cloud storage URI (``s3://``, ``gs://``, ``azure-blob://``) is what Label Studio's source storage puts in a task
+  (and what ``/predict`` receives): :func:`task_image_url` turns it into the task's ``/tasks/<id>/resolve/`` link,
+  through which Label Studio either sends the file (storage setting "proxy") or redirects to a presigned URL of the
+  bucket ("presign"; the redirect target is held to the rules below, and gets no API key);
 * ``http(s)://`` URLs are fetched as they are (with the API key only when they point at Label Studio itself, and
   never after a redirect from another host);
 * anything else without a scheme is a path on this machine.
@@ -21,9 +27,11 @@ an array or an :class:`ImageLoadError` saying why, so one broken image fails its
 
 from __future__ import annotations
 
+import base64
 import io
 import ipaddress
 import logging
+import re
 import socket
 import threading
 import time
@@ -44,7 +52,8 @@ from ale_backend.settings import DEFAULT_MAX_IMAGE_PIXELS
 logger = logging.getLogger(__name__)
 
 _LABEL_STUDIO_PREFIXES = ("/data/upload/", "/data/local-files/")
-_CLOUD_SCHEMES = {"s3", "gs", "azure-blob", "gcs"}
+_STORAGE_LINK = re.compile(r"/(tasks|projects)/\d+/(resolve|presign)/\?")
+_CLOUD_SCHEMES = {"s3", "gs", "azure-blob"}
 _MAX_REDIRECTS = 5
 
 
@@ -108,7 +117,7 @@ class ImageLoader:
         if not isinstance(url, str) or not url.strip():
             raise ImageLoadError("the task has no image URL")
         url = url.strip()
-        if url.startswith(_LABEL_STUDIO_PREFIXES):
+        if url.startswith(_LABEL_STUDIO_PREFIXES) or _STORAGE_LINK.match(url):
             if self._label_studio is None:
                 raise ImageLoadError(f"{_short(url)} is a Label Studio file, but LABEL_STUDIO_URL is not set")
             return self._download(self._label_studio.absolute_url(url))
@@ -117,8 +126,8 @@ class ImageLoader:
             return self._download(url)
         if scheme in _CLOUD_SCHEMES:
             raise ImageLoadError(
-                f"{_short(url)}: cloud storage URLs are not read directly; add the bucket as a Label Studio "
-                "source storage so that tasks carry URLs Label Studio serves"
+                f"{_short(url)}: a cloud storage URI is read through Label Studio's storage link of its task, "
+                "and this one comes without a task id"
             )
         if scheme and len(scheme) > 1:  # a one-letter scheme is a Windows drive
             raise ImageLoadError(f"{_short(url)}: unsupported URL scheme {scheme!r}")
@@ -262,6 +271,23 @@ def image_size(data: bytes, name: str = "image") -> tuple[int, int]:
         # ImportError: once ultralytics is imported, its patch of Image.open answers an unidentified file by
         # importing the optional HEIF plugin (pi-heif), which this backend does not install
         raise ImageLoadError(f"{_short(name)}: not a decodable image ({len(data)} bytes)") from exc
+
+
+def task_image_url(task: object, key: str) -> str:
+    """The image URL of a Label Studio task (``task["data"][key]``; ``""`` when there is none).
+
+    A cloud storage URI becomes the task's storage link in Label Studio, ``/tasks/<id>/resolve/?fileuri=<base64>``
+    (the link Label Studio's tasks API gives), so that Label Studio reads the bucket with its storage's credentials.
+    """
+    data = task.get("data") if isinstance(task, dict) else None
+    value = data.get(key) if isinstance(data, dict) else None
+    if not isinstance(value, str):
+        return ""
+    task_id = task.get("id")
+    if (urlsplit(value.strip()).scheme.lower() in _CLOUD_SCHEMES and isinstance(task_id, int)
+            and not isinstance(task_id, bool)):
+        return f"/tasks/{task_id}/resolve/?fileuri={base64.urlsafe_b64encode(value.strip().encode()).decode()}"
+    return value
 
 
 def _short(url: str, limit: int = 200) -> str:

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ale_backend.detector import Detections, Detector
-from ale_backend.images import ImageLoader, ImageLoadError
+from ale_backend.images import ImageLoader, ImageLoadError, task_image_url
 from ale_backend.label_config import LabelConfig, LabelMap, map_labels
 from ale_backend.scoring import UNREADABLE_PRIORITY, priority, score_image
 from ale_backend.settings import Settings
@@ -74,7 +74,7 @@ def predict_tasks(
     """
     started = time.perf_counter()
     label_map = map_labels(detector.names, config)
-    urls = [_image_url(task, config) for task in tasks]
+    urls = [task_image_url(task, config.image_key) for task in tasks]
     loaded = loader.load_many(urls)
     readable = [i for i, item in enumerate(loaded) if not isinstance(item, ImageLoadError)]
     detections = dict(zip(readable, detector.detect([loaded[i] for i in readable])))
@@ -152,9 +152,3 @@ def _score(task_id: Any, url: str, detections: Detections, settings: Settings, p
     return TaskScore(task_id, settings.strategy, value, len(scored), priority(value, tie_break))
 
 
-def _image_url(task: dict, config: LabelConfig) -> str:
-    data = task.get("data") if isinstance(task, dict) else None
-    if not isinstance(data, dict):
-        return ""
-    value = data.get(config.image_key)
-    return value if isinstance(value, str) else ""

@@ -27,7 +27,7 @@ from typing import Any
 
 from ale_backend.dataset import ImageCache
 from ale_backend.detector import get_detector
-from ale_backend.images import ImageLoadError, get_image_loader
+from ale_backend.images import ImageLoadError, get_image_loader, task_image_url
 from ale_backend.label_config import parse_label_config
 from ale_backend.label_studio import UNLABELED, LabelStudioClient, LabelStudioError
 from ale_backend.predictions import predict_tasks
@@ -53,7 +53,6 @@ def rescore_project(
     detector = get_detector(settings, source)
     loader = get_image_loader(settings)
     cache = ImageCache(Registry(settings.model_dir).project_dir(project) / "cache" / "images", loader)
-    client.delete_model_version(project, source.version)
 
     seconds = {"fetch": 0.0, "inference": 0.0, "import": 0.0}
     scored, unreadable = 0, []
@@ -65,7 +64,7 @@ def rescore_project(
         page = next(pages, None)
         if page is None:
             return None, [], 0.0
-        urls = [(task.get("data") or {}).get(config.image_key) or "" for task in page]
+        urls = [task_image_url(task, config.image_key) for task in page]
         local = list(pool.map(lambda item: _cached(cache, *item), zip((t["id"] for t in page), urls)))
         return page, local, time.perf_counter() - started
 
@@ -90,6 +89,8 @@ def rescore_project(
                            if "error" in p["ale"]]
             t2 = time.perf_counter()
             if items:
+                if not scored:  # a version's earlier predictions go once there are new ones (not if none come)
+                    client.delete_model_version(project, source.version)
                 created = client.import_predictions(project, items)
                 if created != len(items):
                     raise LabelStudioError(
@@ -104,21 +105,33 @@ def rescore_project(
             scored += len(items)
             report("re-scoring", scored=scored, unreadable=len(unreadable))
 
-    client.update_project(project, model_version=source.version)
-    keep = settings.keep_prediction_versions if keep is None else keep
-    versions = list(client.model_versions(project))
-    removed = [v for v in versions if v != source.version][max(keep - 1, 0):]
-    for version in removed:
-        client.delete_model_version(project, version)
+    if not scored and unreadable:
+        task, reason = unreadable[0]
+        raise RescoringError(
+            f"no image of project {project}'s {len(unreadable)} unlabelled tasks could be read (task {task}: "
+            f"{reason}); the project stays on its previous model version and predictions"
+        )
+    removed = []
+    if scored:  # Label Studio accepts a version only once it has predictions
+        client.update_project(project, model_version=source.version)
+        keep = settings.keep_prediction_versions if keep is None else keep
+        versions = list(client.model_versions(project))
+        removed = [v for v in versions if v != source.version][max(keep - 1, 0):]
+        for version in removed:
+            client.delete_model_version(project, version)
     if unreadable:
         logger.warning("project %s: %d tasks have no prediction, their image could not be read: %s", project,
                        len(unreadable), "; ".join(f"task {t}: {r}" for t, r in unreadable[:20]))
     total = time.perf_counter() - started
     logger.info("project %s: %d tasks re-scored with %s in %.1f s (fetch %.1f s, inference %.1f s, import %.1f s)",
                 project, scored, source.version, total, *seconds.values())
-    return {"status": "rescored", "model_version": source.version, "scored": scored,
+    return {"status": "rescored" if scored else "nothing to score", "model_version": source.version, "scored": scored,
             "unreadable": unreadable[:100], "unreadable_count": len(unreadable), "deleted_versions": removed,
             "seconds": {**{k: round(v, 2) for k, v in seconds.items()}, "total": round(total, 2)}}
+
+
+class RescoringError(RuntimeError):
+    """A re-scoring that cannot give the project a new order (the reason says why)."""
 
 
 def _cached(cache: ImageCache, task_id: int, url: str):

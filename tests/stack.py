@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -66,3 +67,29 @@ def stop(process: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+S3_KEYS = {"aws_access_key_id": "test-key-id", "aws_secret_access_key": "test-secret", "region_name": "us-east-1"}
+"""Credentials of the local S3-compatible server (it accepts any)."""
+
+
+def start_s3_server(data_dir: Path, port: int) -> subprocess.Popen:
+    """An S3-compatible server on loopback (moto's server mode, installed beside Label Studio); output goes to
+    ``data_dir/s3.log``."""
+    with (Path(data_dir) / "s3.log").open("w") as out:
+        return subprocess.Popen([str(label_studio_binary().parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def upload_to_s3(endpoint: str, bucket: str, files: dict[str, Path]) -> None:
+    """Create ``bucket`` and put ``files`` (key -> local path) in it, with boto3 from Label Studio's virtualenv."""
+    script = (
+        "import json, sys, boto3\n"
+        "endpoint, bucket, keys, files = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])\n"
+        "s3 = boto3.client('s3', endpoint_url=endpoint, **keys)\n"
+        "s3.create_bucket(Bucket=bucket)\n"
+        "for key, path in files.items():\n"
+        "    s3.upload_file(path, bucket, key)\n"
+    )
+    subprocess.run([str(label_studio_binary().parent / "python"), "-c", script, endpoint, bucket, json.dumps(S3_KEYS),
+                    json.dumps({k: str(v) for k, v in files.items()})], check=True, timeout=120)

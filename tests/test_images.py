@@ -1,5 +1,6 @@
 """Image loading against a real local HTTP server that checks credentials like Label Studio does."""
 
+import base64
 import threading
 import time
 
@@ -8,7 +9,7 @@ import pytest
 
 from ale_backend import images
 from ale_backend.dataset import ImageCache
-from ale_backend.images import ImageLoader, ImageLoadError, decode_image
+from ale_backend.images import ImageLoader, ImageLoadError, decode_image, task_image_url
 from ale_backend.label_studio import LabelStudioClient, LabelStudioError
 from tests.conftest import FakeLabelStudio, make_jwt
 
@@ -230,3 +231,20 @@ def test_client_needs_a_url_and_a_key():
         LabelStudioClient("", "key")
     with pytest.raises(LabelStudioError, match="LABEL_STUDIO_API_KEY is not set"):
         LabelStudioClient("http://127.0.0.1:1", "").auth_headers()
+
+
+@pytest.mark.parametrize("uri", ["s3://camera-traps/site 4/IMG_0001.JPG", "gs://drone/a.png", "azure-blob://c/b.png"])
+def test_a_cloud_storage_uri_is_read_through_its_tasks_link_in_label_studio(uri):
+    link = task_image_url({"id": 42, "data": {"image": uri}}, "image")
+    path, query = link.split("?", 1)
+    assert path == "/tasks/42/resolve/" and query.startswith("fileuri=")
+    assert base64.urlsafe_b64decode(query.removeprefix("fileuri=")).decode() == uri
+    assert task_image_url({"data": {"image": uri}}, "image") == uri  # no task id: the loader says why it cannot
+
+
+def test_other_task_urls_are_kept_and_a_missing_one_is_empty():
+    for url in ("/data/upload/1/a.png", "https://example.org/a.png", "/tasks/3/resolve/?fileuri=czM6Ly9h"):
+        assert task_image_url({"id": 3, "data": {"image": url}}, "image") == url
+    assert task_image_url({"id": 3, "data": {"image": 5}}, "image") == ""
+    assert task_image_url({"id": 3, "data": {}}, "image") == ""
+    assert task_image_url({"id": 3}, "image") == ""

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import ROOT
+from ale_backend import synthetic
+from tests.conftest import LABEL_CONFIG, LABELS, ROOT
 from tests.stack import LEGACY_TOKEN, free_port, label_studio_binary, start_label_studio, stop, wait_until_up
 
 
@@ -67,7 +68,13 @@ class LiveBackend:
 
 
 @pytest.fixture(scope="module")
-def live_backend(live_label_studio, trained_weights, redis_url, tmp_path_factory):
+def backend_env() -> dict[str, str]:
+    """Settings a test module adds to the live backend's (override it in the module)."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def live_backend(live_label_studio, trained_weights, redis_url, tmp_path_factory, backend_env):
     """The backend under gunicorn and one RQ worker, configured for the live Label Studio."""
     import redis
 
@@ -85,6 +92,7 @@ def live_backend(live_label_studio, trained_weights, redis_url, tmp_path_factory
         "TRAIN_EPOCHS": "6", "TRAIN_PATIENCE": "50", "TRAIN_IMGSZ": "160", "TRAIN_DEVICE": "cpu",
         # The tests check the wiring, not the promotion gate: every trained version is served.
         "PROMOTION_TOLERANCE": "1.0", "LOG_LEVEL": "INFO",
+        **backend_env,
     })
     web_log, worker_log = folder / "gunicorn.log", folder / "worker.log"
     with web_log.open("w") as out:
@@ -102,3 +110,50 @@ def live_backend(live_label_studio, trained_weights, redis_url, tmp_path_factory
     finally:
         stop(worker)
         stop(web)
+
+
+# What the tests of a live project check
+
+def all_tasks(ls, project_id):
+    return ls.api("GET", "/api/tasks/", params={"project": project_id, "fields": "all", "page_size": 1000})["tasks"]
+
+
+def next_task(ls, project_id) -> int:
+    return ls.api("POST", "/api/dm/actions/", params={"id": "next_task", "project": project_id})["id"]
+
+
+def backend_scores(backend, tasks) -> dict[int, dict]:
+    """The backend's own view of each task: its /predict answer (prediction score and raw ALE)."""
+    response = requests.post(backend.url + "/predict", json={
+        "tasks": [{"id": t["id"], "data": t["data"]} for t in tasks], "label_config": LABEL_CONFIG,
+        "project": f"{tasks[0]['project']}.0"}, timeout=120)
+    assert response.status_code == 200, response.text
+    return {t["id"]: p for t, p in zip(tasks, response.json()["results"])}
+
+
+def assert_queue_follows_ale(ls, backend, project_id) -> str:
+    """Every unlabelled task has exactly one prediction of the project's version, and next_task is the one the
+    backend scores highest. Returns the version."""
+    version = ls.api("GET", f"/api/projects/{project_id}/")["model_version"]
+    tasks = all_tasks(ls, project_id)
+    unlabelled = [t for t in tasks if not t["annotations"]]
+    for task in unlabelled:
+        current = [p for p in task["predictions"] if p["model_version"] == version]
+        assert len(current) == 1, (task["id"], task["predictions"])
+    scores = backend_scores(backend, unlabelled)
+    assert {p["model_version"] for p in scores.values()} == {version}
+    expected = min(scores, key=lambda tid: scores[tid]["score"])
+    assert scores[expected]["ale"]["value"] == max(p["ale"]["value"] for p in scores.values())
+    served = next_task(ls, project_id)
+    assert served == expected, (served, expected, {t: s["score"] for t, s in scores.items()})
+    return version
+
+
+def ground_truth(sample) -> list[dict]:
+    height, width = sample.image.shape[:2]
+    return [{"from_name": "label", "to_name": "image", "type": "rectanglelabels", "original_width": width,
+             "original_height": height,
+             "value": {"x": 100 * x1 / width, "y": 100 * y1 / height, "width": 100 * (x2 - x1) / width,
+                       "height": 100 * (y2 - y1) / height, "rotation": 0,
+                       "rectanglelabels": [LABELS[synthetic.SHAPES[c]]]}}
+            for c, (x1, y1, x2, y2) in zip(sample.class_ids, sample.boxes)]

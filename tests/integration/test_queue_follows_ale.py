@@ -13,10 +13,10 @@ import time
 import cv2
 import numpy as np
 import pytest
-import requests
 
 from ale_backend import synthetic
 from tests.conftest import LABEL_CONFIG, LABELS
+from tests.integration.conftest import all_tasks, assert_queue_follows_ale, ground_truth, next_task
 
 N_TASKS = 24
 N_ANNOTATED = 8
@@ -40,41 +40,6 @@ def project(live_label_studio, live_backend):
     assert len(tasks) == N_TASKS
     by_task = {t["id"]: samples[t["data"]["image"].rsplit("-", 1)[-1]] for t in tasks}
     return created["id"], by_task
-
-
-def all_tasks(ls, project_id):
-    return ls.api("GET", "/api/tasks/", params={"project": project_id, "fields": "all", "page_size": 1000})["tasks"]
-
-
-def next_task(ls, project_id) -> int:
-    return ls.api("POST", "/api/dm/actions/", params={"id": "next_task", "project": project_id})["id"]
-
-
-def backend_scores(backend, tasks) -> dict[int, dict]:
-    """The backend's own view of each task: its /predict answer (prediction score and raw ALE)."""
-    response = requests.post(backend.url + "/predict", json={
-        "tasks": [{"id": t["id"], "data": t["data"]} for t in tasks], "label_config": LABEL_CONFIG,
-        "project": f"{tasks[0]['project']}.0"}, timeout=120)
-    assert response.status_code == 200, response.text
-    return {t["id"]: p for t, p in zip(tasks, response.json()["results"])}
-
-
-def assert_queue_follows_ale(ls, backend, project_id) -> str:
-    """Every unlabelled task has exactly one prediction of the project's version, and next_task is the one the
-    backend scores highest. Returns the version."""
-    version = ls.api("GET", f"/api/projects/{project_id}/")["model_version"]
-    tasks = all_tasks(ls, project_id)
-    unlabelled = [t for t in tasks if not t["annotations"]]
-    for task in unlabelled:
-        current = [p for p in task["predictions"] if p["model_version"] == version]
-        assert len(current) == 1, (task["id"], task["predictions"])
-    scores = backend_scores(backend, unlabelled)
-    assert {p["model_version"] for p in scores.values()} == {version}
-    expected = min(scores, key=lambda tid: scores[tid]["score"])
-    assert scores[expected]["ale"]["value"] == max(p["ale"]["value"] for p in scores.values())
-    served = next_task(ls, project_id)
-    assert served == expected, (served, expected, {t: s["score"] for t, s in scores.items()})
-    return version
 
 
 def test_connect_wires_the_project_and_a_second_run_changes_nothing(live_label_studio, live_backend, project):
@@ -140,13 +105,3 @@ def test_a_personal_access_token_works_like_a_legacy_token(live_label_studio, li
     assert result.returncode == 0, result.stderr + result.stdout
     assert "changed: nothing" in result.stdout
     assert f"scored {N_TASKS - N_ANNOTATED} unlabelled tasks" in result.stdout  # images fetched with the PAT
-
-
-def ground_truth(sample) -> list[dict]:
-    height, width = sample.image.shape[:2]
-    return [{"from_name": "label", "to_name": "image", "type": "rectanglelabels", "original_width": width,
-             "original_height": height,
-             "value": {"x": 100 * x1 / width, "y": 100 * y1 / height, "width": 100 * (x2 - x1) / width,
-                       "height": 100 * (y2 - y1) / height, "rotation": 0,
-                       "rectanglelabels": [LABELS[synthetic.SHAPES[c]]]}}
-            for c, (x1, y1, x2, y2) in zip(sample.class_ids, sample.boxes)]
