@@ -80,6 +80,13 @@ def _label_studio_command(args, settings) -> int:
         label_studio_url=(getattr(args, "label_studio_url", None) or settings.label_studio_url).rstrip("/"),
         label_studio_api_key=getattr(args, "api_key", None) or settings.label_studio_api_key,
     )
+    missing = [what for what, value in (("--label-studio-url URL (or LABEL_STUDIO_URL)", settings.label_studio_url),
+                                        ("--api-key KEY (or LABEL_STUDIO_API_KEY)", settings.label_studio_api_key))
+               if not value]
+    if missing:
+        print(f"error: say which Label Studio to use: give {' and '.join(missing)}; the key is a legacy token or a "
+              "personal access token from Label Studio's Account & Settings page", file=sys.stderr)
+        return 2
     try:
         Registry(settings.model_dir).claim(settings.label_studio_url)
         client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)

@@ -104,25 +104,30 @@ class Detector:
         self.names: dict[int, str] = dict(self._yolo.names)
         logger.info("loaded model %s (%d classes) from %s", self.version, len(self.names), source.path)
 
-    def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
-        """Detect objects on BGR ``uint8`` images, ``inference_batch`` at a time; one result per image, in order."""
+    def detect(self, images: Sequence[np.ndarray], conf: float | None = None) -> list[Detections]:
+        """Detect objects on BGR ``uint8`` images, ``inference_batch`` at a time; one result per image, in order.
+
+        Detections down to ``inference_conf`` are kept, or down to ``conf`` when that is lower (a display threshold
+        of the project's own); lower-confidence boxes never displace higher ones, so what scoring sees is the same.
+        """
         batch = self._settings.inference_batch
+        conf = self._settings.inference_conf if conf is None else min(conf, self._settings.inference_conf)
         out: list[Detections] = []
         with self._lock:
             for start in range(0, len(images), batch):
-                out.extend(self._detect_batch(list(images[start:start + batch])))
+                out.extend(self._detect_batch(list(images[start:start + batch]), conf))
         return out
 
     def warm_up(self) -> None:
         """Run one small inference so the first request does not pay for setting up the predictor."""
         self.detect([np.zeros((64, 64, 3), dtype=np.uint8)])
 
-    def _detect_batch(self, images: list[np.ndarray]) -> list[Detections]:
+    def _detect_batch(self, images: list[np.ndarray], conf: float) -> list[Detections]:
         s = self._settings
         results = self._yolo.predict(
             images,
             predictor=_predictor_class(),
-            conf=s.inference_conf,
+            conf=conf,
             iou=s.score_iou,
             max_det=s.score_max_det,
             agnostic_nms=s.agnostic_nms,

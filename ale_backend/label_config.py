@@ -5,6 +5,10 @@ the names are equal ignoring case, or when the class name is listed in the label
 (comma-separated), e.g. ``<Label value="Collembola" predicted_values="springtail,collembolan"/>``. Model classes
 without a label are left out of the pre-annotations; labels no model class maps to are the project's *new classes*,
 which training teaches the model.
+
+The control's ``model_score_threshold`` attribute (as in HumanSignal's YOLO backend), a number in [0, 1], is that
+project's display threshold: regions of lower confidence are not pre-annotated. Without it ``DISPLAY_CONF`` applies.
+It changes what is shown, not what is scored.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ class LabelConfig:
     """Label values, in config order."""
     aliases: Mapping[str, tuple[str, ...]]
     """Label value -> model class names it accepts (its own name and its ``predicted_values``), lower-cased."""
+    score_threshold: float | None = None
+    """The control's ``model_score_threshold``: the least confidence of a region shown (None: ``DISPLAY_CONF``)."""
 
 
 @dataclass(frozen=True)
@@ -87,8 +93,23 @@ def parse_label_config(config: str) -> LabelConfig:
             raise LabelConfigError(f'<RectangleLabels name="{control.get("name")}"> has no <Label value="..."/>')
         if len(controls) > 1:
             logger.warning("label config has %d RectangleLabels controls; using %r", len(controls), control.get("name"))
-        return LabelConfig(control.get("name") or "", to_name, value[1:], tuple(labels), aliases)
+        return LabelConfig(control.get("name") or "", to_name, value[1:], tuple(labels), aliases,
+                           _threshold(control))
     raise LabelConfigError("no <RectangleLabels> in the labelling config has toName pointing at an <Image> tag")
+
+
+def _threshold(control: ET.Element) -> float | None:
+    raw = control.get("model_score_threshold")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:  # also refuses nan
+        raise LabelConfigError(f'<RectangleLabels name="{control.get("name")}"> has model_score_threshold={raw!r}: '
+                               "expected a number from 0 to 1")
+    return value
 
 
 def map_labels(class_names: Mapping[int, str], config: LabelConfig) -> LabelMap:

@@ -77,14 +77,15 @@ def predict_tasks(
     urls = [task_image_url(task, config.image_key) for task in tasks]
     loaded = loader.load_many(urls)
     readable = [i for i, item in enumerate(loaded) if not isinstance(item, ImageLoadError)]
-    detections = dict(zip(readable, detector.detect([loaded[i] for i in readable])))
+    display_conf = settings.display_conf if config.score_threshold is None else config.score_threshold
+    detections = dict(zip(readable, detector.detect([loaded[i] for i in readable], conf=display_conf)))
 
     predictions = []
     for i, task in enumerate(tasks):
         task_id = task.get("id")
         if i in detections:
             task_score = _score(task_id, urls[i], detections[i], settings, project)
-            result = regions(detections[i].above(settings.display_conf), label_map, config)
+            result = regions(detections[i].above(display_conf), label_map, config)
         else:
             reason = str(loaded[i])
             logger.warning("task %s: image not usable, served last: %s", task_id, reason,

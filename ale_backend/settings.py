@@ -206,6 +206,14 @@ _VARIABLES: dict[str, tuple[str, str, Callable[[str], object]]] = {
 }
 
 
+ALIASES: dict[str, tuple[str, ...]] = {
+    "LABEL_STUDIO_URL": ("LABEL_STUDIO_HOST",),
+    "LABEL_STUDIO_API_KEY": ("LABEL_STUDIO_ACCESS_TOKEN",),
+}
+"""Other names of a variable, as HumanSignal's ML backends spell them; the variable's own name wins when both are
+set."""
+
+
 @dataclass(frozen=True)
 class Settings:
     """The backend's configuration. Build it with :meth:`from_env`; tests may pass values directly."""
@@ -318,11 +326,12 @@ class Settings:
         values: dict[str, object] = {}
         problems: list[str] = []
         for name, (variable, default, parse) in _VARIABLES.items():
-            raw = environ.get(variable, default)
+            given = next((v for v in (variable, *ALIASES.get(variable, ())) if v in environ), None)
+            raw = environ[given] if given else default
             try:
                 values[name] = parse(raw)
             except ValueError as exc:
-                problems.append(f"{variable}={raw!r}: {exc}")
+                problems.append(f"{given or variable}={raw!r}: {exc}")
         if bool(values.get("basic_auth_user")) != bool(values.get("basic_auth_pass")):
             problems.append("BASIC_AUTH_USER and BASIC_AUTH_PASS: set both or neither")
         if problems:

@@ -114,6 +114,24 @@ def test_labels_are_mapped_and_unlabelled_classes_dropped(served, sample_images)
     assert labels <= {"Circle"}
 
 
+def test_the_controls_model_score_threshold_sets_what_is_shown_not_what_is_scored(served, sample_images):
+    client, app_settings = served
+    tasks = upload_tasks(sample_images)
+
+    def with_threshold(value):
+        config = LABEL_CONFIG.replace('toName="image"', f'toName="image" model_score_threshold="{value}"')
+        return predict(client, tasks, config).json["results"]
+
+    default, strict, loose = predict(client, tasks).json["results"], with_threshold(0.6), with_threshold(0.01)
+    scores = {name: [r["score"] for p in results for r in p["result"]]
+              for name, results in (("default", default), ("strict", strict), ("loose", loose))}
+    assert min(scores["default"]) >= app_settings.display_conf and min(scores["strict"]) >= 0.6
+    assert min(scores["loose"]) < min(app_settings.display_conf, app_settings.score_conf)  # below what is scored
+    assert len(scores["strict"]) < len(scores["default"]) < len(scores["loose"])
+    for results in (strict, loose):
+        assert [p["ale"] for p in results] == [p["ale"] for p in default]
+
+
 @pytest.mark.parametrize(
     "kwargs, status, reason",
     [
@@ -124,6 +142,8 @@ def test_labels_are_mapped_and_unlabelled_classes_dropped(served, sample_images)
         ({"json": {"tasks": [1], "label_config": LABEL_CONFIG}}, 400, "not JSON objects"),
         ({"json": {"tasks": [{"data": {}}]}}, 400, "'label_config'"),
         ({"json": {"tasks": [{"data": {}}], "label_config": "<View/>"}}, 400, "RectangleLabels"),
+        ({"json": {"tasks": [{"data": {}}], "label_config": LABEL_CONFIG.replace(
+            'toName="image"', 'toName="image" model_score_threshold="high"')}}, 400, "model_score_threshold"),
     ],
 )
 def test_bad_predict_requests_get_a_4xx_with_a_reason(served, kwargs, status, reason):

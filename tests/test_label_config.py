@@ -52,3 +52,16 @@ def test_picks_the_control_that_labels_an_image():
 def test_unusable_configs_say_why(xml, reason):
     with pytest.raises(LabelConfigError, match=reason.replace("<", r"\<")):
         parse_label_config(xml)
+
+
+@pytest.mark.parametrize("raw, expected", [(None, None), ("0.6", 0.6), ("0", 0.0), ("1", 1.0)])
+def test_model_score_threshold_is_read_from_the_control(raw, expected):
+    attribute = f' model_score_threshold="{raw}"' if raw is not None else ""
+    config = parse_label_config(LABEL_CONFIG.replace('toName="image"', f'toName="image"{attribute}'))
+    assert config.score_threshold == expected
+
+
+@pytest.mark.parametrize("raw", ["high", "1.5", "-0.1", "nan", ""])
+def test_a_bad_model_score_threshold_is_refused_with_its_value(raw):
+    with pytest.raises(LabelConfigError, match=f"model_score_threshold='{raw}'.*from 0 to 1"):
+        parse_label_config(LABEL_CONFIG.replace('toName="image"', f'toName="image" model_score_threshold="{raw}"'))

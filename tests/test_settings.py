@@ -40,3 +40,13 @@ def test_training_recipe_and_thread_settings_are_parsed():
     with pytest.raises(SettingsError) as info:
         Settings.from_env({"TRAIN_FLIPLR": "2", "TORCH_THREADS": "-1"})
     assert "TRAIN_FLIPLR='2'" in str(info.value) and "TORCH_THREADS='-1'" in str(info.value)
+
+
+def test_the_ecosystems_names_for_label_studio_are_aliases_and_ours_win():
+    theirs = {"LABEL_STUDIO_HOST": "http://label-studio:8080/", "LABEL_STUDIO_ACCESS_TOKEN": "their-token"}
+    s = Settings.from_env(theirs)
+    assert (s.label_studio_url, s.label_studio_api_key) == ("http://label-studio:8080", "their-token")
+    both = Settings.from_env({**theirs, "LABEL_STUDIO_URL": "http://ls.example.org", "LABEL_STUDIO_API_KEY": "ours"})
+    assert (both.label_studio_url, both.label_studio_api_key) == ("http://ls.example.org", "ours")
+    with pytest.raises(SettingsError, match="LABEL_STUDIO_HOST='label-studio:8080'"):
+        Settings.from_env({"LABEL_STUDIO_HOST": "label-studio:8080"})
