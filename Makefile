@@ -20,9 +20,12 @@ install: $(STAMP)
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "Python >= 3.10 is required (found " + sys.version.split()[0] + ")")'
+	@echo "Installing the backend's packages into $(VENV): PyTorch alone is about 2.5 GB, so the first time takes"
+	@echo "several minutes (pip prints nothing until it is done)..."
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt -c constraints.txt
+	@echo "Installed into $(VENV)."
 	touch $@
 
 run: install

@@ -9,7 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
-bind = f"0.0.0.0:{os.environ.get('PORT', '9090')}"
+bind = f"{os.environ.get('HOST') or '0.0.0.0'}:{os.environ.get('PORT') or '9090'}"
 workers = int(os.environ.get("WORKERS", "1"))
 threads = int(os.environ.get("THREADS", "4"))
 timeout = 300  # a large /predict batch on CPU takes a while

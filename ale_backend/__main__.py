@@ -1,17 +1,23 @@
-"""Command line: ``python -m ale_backend <command>``.
+"""Command line: ``python -m ale_backend <command>``; settings come from the environment and ``.env`` (see
+:func:`_read_env_file`).
 
     worker [--burst]       run the RQ worker that trains (one job at a time; --burst: exit when the queue is empty)
+    ready [--timeout S]    wait until the backend on HOST:PORT answers, then print one line saying what it uses
     status --project ID    the project's training queue, progress, served version and last failure (JSON)
     connect --project ID --backend-url URL [--label-studio-url URL] [--api-key KEY] [--no-scoring]
                            wire a Label Studio project to this backend (idempotent) and score its pool
-    rescore --project ID   score every unlabelled task with the served version and push the predictions
+    rescore --project ID [--label-studio-url URL] [--api-key KEY]
+                           score every unlabelled task with the served version and push the predictions
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
+from pathlib import Path
 
 from ale_backend.settings import SettingsError, get_settings
 
@@ -21,18 +27,22 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     worker = commands.add_parser("worker", help="run the training worker")
     worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")
+    ready = commands.add_parser("ready", help="wait until the backend on HOST:PORT answers, then say so in one line")
+    ready.add_argument("--timeout", type=float, default=300, help="seconds to wait (default 300)")
     status = commands.add_parser("status", help="show a project's training status")
     status.add_argument("--project", type=int, required=True)
     connect = commands.add_parser("connect", help="wire a Label Studio project to this backend")
     connect.add_argument("--project", type=int, required=True)
     connect.add_argument("--backend-url", required=True, help="the backend's URL as Label Studio reaches it")
-    connect.add_argument("--label-studio-url", help="default: LABEL_STUDIO_URL")
-    connect.add_argument("--api-key", help="legacy token or personal access token; default: LABEL_STUDIO_API_KEY")
     connect.add_argument("--no-scoring", action="store_true", help="skip the first scoring of the pool")
     rescore = commands.add_parser("rescore", help="re-score a project's unlabelled tasks now")
     rescore.add_argument("--project", type=int, required=True)
+    for command in (connect, rescore):
+        command.add_argument("--label-studio-url", help="default: LABEL_STUDIO_URL")
+        command.add_argument("--api-key", help="legacy token or personal access token; default: LABEL_STUDIO_API_KEY")
     args = parser.parse_args(argv)
 
+    _read_env_file(os.environ.get("ENV_FILE") or ".env")
     try:
         settings = get_settings()
     except SettingsError as exc:
@@ -44,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command in ("connect", "rescore"):
         return _label_studio_command(args, settings)
+    if args.command == "ready":
+        return _ready(settings, args.timeout)
 
     import redis
 
@@ -64,6 +76,50 @@ def main(argv: list[str] | None = None) -> int:
     except ModelDirTaken as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _read_env_file(path: str) -> None:
+    """Settings from a ``NAME=value`` file (``.env`` by default, as ``make run`` reads it): variables already in the
+    environment win; in the file, the last line wins; surrounding double quotes are dropped."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (FileNotFoundError, IsADirectoryError):
+        return
+    preset = set(os.environ)
+    for line in lines:
+        name, sep, value = line.partition("=")
+        if sep and re.fullmatch(r"[A-Z_][A-Z0-9_]*", name) and name not in preset:
+            os.environ[name] = value.removeprefix('"').removesuffix('"')
+
+
+def _ready(settings, timeout: float) -> int:
+    """``make run``'s ready line: where the backend listens, its Redis, its base model and its Label Studio."""
+    import time
+
+    import requests
+
+    from ale_backend.detector import resolve_model_source
+    from ale_backend.jobs import where
+
+    host, port = os.environ.get("HOST") or "0.0.0.0", os.environ.get("PORT") or "9090"
+    local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if requests.get(f"http://{local}:{port}/health", timeout=2).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            print(f"the backend did not answer at http://{local}:{port}/health within {timeout:.0f} s", file=sys.stderr)
+            return 1
+        time.sleep(0.5)
+    listening = f"http://{local}:{port}" + (" (all interfaces)" if local != host else "")
+    redis = where(settings.redis_url) + (f" ({os.environ['REDIS_ORIGIN']})" if os.environ.get("REDIS_ORIGIN") else "")
+    label_studio = settings.label_studio_url or "not set (LABEL_STUDIO_URL): no training, no /data/... images"
+    print(f"ready: backend {listening} | base model {resolve_model_source(settings.model_path).version} | "
+          f"Redis {redis} | Label Studio {label_studio}", flush=True)
     return 0
 
 

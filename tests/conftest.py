@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import os
 import shutil
 import threading
 import time
@@ -22,6 +23,7 @@ from ale_backend.settings import Settings
 from ale_backend.ultralytics_setup import ultralytics_module
 
 ROOT = Path(__file__).resolve().parent.parent
+os.environ["ENV_FILE"] = os.devnull  # the commands the tests start must not read a developer's .env
 CACHE = ROOT / ".cache" / "test-model"
 TRAIN = {"epochs": 40, "imgsz": 160, "batch": 16, "seed": 0, "mosaic": 0.0}  # no mosaic: converges in 40 epochs
 COUNTS = {"train": 96, "val": 16}
@@ -54,15 +56,25 @@ def dataset(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def trained_weights(dataset, state_dir) -> Path:
-    """A yolov5n trained from scratch for a few epochs on the generated shapes (cached across runs)."""
+def trained_weights(dataset, state_dir, pytestconfig) -> Path:
+    """A yolov5n trained from scratch for a few epochs on the generated shapes (cached across runs).
+
+    Training it takes minutes on a small machine: progress goes to the terminal, past pytest's output capture.
+    """
     ultralytics = ultralytics_module(state_dir)
     key = hashlib.sha256(
         Path(synthetic.__file__).read_bytes() + repr((TRAIN, COUNTS, ultralytics.__version__)).encode()
     ).hexdigest()[:16]
     cached = CACHE / f"shapes-{key}.pt"
     if not cached.exists():
+        terminal = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+        say = terminal.write_line if terminal is not None else print
+        say(f"training the tests' model once ({TRAIN['epochs']} epochs, about 100 s on 2 idle cores; "
+            f"cached in {CACHE.relative_to(ROOT)}/)")
+        started = time.monotonic()
         model = ultralytics.YOLO("yolov5nu.yaml")
+        model.add_callback("on_train_epoch_end", lambda trainer: (trainer.epoch + 1) % 10 or say(
+            f"  epoch {trainer.epoch + 1}/{TRAIN['epochs']}, {time.monotonic() - started:.0f} s"))
         model.train(
             data=str(dataset / "data.yaml"), epochs=TRAIN["epochs"], imgsz=TRAIN["imgsz"], batch=TRAIN["batch"],
             seed=TRAIN["seed"], mosaic=TRAIN["mosaic"], deterministic=True, workers=0, device="cpu", plots=False,

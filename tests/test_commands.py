@@ -1,0 +1,108 @@
+"""The commands a user types: ``python _wsgi.py`` (also through ``label-studio-ml start``) and the CLI's errors."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import requests
+
+from tests.conftest import LABEL_CONFIG, ROOT
+from tests.stack import free_port, stop, wait_until_up
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def run(args, env=None, **kwargs):
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "MODEL_", "BASIC_AUTH"))}
+    return subprocess.run(args, cwd=ROOT, env={**base, **(env or {})}, capture_output=True, text=True, timeout=180,
+                          **kwargs)
+
+
+def test_wsgi_check_takes_the_launchers_arguments_and_loads_the_model(trained_weights, tmp_path):
+    env = {"MODEL_PATH": str(trained_weights), "DEVICE": "cpu"}
+    checked = run([sys.executable, "_wsgi.py", "--check", "--model-dir", str(tmp_path / "m")], env=env)
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stdout.startswith("ready: model shapes-") and "LABEL_STUDIO_URL not set" in checked.stdout
+    assert "INFO ale_backend.detector: loaded model" in checked.stderr
+    assert (tmp_path / "m").is_dir()  # --model-dir is MODEL_DIR
+    quiet = run([sys.executable, "_wsgi.py", "--check", "--log-level", "warning", "--model-dir", str(tmp_path)],
+                env=env)
+    assert quiet.returncode == 0 and "loaded model" not in quiet.stderr  # --log-level is LOG_LEVEL
+
+    missing = run([sys.executable, "_wsgi.py", "--check"], env={"MODEL_PATH": str(tmp_path / "nope.pt")})
+    assert missing.returncode == 1 and "not ready" in missing.stderr and "nope.pt" in missing.stderr
+
+
+def test_wsgi_says_which_arguments_it_does_not_take():
+    with_kwargs = run([sys.executable, "_wsgi.py", "--with", "model_score_threshold=0.5"])
+    assert with_kwargs.returncode == 2 and "--kwargs/--with is not supported" in with_kwargs.stderr
+    assert "environment variables" in with_kwargs.stderr
+    unknown = run([sys.executable, "_wsgi.py", "--workers", "4"])
+    assert unknown.returncode == 2 and "unrecognized arguments: --workers 4" in unknown.stderr
+
+
+def test_label_studio_ml_start_serves_this_backend(trained_weights, tmp_path):
+    """``label-studio-ml start <dir> -p PORT`` runs ``python <dir>/_wsgi.py -p PORT`` (``python`` from PATH)."""
+    launcher = shutil.which("label-studio-ml", path=str(VENV_BIN))
+    assert launcher, "label-studio-ml is installed with the backend's requirements"
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in {"PORT", "HOST"}}
+    env.update({"PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", "MODEL_PATH": str(trained_weights),
+                "MODEL_DIR": str(tmp_path / "models"), "DEVICE": "cpu"})
+    log = tmp_path / "launcher.log"
+    with log.open("w") as out:
+        process = subprocess.Popen([launcher, "start", str(ROOT), "-p", str(port), "--host", "127.0.0.1"], env=env,
+                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/health", process, 120, log)
+        setup = requests.post(f"http://127.0.0.1:{port}/setup", json={"project": "1.0", "schema": LABEL_CONFIG},
+                              timeout=30)
+        assert setup.status_code == 200 and setup.json()["model_version"].startswith("shapes-")
+    finally:
+        stop(process)
+
+
+def test_connect_without_a_label_studio_says_what_to_give(tmp_path):
+    result = run([sys.executable, "-m", "ale_backend", "connect", "--project", "1", "--backend-url",
+                  "http://localhost:9090"], env={"MODEL_DIR": str(tmp_path)})
+    assert result.returncode == 2
+    assert "--label-studio-url URL (or LABEL_STUDIO_URL)" in result.stderr
+    assert "--api-key KEY (or LABEL_STUDIO_API_KEY)" in result.stderr
+    key_only = run([sys.executable, "-m", "ale_backend", "rescore", "--project", "1"],
+                   env={"MODEL_DIR": str(tmp_path), "LABEL_STUDIO_HOST": "http://ls.example.org"})
+    assert key_only.returncode == 2 and "LABEL_STUDIO_URL" not in key_only.stderr and "--api-key" in key_only.stderr
+    env_file = tmp_path / "settings.env"
+    env_file.write_text('LABEL_STUDIO_URL="http://ls.example.org"\n')  # as make run reads it
+    from_file = run([sys.executable, "-m", "ale_backend", "rescore", "--project", "1"],
+                    env={"MODEL_DIR": str(tmp_path), "ENV_FILE": str(env_file)})
+    assert from_file.returncode == 2 and "LABEL_STUDIO_URL" not in from_file.stderr and "--api-key" in from_file.stderr
+
+
+def test_make_run_reads_an_env_file_and_prints_one_ready_line(trained_weights, redis_url, tmp_path):
+    """``scripts/serve`` (what ``make run`` runs): settings from the env file, Redis found, worker and gunicorn up."""
+    env_file = tmp_path / "backend.env"
+    env_file.write_text(f'# a comment\nMODEL_PATH="{trained_weights}"\nMODEL_DIR={tmp_path / "models"}\nDEVICE=cpu\n'
+                        "LABEL_STUDIO_URL=\nLOG_LEVEL=WARNING\nLABEL_STUDIO_URL=http://ls.example.org:8080\n")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "MODEL_", "HOST"))}
+    env.update({"VENV": str(VENV_BIN.parent), "PORT": str(port), "REDIS_URL": redis_url, "ENV_FILE": str(env_file),
+                "LOG_LEVEL": "INFO"})  # the environment wins over the file
+    process = subprocess.Popen([str(ROOT / "scripts" / "serve")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("ready:") or len(lines) > 2000:
+                break
+        ready = lines[-1]
+        assert ready.startswith(f"ready: backend http://127.0.0.1:{port} (all interfaces) | base model shapes-"), lines
+        assert f"Redis 127.0.0.1:{redis_url.rsplit(':', 1)[1].split('/')[0]} (found)" in ready
+        assert "Label Studio http://ls.example.org:8080" in ready
+        assert any(" INFO " in line for line in lines)  # LOG_LEVEL from the environment, not the file's WARNING
+        assert requests.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
+    finally:
+        stop(process)
+    assert process.returncode is not None
