@@ -140,8 +140,14 @@ def _train_round(project: int, settings: Settings, report: Report, registry: Reg
 
     epochs = settings.train_epochs
     report("training", epoch=0, epochs=epochs)
-    weights = fine_tune(parent, summary.data_yaml, settings, work / "run",
-                        on_epoch=lambda epoch: report("training", epoch=epoch, epochs=epochs))
+    started = time.monotonic()
+
+    def on_epoch(epoch: int) -> None:  # with the time it takes, for the status and the worker's log
+        elapsed = time.monotonic() - started
+        report("training", epoch=epoch, epochs=epochs, elapsed_s=round(elapsed),
+               left_s=round(elapsed / max(epoch, 1) * (epochs - epoch)))
+
+    weights = fine_tune(parent, summary.data_yaml, settings, work / "run", on_epoch=on_epoch)
 
     report("evaluating")
     metrics = evaluate(weights, summary.data_yaml, settings, work / "run")

@@ -14,6 +14,7 @@ from tests.conftest import ROOT
 
 COMPOSE = yaml.safe_load((ROOT / "docker" / "docker-compose.yml").read_text())
 GPU = yaml.safe_load((ROOT / "docker" / "docker-compose.gpu.yml").read_text())
+BACKEND_ONLY = yaml.safe_load((ROOT / "docker" / "docker-compose.backend.yml").read_text())
 DOCKERFILE = (ROOT / "docker" / "Dockerfile").read_text()
 README = (ROOT / "README.md").read_text()
 
@@ -75,10 +76,26 @@ def test_every_variable_the_code_reads_is_documented():
         read |= set(re.findall(r"os\.environ(?:\.get|\.setdefault)?\(\s*[\"']([A-Z0-9_]+)[\"']", path.read_text()))
         read |= set(re.findall(r"os\.environ\[[\"']([A-Z0-9_]+)[\"']\]", path.read_text()))
     internal = {"YOLO_OFFLINE", "YOLO_AUTOINSTALL", "YOLO_VERBOSE", "YOLO_CONFIG_DIR", "MPLCONFIGDIR",
-                "PROMETHEUS_MULTIPROC_DIR"}  # set by the backend itself for its libraries
+                "PROMETHEUS_MULTIPROC_DIR", "REDIS_ORIGIN"}  # set by the backend itself (for its libraries, make run)
     table = set(re.findall(r"^\| `([A-Z0-9_]+)`", README, re.MULTILINE)) | set(re.findall(r"`([A-Z0-9_]+)`", README))
     missing = sorted(v for v in read - internal if v not in table)
     assert not missing, f"not in the README: {missing}"
     example = (ROOT / "docker" / ".env.example").read_text()
     assert not [v for v in environment_variables() if f"{v}=" not in example]
     assert {"PORT", "WORKERS", "THREADS"} <= read
+
+
+def test_the_backend_only_stack_runs_the_same_backend_for_a_label_studio_elsewhere():
+    services = BACKEND_ONLY["services"]
+    assert set(services) == {"redis", "backend", "worker"}
+    full = COMPOSE["services"]
+    for name in ("backend", "worker"):
+        assert services[name]["command"] == full[name]["command"] and services[name]["env_file"] == ".env"
+        assert services[name]["volumes"] == full[name]["volumes"]
+        assert "host.docker.internal:host-gateway" in services[name]["extra_hosts"]
+    env = services["backend"]["environment"]
+    assert services["worker"]["environment"] == env
+    assert not {"LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY"} & set(env)  # the user's, from .env
+    assert {k: v for k, v in full["backend"]["environment"].items() if not k.startswith("LABEL_STUDIO_")} == env
+    assert services["backend"]["ports"] == full["backend"]["ports"] and "label-studio" not in str(services)
+    assert set(GPU["services"]) <= set(services)  # the GPU override applies to it as well

@@ -149,6 +149,11 @@ def test_a_burst_of_events_makes_one_waiting_job_and_a_killed_worker_leaves_no_v
 ):
     app_settings, client = backend
     worker, running = train_past_the_first_epoch(client, label_studio, start_worker, 21, seed=5)
+    # a long round says how long it has taken and about how long it has left (elapsed per epoch x epochs left)
+    assert running["epochs"] == 300 and running["elapsed_s"] >= 0
+    epochs_left_per_epoch = (300 - running["epoch"]) / running["epoch"]
+    expected_left = running["elapsed_s"] * epochs_left_per_epoch  # elapsed_s is rounded to the second
+    assert abs(running["left_s"] - expected_left) <= 0.5 * epochs_left_per_epoch + 1
 
     # 20 annotation events while it trains: one new waiting job, the others fold into it.
     answers, latencies = [], []
