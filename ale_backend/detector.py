@@ -133,7 +133,7 @@ class Detector:
             agnostic_nms=s.agnostic_nms,
             imgsz=s.imgsz,
             device=s.device or None,
-            half=False,
+            half=s.inference_half,  # ultralytics applies it on CUDA only
             verbose=False,
             save=False,
         )

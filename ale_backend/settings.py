@@ -94,6 +94,10 @@ def _optional_int(raw: str) -> int | None:
     return None if not raw.strip() else _non_negative_int(raw)
 
 
+def _optional_bool(raw: str) -> bool | None:
+    return None if raw.strip().lower() in {"", "auto"} else _bool(raw)
+
+
 def _percent(raw: str) -> int:
     value = int(raw)
     if not 0 <= value < 100:
@@ -162,6 +166,7 @@ _VARIABLES: dict[str, tuple[str, str, Callable[[str], object]]] = {
     "torch_threads": ("TORCH_THREADS", "0", _non_negative_int),
     "imgsz": ("IMGSZ", "640", _positive_int),
     "inference_batch": ("INFERENCE_BATCH", "16", _positive_int),
+    "inference_half": ("INFERENCE_HALF", "false", _bool),
     "score_conf": ("SCORE_CONF", str(DEFAULT_SCORE_CONF), _unit_interval),
     "score_iou": ("SCORE_IOU", "0.45", _unit_interval),
     "score_max_det": ("SCORE_MAX_DET", "100", _positive_int),
@@ -195,7 +200,8 @@ _VARIABLES: dict[str, tuple[str, str, Callable[[str], object]]] = {
     "train_fliplr": ("TRAIN_FLIPLR", "0.5", _unit_interval),
     "train_freeze": ("TRAIN_FREEZE", "0", _non_negative_int),
     "train_keep_best": ("TRAIN_KEEP_BEST", "true", _bool),
-    "train_workers": ("TRAIN_WORKERS", "0", _non_negative_int),
+    "train_workers": ("TRAIN_WORKERS", "", _optional_int),
+    "train_amp": ("TRAIN_AMP", "", _optional_bool),
     "train_val_percent": ("TRAIN_VAL_PERCENT", "20", _percent),
     "train_seed": ("TRAIN_SEED", "0", int),
     "train_timeout": ("TRAIN_TIMEOUT", "21600", _positive_int),
@@ -235,6 +241,8 @@ class Settings:
     """Inference image size (pixels, longest side after letterboxing)."""
     inference_batch: int = 16
     """Images per forward pass."""
+    inference_half: bool = False
+    """fp16 inference on CUDA (faster, boxes and scores differ from fp32 in the third decimal); ignored on the CPU."""
     score_conf: float = DEFAULT_SCORE_CONF
     """Confidence threshold for the detections that ALE scores (lower than the display threshold: see
     ``DEFAULT_SCORE_CONF``)."""
@@ -302,8 +310,12 @@ class Settings:
     train_keep_best: bool = True
     """Keep the epoch with the best validation fitness (validates after every epoch); false: train the fixed number
     of epochs and keep the last one (validates once, at the end: faster, and no held-out labels steer the result)."""
-    train_workers: int = 0
-    """Dataloader worker processes for training; 0 loads and augments in the training process itself."""
+    train_workers: int | None = None
+    """Dataloader worker processes for training; unset: 8 on a GPU (ultralytics' default), 0 on the CPU (ultralytics
+    loads in the training process there whatever is asked: on a CPU the model, not the data, is the bottleneck)."""
+    train_amp: bool | None = None
+    """Mixed precision (fp16 autocast) in training; unset: on with CUDA, off elsewhere (ultralytics' AMP runs on
+    CUDA only). A CUDA round is not bit-for-bit reproducible; a CPU round is (same seed, same weights)."""
     train_val_percent: int = 20
     """Share of annotated tasks held out for validation (chosen by a hash of the task id: stable across rounds)."""
     train_seed: int = 0

@@ -26,7 +26,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -207,14 +207,15 @@ def fine_tune(parent: ModelSource, data_yaml: Path, settings: Settings, run_dir:
             on_epoch(int(trainer.epoch) + 1)
 
     model.add_callback("on_fit_epoch_end", epoch_done)
+    runtime = training_runtime(settings)
     model.train(
         data=str(data_yaml), epochs=settings.train_epochs, patience=settings.train_patience,
         imgsz=settings.train_imgsz, batch=settings.train_batch, device=_device(settings),
-        workers=settings.train_workers, val=settings.train_keep_best,  # val=False: validates the last epoch only
+        workers=runtime.workers, val=settings.train_keep_best,  # val=False: validates the last epoch only
         optimizer=settings.train_optimizer, lr0=settings.train_lr0, momentum=0.937, weight_decay=0.005,
         warmup_epochs=warmup, mosaic=settings.train_mosaic, fliplr=settings.train_fliplr,
         freeze=None if parent.is_config or not settings.train_freeze else settings.train_freeze,
-        seed=settings.train_seed, deterministic=True, plots=False, amp=False, verbose=False,
+        seed=settings.train_seed, deterministic=runtime.deterministic, amp=runtime.amp, plots=False, verbose=False,
         project=str(Path(run_dir).resolve()), name="train", exist_ok=True,  # ultralytics puts relative ones in runs/
     )
     best = Path(model.trainer.best)
@@ -248,3 +249,30 @@ def promotion(new: dict[str, float], current: dict[str, float], tolerance: float
 
 def _device(settings: Settings) -> str | None:
     return settings.train_device or settings.device or None
+
+
+@dataclass(frozen=True)
+class TrainingRuntime:
+    """How a round uses the machine: ultralytics' ``workers``, ``amp`` and ``deterministic``."""
+
+    cuda: bool
+    workers: int
+    amp: bool
+    deterministic: bool
+
+
+def training_runtime(settings: Settings, cuda: bool | None = None) -> TrainingRuntime:
+    """``TRAIN_WORKERS`` and ``TRAIN_AMP``, or what suits the device: on CUDA 8 loader workers, mixed precision and
+    no deterministic kernels (they cost speed there); on the CPU none of these (deterministic, bit-for-bit).
+    ``cuda`` overrides what the training device (``TRAIN_DEVICE``, else ``DEVICE``, else a GPU if any) says."""
+    if cuda is None:
+        device = (_device(settings) or "").strip().lower()
+        if device in {"cpu", "mps"}:
+            cuda = False
+        else:
+            import torch
+
+            cuda = torch.cuda.is_available()
+    workers = settings.train_workers if settings.train_workers is not None else (8 if cuda else 0)
+    amp = settings.train_amp if settings.train_amp is not None else cuda
+    return TrainingRuntime(cuda, workers, amp and cuda, deterministic=not cuda)

@@ -8,6 +8,8 @@ environment before the first import and keeps its settings and caches under ``MO
 * ``YOLO_CONFIG_DIR`` and ``MPLCONFIGDIR`` under ``<MODEL_DIR>/ultralytics`` instead of the home directory;
 * the fonts ultralytics looks for are copied there from matplotlib's bundled DejaVuSans;
 * analytics (``sync``) and the logging integrations are switched off in ultralytics' settings;
+* mixed-precision training on CUDA: ultralytics first checks AMP by downloading ``yolo26n.pt``; that check is
+  replaced by :func:`amp_works`, which downloads nothing;
 * the CPU thread count: ultralytics sets torch's to ``min(8, cores - 1)`` whenever it selects a CPU device
   (``ultralytics.utils.torch_utils.NUM_THREADS``), one thread on a 2-core machine; :func:`ultralytics_module` sets
   that number to ``TORCH_THREADS`` (default: every core the process may use).
@@ -17,6 +19,7 @@ Always import ultralytics through :func:`ultralytics_module`.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import threading
@@ -59,11 +62,30 @@ def ultralytics_module(state_dir: Path, threads: int = 0) -> ModuleType:
             import ultralytics
 
             ultralytics.settings.update({"sync": False, **{name: False for name in _INTEGRATIONS}})
+            import ultralytics.engine.trainer
+
+            ultralytics.engine.trainer.check_amp = amp_works
             _module = ultralytics
         import ultralytics.utils.torch_utils
 
         ultralytics.utils.torch_utils.NUM_THREADS = threads or cpu_cores()
         return _module
+
+
+def amp_works(model) -> bool:
+    """Whether to train ``model`` with fp16 autocast (ultralytics calls this when AMP is asked for): on CUDA, except on
+    GeForce GTX 16xx cards, whose fp16 training is known to give NaN losses; never elsewhere. Unlike ultralytics' own
+    check it runs no reference model (which it would download)."""
+    import torch
+
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return False
+    name = torch.cuda.get_device_name(device)
+    if "GTX 16" in name.upper():
+        logging.getLogger(__name__).warning("AMP: %s is known to give NaN losses in fp16: training in fp32", name)
+        return False
+    return True
 
 
 def cpu_cores() -> int:

@@ -6,6 +6,7 @@ import shutil
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from ale_backend.detector import ModelNotFoundError, get_detector, resolve_model_source
 from ale_backend.ultralytics_setup import ultralytics_module
@@ -111,3 +112,26 @@ def test_inference_computes_on_the_configured_cpu_threads(settings, images, thre
         assert torch.get_num_threads() == (threads or cpu_cores())
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 inference runs on CUDA only (no GPU here)")
+def test_half_precision_gives_the_fp32_boxes_and_scores(settings, images):
+    from ale_backend.scoring import score_image
+
+    fp32 = get_detector(dataclasses.replace(settings, device="0")).detect(images)
+    fp16 = get_detector(dataclasses.replace(settings, device="0", inference_half=True)).detect(images)
+    for full, half in zip(fp32, fp16):
+        assert len(full) == len(half)
+        np.testing.assert_allclose(half.boxes, full.boxes, atol=1.0)  # pixels
+        np.testing.assert_allclose(half.class_scores, full.class_scores, atol=0.01)
+        for strategy in ("ale-unknown-mean", "ale-entropy-sum"):
+            assert score_image(half.class_scores, strategy) == pytest.approx(score_image(full.class_scores, strategy),
+                                                                             abs=0.02)
+
+
+def test_half_precision_is_ignored_on_the_cpu(settings, images):
+    fp32 = get_detector(settings).detect(images)
+    asked = get_detector(dataclasses.replace(settings, inference_half=True)).detect(images)
+    for full, half in zip(fp32, asked):
+        np.testing.assert_array_equal(half.boxes, full.boxes)
+        np.testing.assert_array_equal(half.class_scores, full.class_scores)

@@ -340,3 +340,40 @@ def test_the_training_recipe_reaches_ultralytics(dataset, settings, tmp_path):
     assert args["warmup_epochs"] == 0  # fine-tuning trained weights: no warm-up
     assert (args["freeze"], args["val"], args["workers"]) == (10, False, 1)
     assert epochs == [1] and weights.is_file()
+
+
+@pytest.mark.parametrize("workers, amp, cuda, expected", [
+    (None, None, True, (8, True, False)),    # a GPU: loader workers, mixed precision, no deterministic kernels
+    (None, None, False, (0, False, True)),   # the CPU: in-process loading, fp32, bit-for-bit
+    (2, False, True, (2, False, False)),     # what the user sets wins...
+    (None, True, False, (0, False, True)),   # ...but AMP exists on CUDA only
+])
+def test_a_round_uses_the_machine_it_runs_on(settings, workers, amp, cuda, expected):
+    from ale_backend.training import training_runtime
+
+    runtime = training_runtime(dataclasses.replace(settings, train_workers=workers, train_amp=amp), cuda=cuda)
+    assert (runtime.workers, runtime.amp, runtime.deterministic) == expected
+    assert training_runtime(dataclasses.replace(settings, train_device="cpu")).cuda is False
+
+
+def test_the_amp_check_downloads_nothing_and_skips_cards_known_to_fail(settings, monkeypatch):
+    import torch
+
+    from ale_backend.ultralytics_setup import amp_works, ultralytics_module
+
+    ultralytics_module(settings.model_dir)
+    import ultralytics.engine.trainer
+
+    assert ultralytics.engine.trainer.check_amp is amp_works  # ultralytics' own downloads yolo26n.pt
+
+    class Model:
+        def __init__(self, device):
+            self.device = torch.device(device)
+
+        def parameters(self):
+            yield self
+
+    assert amp_works(Model("cpu")) is False
+    for name, expected in (("NVIDIA H100 80GB HBM3", True), ("NVIDIA GeForce GTX 1660 Ti", False)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+        assert amp_works(Model("cuda:0")) is expected
