@@ -65,6 +65,13 @@ _BUMP = (
     "if tonumber(redis.call('GET', KEYS[1]) or '0') == tonumber(ARGV[1]) then "
     "redis.call('SET', KEYS[1], ARGV[1] + 1) end"
 )
+# The project's generation and the status of its training job for that generation (false if there is none): ARGV[1]
+# is that job's Redis key less the generation number.
+_PENDING = (
+    "local generation = tonumber(redis.call('GET', KEYS[1]) or '0') "
+    "return {generation, redis.call('HGET', ARGV[1] .. generation, 'status')}"
+)
+_PENDING_STATUSES = {s.value for s in _WAITING | {JobStatus.STARTED}}
 # A starting job: bump its generation, mark itself running, take (and reset) the count of new annotations.
 _CLAIM = _BUMP + " redis.call('SET', KEYS[2], ARGV[2]) return redis.call('GETSET', KEYS[3], 0)"
 
@@ -135,11 +142,18 @@ class TrainingQueue:
                                            "job": job, "event": event}
 
     def submit(self, project: int) -> tuple[str, bool]:
-        """Make sure a training job is waiting for ``project``: ``(job id, whether this call created it)``."""
+        """Make sure a training job is waiting for ``project``: ``(job id, whether this call created it)``.
+
+        Most events during a burst find their job waiting: one Redis round trip (:data:`_PENDING`) says so.
+        """
         key = self.names.key
         for _ in range(10):
-            generation = int(self.redis.get(key(project, "generation")) or 0)
+            generation, status = self.redis.eval(_PENDING, 1, key(project, "generation"),
+                                                 Job.key_for(self.names.training_job(project, 0))[:-1])
+            generation = int(generation)
             jid = self.names.training_job(project, generation)
+            if status and status.decode() in _PENDING_STATUSES:
+                return jid, False  # waiting, or started without having read the annotations yet
             try:
                 self.queue.enqueue_call(
                     "ale_backend.jobs.run_training_job", args=(project, generation), job_id=jid, unique=True,

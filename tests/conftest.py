@@ -68,7 +68,12 @@ def trained_weights(dataset, state_dir, pytestconfig) -> Path:
     cached = CACHE / f"shapes-{key}.pt"
     if not cached.exists():
         terminal = pytestconfig.pluginmanager.get_plugin("terminalreporter")
-        say = terminal.write_line if terminal is not None else print
+        capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
+
+        def say(line: str) -> None:  # to the terminal, around pytest's output capture
+            with capture.global_and_fixture_disabled():
+                terminal.write_line(line)
+
         say(f"training the tests' model once ({TRAIN['epochs']} epochs, about 100 s on 2 idle cores; "
             f"cached in {CACHE.relative_to(ROOT)}/)")
         started = time.monotonic()

@@ -77,7 +77,7 @@ def test_a_model_dir_serves_one_instance(two_instances, tmp_path):
         create_app(shared, warm_up=False)
 
     env = {**os.environ, "MODEL_PATH": shared.model_path, "MODEL_DIR": str(shared.model_dir),
-           "LABEL_STUDIO_URL": SECOND, "REDIS_URL": shared.redis_url}
+           "LABEL_STUDIO_URL": SECOND, "LABEL_STUDIO_API_KEY": "k", "REDIS_URL": shared.redis_url}
     for command in (["worker", "--burst"], ["rescore", "--project", "1"]):
         cli = subprocess.run([sys.executable, "-m", "ale_backend", *command], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=120)
