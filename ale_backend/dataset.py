@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from ale_backend.images import ImageLoader, ImageLoadError, decode_image, task_image_url
@@ -139,24 +140,34 @@ class ImageCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         self._loader = loader
 
+    @property
+    def max_pixels(self) -> int:
+        """Images of more pixels are refused (``MAX_IMAGE_PIXELS``)."""
+        return self._loader.max_pixels
+
     def get(self, task_id: int, url: str) -> Path:
         """A local file with the task's image, downloading it the first time; :class:`ImageLoadError` if not."""
+        return self.fetch(task_id, url)[0]
+
+    def fetch(self, task_id: int, url: str) -> tuple[Path, np.ndarray | None]:
+        """The task's local file and, when this call downloaded it, the image it decoded to check it (BGR array;
+        None when the file was already cached): who needs the pixels then decodes the image once, not twice."""
         key = hashlib.sha1(f"{task_id}:{url.split('?')[0]}".encode()).hexdigest()
         for existing in self.folder.glob(f"{key}.*"):
-            return existing
+            return existing, None
         data = self._loader.read_bytes(url)
-        decode_image(data, url, self._loader.max_pixels)  # refuse what is not an image before the trainer sees it
+        image = decode_image(data, url, self._loader.max_pixels)  # refuse what is not an image before a trainer does
         suffix = next((s for magic, s in IMAGE_SUFFIXES.items() if data.startswith(magic)), None)
         if suffix is None:  # e.g. WebP: re-encode losslessly to a format every trainer reads
             import cv2
 
-            ok, encoded = cv2.imencode(".png", decode_image(data, url, self._loader.max_pixels))
+            ok, encoded = cv2.imencode(".png", image)
             data, suffix = encoded.tobytes(), ".png"
         target = self.folder / f"{key}{suffix}"
         tmp = target.with_suffix(f".part{os.getpid()}")
         tmp.write_bytes(data)
         os.replace(tmp, target)
-        return target
+        return target, image
 
 
 def write_dataset(

@@ -67,15 +67,22 @@ def predict_tasks(
     loader: ImageLoader,
     settings: Settings,
     project: int | None = None,
+    images: Sequence[np.ndarray | None] | None = None,
 ) -> list[dict]:
     """One Label Studio prediction per task, in the order given (never fewer: Label Studio drops uneven batches).
 
     ``project`` seeds the tie-break between equal scores, so each project gets its own order among them.
+    ``images``: tasks' images already decoded (BGR), by position; the loader fetches those that are None.
     """
     started = time.perf_counter()
     label_map = map_labels(detector.names, config)
     urls = [task_image_url(task, config.image_key) for task in tasks]
-    loaded = loader.load_many(urls)
+    if images is not None and len(images) != len(tasks):
+        raise ValueError(f"{len(images)} images for {len(tasks)} tasks")
+    loaded: list[np.ndarray | ImageLoadError | None] = list(images) if images is not None else [None] * len(tasks)
+    missing = [i for i, image in enumerate(loaded) if image is None]
+    for i, image in zip(missing, loader.load_many([urls[i] for i in missing])):
+        loaded[i] = image
     readable = [i for i, item in enumerate(loaded) if not isinstance(item, ImageLoadError)]
     display_conf = settings.display_conf if config.score_threshold is None else config.score_threshold
     detections = dict(zip(readable, detector.detect([loaded[i] for i in readable], conf=display_conf)))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +28,7 @@ from typing import Any
 
 from ale_backend.dataset import ImageCache
 from ale_backend.detector import get_detector
-from ale_backend.images import ImageLoadError, get_image_loader, task_image_url
+from ale_backend.images import ImageLoadError, decode_image, get_image_loader, image_size, task_image_url
 from ale_backend.label_config import parse_label_config
 from ale_backend.label_studio import UNLABELED, LabelStudioClient, LabelStudioError
 from ale_backend.predictions import predict_tasks
@@ -59,30 +60,35 @@ def rescore_project(
     pages = _pages(client.tasks(project, filters=UNLABELED, page_size=page_size), page_size)
 
     def fetch_next_page():
-        """The next page of tasks with their images in the cache (runs in the prefetch thread)."""
+        """The next page of tasks with their images in the cache and decoded, each once, as far as
+        ``DECODED_PAGE_BYTES`` allows (runs in the prefetch thread, while the page before is scored)."""
         started = time.perf_counter()
         page = next(pages, None)
         if page is None:
-            return None, [], 0.0
+            return None, [], [], 0.0
         urls = [task_image_url(task, config.image_key) for task in page]
-        local = list(pool.map(lambda item: _cached(cache, *item), zip((t["id"] for t in page), urls)))
-        return page, local, time.perf_counter() - started
+        budget = _Budget(DECODED_PAGE_BYTES)
+        fetched = list(pool.map(lambda item: _cached(cache, budget, *item), zip((t["id"] for t in page), urls)))
+        local = [item if isinstance(item, ImageLoadError) else item[0] for item in fetched]
+        images = [None if isinstance(item, ImageLoadError) else item[1] for item in fetched]
+        return page, local, images, time.perf_counter() - started
 
     with ThreadPoolExecutor(settings.fetch_workers, thread_name_prefix="pool-fetch") as pool, \
             ThreadPoolExecutor(1, thread_name_prefix="pool-prefetch") as prefetch:
         upcoming = prefetch.submit(fetch_next_page)
         while True:
             t0 = time.perf_counter()
-            page, local, _ = upcoming.result()
+            page, local, images, _ = upcoming.result()
             t1 = time.perf_counter()
             if page is None:
                 break
             upcoming = prefetch.submit(fetch_next_page)  # download the next page while this one is scored
-            readable = [{"id": t["id"], "data": {config.image_key: str(path)}}
-                        for t, path in zip(page, local) if not isinstance(path, ImageLoadError)]
+            kept = [i for i, path in enumerate(local) if not isinstance(path, ImageLoadError)]
+            readable = [{"id": page[i]["id"], "data": {config.image_key: str(local[i])}} for i in kept]
             unreadable += [(t["id"], str(path)) for t, path in zip(page, local) if isinstance(path, ImageLoadError)]
             predictions = predict_tasks(readable, config, detector=detector, loader=loader, settings=settings,
-                                        project=project) if readable else []
+                                        project=project, images=[images[i] for i in kept]) if readable else []
+            del images  # this page's pixels are not held while the next page is decoded
             items = [{"task": task["id"], "result": p["result"], "score": p["score"], "model_version": source.version}
                      for task, p in zip(readable, predictions) if "error" not in p["ale"]]
             unreadable += [(task["id"], p["ale"]["error"]) for task, p in zip(readable, predictions)
@@ -134,9 +140,42 @@ class RescoringError(RuntimeError):
     """A re-scoring that cannot give the project a new order (the reason says why)."""
 
 
-def _cached(cache: ImageCache, task_id: int, url: str):
+DECODED_PAGE_BYTES = 512 * 1024 * 1024
+"""Decoded pixels held per page of the pool (two pages at most: the one scored, the one prefetched). Within it each
+image is decoded once, in the fetch threads; beyond it (pages of very large images) images wait as files and are
+decoded for inference, so memory stays flat however large the pool."""
+
+
+class _Budget:
+    """Bytes of decoded images a page may still hold (thread-safe)."""
+
+    def __init__(self, limit: int):
+        self.left = limit
+        self._lock = threading.Lock()
+
+    def reserve(self, nbytes: int) -> bool:
+        with self._lock:
+            if nbytes > self.left:
+                return False
+            self.left -= nbytes
+            return True
+
+
+def _cached(cache: ImageCache, budget: _Budget, task_id: int, url: str):
+    """``(cached file, decoded image or None)`` for one task, or the :class:`ImageLoadError` that says why not.
+
+    A download was decoded to check it: it is kept if the page's budget allows. A cached file is decoded here, in
+    the fetch threads, if its size (from its header) fits the budget; otherwise inference decodes it.
+    """
     try:
-        return cache.get(task_id, url)
+        path, image = cache.fetch(task_id, url)
+        if image is not None:
+            return path, image if budget.reserve(image.nbytes) else None
+        data = path.read_bytes()
+        width, height = image_size(data, str(path))
+        if not budget.reserve(width * height * 3):
+            return path, None
+        return path, decode_image(data, str(path), cache.max_pixels)
     except ImageLoadError as exc:
         return exc
     except Exception as exc:  # one task's image never stops the round

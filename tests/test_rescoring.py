@@ -73,3 +73,27 @@ def test_a_cold_start_model_orders_ties_differently_per_project(pool, label_stud
     order = [sorted(scores[p], key=scores[p].get) for p in (31, 32)]
     assert order[0] != order[1]
     assert np.isclose(sorted(scores[31].values())[0], sorted(scores[32].values())[0], rtol=1e-5)
+
+
+def test_each_image_is_decoded_once_per_rescoring_and_a_page_holds_bounded_pixels(pool, label_studio, monkeypatch):
+    import cv2
+
+    from ale_backend import rescoring
+
+    app_settings, expected = pool
+    decoded = []
+    original = cv2.imdecode
+    monkeypatch.setattr(cv2, "imdecode", lambda *args: decoded.append(1) or original(*args))
+
+    first = rescore_project(31, app_settings, page_size=3)  # downloads into the cache: decoded as it arrives
+    assert first["scored"] == len(expected) and len(decoded) == len(expected)
+    scores = {p["task"]: p["score"] for p in label_studio.predictions[31]}
+    decoded.clear()
+    rescore_project(31, app_settings, page_size=3)  # from the cache
+    assert len(decoded) == len(expected)
+
+    # pages of huge images: beyond the budget they wait as files and are decoded for inference; same scores
+    monkeypatch.setattr(rescoring, "DECODED_PAGE_BYTES", 1)
+    decoded.clear()
+    rescore_project(31, app_settings, page_size=3)
+    assert len(decoded) == len(expected) and {p["task"]: p["score"] for p in label_studio.predictions[31]} == scores
