@@ -14,7 +14,7 @@ STAMP   := $(VENV)/.installed
 LS_VENV ?= .venv-label-studio
 LS_STAMP := $(LS_VENV)/.installed
 
-.PHONY: install run test lint bench-predict bench-training clean
+.PHONY: install run test lint bench-predict bench-training bench-epoch bench-rescoring bench-gpu clean
 
 install: $(STAMP)
 
@@ -49,6 +49,16 @@ bench-predict: install
 
 bench-training: install
 	$(BIN)/python -m benchmarks.training_speed
+
+bench-epoch: install
+	$(BIN)/python -m benchmarks.epoch_speed
+
+bench-rescoring: install $(LS_STAMP)
+	LABEL_STUDIO_BIN=$(abspath $(LS_VENV))/bin/label-studio $(BIN)/python -m benchmarks.rescoring_speed
+
+# On a machine with one GPU: predict (fp32, half) and epoch time, under 5 minutes
+bench-gpu: install
+	$(BIN)/python -m benchmarks.gpu_speed
 
 clean:
 	rm -rf $(VENV) $(LS_VENV) .cache .pytest_cache .ruff_cache

@@ -7,7 +7,7 @@ development server, with the arguments that ``label-studio-ml start <dir>`` pass
     --basic-auth-user, --basic-auth-pass   BASIC_AUTH_USER, BASIC_AUTH_PASS
     --check                          check the configuration and load the model, then exit (0: ready)
 
-Everything else is configured by environment variables (README, "Configuration"); ``--kwargs/--with`` is refused
+Everything else is configured by environment variables (docs/configuration.md); ``--kwargs/--with`` is refused
 with that advice.
 """
 
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.kwargs:
         parser.error("--kwargs/--with is not supported: this backend is configured by environment variables "
-                     "(see the README's Configuration table), e.g. SCORE_CONF=0.1 python _wsgi.py")
+                     "(see docs/configuration.md), e.g. SCORE_CONF=0.1 python _wsgi.py")
     if args.debug:
         args.log_level = "DEBUG"
     for flag, variable in _FLAGS_TO_VARIABLES.items():

@@ -3,12 +3,14 @@
 Label Studio only asks ``/predict`` for tasks someone opens or selects, so the annotator queue can follow ALE only
 when every unlabelled task carries a prediction of the project's current ``model_version``. This job provides that:
 
-1. deletes earlier predictions of the same version (a re-run after a failure starts clean);
-2. walks the unlabelled tasks a page at a time (at most two pages in memory: the next page's images download while
-   the current one is scored): images into the project's disk cache (downloaded once, reused in later rounds and by
-   training), batched inference, the same pipeline as
-   ``/predict`` (:func:`ale_backend.predictions.predict_tasks`), then ``POST /import/predictions`` for the page,
-   failing loudly when Label Studio creates fewer predictions than it was sent (it skips invalid ones silently);
+1. walks the unlabelled tasks a page at a time, three stages overlapping: while one page is scored, the next one's
+   images come into the project's disk cache (downloaded once, reused in later rounds and by training) and are
+   decoded, each image once and within ``DECODED_PAGE_BYTES``, and the page before is imported. Scoring is the
+   same pipeline as ``/predict`` (:func:`ale_backend.predictions.predict_tasks`); the import
+   (``POST /import/predictions``) fails loudly when Label Studio creates fewer predictions than it was sent (it
+   skips invalid ones silently). Before the first import, earlier predictions of the same version are deleted (a
+   re-run after a failure starts clean; a run that reads no image deletes nothing and fails with the reason);
+2. waits for the last import;
 3. only then switches the project's ``model_version`` to the new version (sorting and sampling use it), and deletes
    prediction versions beyond the newest ``KEEP_PREDICTION_VERSIONS``. A failure before this step leaves the
    project on its previous version.
@@ -73,8 +75,23 @@ def rescore_project(
         images = [None if isinstance(item, ImageLoadError) else item[1] for item in fetched]
         return page, local, images, time.perf_counter() - started
 
+    def import_page(items: list[dict], first: bool) -> None:
+        """Send one page's predictions (runs in the import thread, while the next page is scored)."""
+        if first:  # a version's earlier predictions go once there are new ones (not if none come)
+            client.delete_model_version(project, source.version)
+        created = client.import_predictions(project, items)
+        if created != len(items):
+            raise LabelStudioError(
+                f"Label Studio created {created} of {len(items)} predictions for project {project} (it skips "
+                "invalid ones without saying which): check that the labelling config still has the labels "
+                f"the model predicts; the project stays on its previous model version"
+            )
+
+    importing = None  # the page being imported: at most one, so memory stays flat
+
     with ThreadPoolExecutor(settings.fetch_workers, thread_name_prefix="pool-fetch") as pool, \
-            ThreadPoolExecutor(1, thread_name_prefix="pool-prefetch") as prefetch:
+            ThreadPoolExecutor(1, thread_name_prefix="pool-prefetch") as prefetch, \
+            ThreadPoolExecutor(1, thread_name_prefix="pool-import") as importer:
         upcoming = prefetch.submit(fetch_next_page)
         while True:
             t0 = time.perf_counter()
@@ -95,21 +112,19 @@ def rescore_project(
                            if "error" in p["ale"]]
             t2 = time.perf_counter()
             if items:
-                if not scored:  # a version's earlier predictions go once there are new ones (not if none come)
-                    client.delete_model_version(project, source.version)
-                created = client.import_predictions(project, items)
-                if created != len(items):
-                    raise LabelStudioError(
-                        f"Label Studio created {created} of {len(items)} predictions for project {project} (it skips "
-                        "invalid ones without saying which): check that the labelling config still has the labels "
-                        f"the model predicts; the project stays on its previous model version"
-                    )
+                if importing is not None:
+                    importing.result()  # the page before: imported (or its error raised here)
+                importing = importer.submit(import_page, items, first=not scored)
             t3 = time.perf_counter()
             seconds["fetch"] += t1 - t0  # time spent waiting for images, beyond what overlapped with scoring
             seconds["inference"] += t2 - t1
-            seconds["import"] += t3 - t2
+            seconds["import"] += t3 - t2  # waiting for the page before to be imported
             scored += len(items)
             report("re-scoring", scored=scored, unreadable=len(unreadable))
+        if importing is not None:
+            t3 = time.perf_counter()
+            importing.result()
+            seconds["import"] += time.perf_counter() - t3
 
     if not scored and unreadable:
         task, reason = unreadable[0]

@@ -1,8 +1,9 @@
 """Configuration, read once from the environment and validated.
 
-Every variable the backend reads is declared in ``_VARIABLES`` below, with its default and meaning; the README's
-configuration table lists the same ones. Invalid values raise :class:`SettingsError` naming each bad variable, so a
-misconfigured server stops at start-up with a message instead of failing on the first request.
+Every variable the backend reads is declared in ``_VARIABLES`` below, with its default and meaning; the table in
+docs/configuration.md lists the same ones, with the same defaults (a test checks it). Invalid values raise
+:class:`SettingsError` naming each bad variable, so a misconfigured server stops at start-up with a message instead
+of failing on the first request.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -98,6 +99,18 @@ def _optional_bool(raw: str) -> bool | None:
     return None if raw.strip().lower() in {"", "auto"} else _bool(raw)
 
 
+def _fetch_workers(raw: str) -> int:
+    return default_fetch_workers() if not raw.strip() else _positive_int(raw)
+
+
+def default_fetch_workers() -> int:
+    """``FETCH_WORKERS`` when unset: 8 (downloads wait on the network), or one per core where there are more cores
+    (the same threads decode the images)."""
+    from ale_backend.ultralytics_setup import cpu_cores
+
+    return max(8, cpu_cores())
+
+
 def _percent(raw: str) -> int:
     value = int(raw)
     if not 0 <= value < 100:
@@ -174,7 +187,7 @@ _VARIABLES: dict[str, tuple[str, str, Callable[[str], object]]] = {
     "display_conf": ("DISPLAY_CONF", "0.25", _unit_interval),
     "label_studio_url": ("LABEL_STUDIO_URL", "", _url),
     "label_studio_api_key": ("LABEL_STUDIO_API_KEY", "", _text),
-    "fetch_workers": ("FETCH_WORKERS", "8", _positive_int),
+    "fetch_workers": ("FETCH_WORKERS", "", _fetch_workers),
     "fetch_timeout": ("FETCH_TIMEOUT", "10", _positive_float),
     "max_image_mb": ("MAX_IMAGE_MB", "50", _positive_float),
     "max_image_pixels": ("MAX_IMAGE_PIXELS", str(DEFAULT_MAX_IMAGE_PIXELS), _positive_int),
@@ -258,8 +271,8 @@ class Settings:
     """Label Studio's base URL, for images under ``/data/...``."""
     label_studio_api_key: str = ""
     """Legacy token or personal access token of a Label Studio user."""
-    fetch_workers: int = 8
-    """Images fetched concurrently per request."""
+    fetch_workers: int = field(default_factory=default_fetch_workers)
+    """Images fetched and decoded concurrently per request; unset: 8, or one per core where there are more."""
     fetch_timeout: float = 10.0
     """Seconds before an image download is abandoned."""
     max_image_mb: float = 50.0

@@ -9,7 +9,7 @@ Runs in the RQ worker (:func:`ale_backend.jobs.run_training_job` wraps it with t
    that the model lacks are added: ultralytics keeps the known classes' head rows (matched by name) and starts new
    rows fresh. The recipe is the paper's (lr0 0.01, momentum 0.937, weight decay 0.005, ultralytics' YOLOv5-style
    augmentations) except the optimizer: SGD by default, because Adam at lr0 0.01 destroyed the model in our
-   fine-tuning measurements (README, "Training recipe"); ``TRAIN_OPTIMIZER=Adam`` restores the paper's choice. No
+   fine-tuning measurements (docs/training-recipe.md); ``TRAIN_OPTIMIZER=Adam`` restores the paper's choice. No
    warm-up when fine-tuning trained weights (a short fine-tune would be all warm-up);
 4. scores the new weights and the current ones on the same validation images (the current model on labels
    renumbered to its own classes, so the comparison is fair);

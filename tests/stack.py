@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import requests
@@ -57,6 +58,17 @@ def wait_until_up(url: str, process: subprocess.Popen, timeout: float, log: Path
             pass
         time.sleep(0.5)
     raise RuntimeError(f"{url} did not come up in {timeout:.0f} s; log:\n{log.read_text()[-3000:]}")
+
+
+@contextmanager
+def serving(process: subprocess.Popen, url: str, timeout: float, log: Path):
+    """The block runs once ``url`` answers (see :func:`wait_until_up`); the process is stopped after it, or when it
+    never comes up."""
+    try:
+        wait_until_up(url, process, timeout, log)
+        yield
+    finally:
+        stop(process)
 
 
 def stop(process: subprocess.Popen) -> None:

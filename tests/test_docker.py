@@ -16,7 +16,7 @@ COMPOSE = yaml.safe_load((ROOT / "docker" / "docker-compose.yml").read_text())
 GPU = yaml.safe_load((ROOT / "docker" / "docker-compose.gpu.yml").read_text())
 BACKEND_ONLY = yaml.safe_load((ROOT / "docker" / "docker-compose.backend.yml").read_text())
 DOCKERFILE = (ROOT / "docker" / "Dockerfile").read_text()
-README = (ROOT / "README.md").read_text()
+CONFIGURATION = (ROOT / "docs" / "configuration.md").read_text()
 
 
 def instructions(name):
@@ -77,9 +77,9 @@ def test_every_variable_the_code_reads_is_documented():
         read |= set(re.findall(r"os\.environ\[[\"']([A-Z0-9_]+)[\"']\]", path.read_text()))
     internal = {"YOLO_OFFLINE", "YOLO_AUTOINSTALL", "YOLO_VERBOSE", "YOLO_CONFIG_DIR", "MPLCONFIGDIR",
                 "PROMETHEUS_MULTIPROC_DIR", "REDIS_ORIGIN"}  # set by the backend itself (for its libraries, make run)
-    table = set(re.findall(r"^\| `([A-Z0-9_]+)`", README, re.MULTILINE)) | set(re.findall(r"`([A-Z0-9_]+)`", README))
-    missing = sorted(v for v in read - internal if v not in table)
-    assert not missing, f"not in the README: {missing}"
+    documented = set(re.findall(r"`([A-Z0-9_]+)`", CONFIGURATION))
+    missing = sorted(v for v in read - internal if v not in documented)
+    assert not missing, f"not in docs/configuration.md: {missing}"
     example = (ROOT / "docker" / ".env.example").read_text()
     assert not [v for v in environment_variables() if f"{v}=" not in example]
     assert {"PORT", "WORKERS", "THREADS"} <= read
@@ -99,3 +99,13 @@ def test_the_backend_only_stack_runs_the_same_backend_for_a_label_studio_elsewhe
     assert {k: v for k, v in full["backend"]["environment"].items() if not k.startswith("LABEL_STUDIO_")} == env
     assert services["backend"]["ports"] == full["backend"]["ports"] and "label-studio" not in str(services)
     assert set(GPU["services"]) <= set(services)  # the GPU override applies to it as well
+
+
+def test_the_configuration_table_gives_the_settings_defaults():
+    rows = dict(re.findall(r"^\| `([A-Z0-9_]+)` \| ([^|]+) \|", CONFIGURATION, re.MULTILINE))
+    for variable, default in environment_variables().items():
+        if variable not in rows:  # rows of several variables (BASIC_AUTH_USER, BASIC_AUTH_PASS) give none
+            continue
+        shown = rows[variable].strip()
+        assert shown == f"`{default}`" or (not default and shown in {"*(none)*", "*(auto)*"}), (variable, shown)
+    assert len(rows) >= len(environment_variables()) - 2

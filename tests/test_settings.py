@@ -50,3 +50,13 @@ def test_the_ecosystems_names_for_label_studio_are_aliases_and_ours_win():
     assert (both.label_studio_url, both.label_studio_api_key) == ("http://ls.example.org", "ours")
     with pytest.raises(SettingsError, match="LABEL_STUDIO_HOST='label-studio:8080'"):
         Settings.from_env({"LABEL_STUDIO_HOST": "label-studio:8080"})
+
+
+def test_fetch_threads_follow_the_cores_beyond_eight(monkeypatch):
+    from ale_backend import ultralytics_setup
+
+    monkeypatch.setattr(ultralytics_setup, "cpu_cores", lambda: 16)
+    assert Settings.from_env({}).fetch_workers == 16 and Settings().fetch_workers == 16
+    monkeypatch.setattr(ultralytics_setup, "cpu_cores", lambda: 2)
+    assert Settings.from_env({}).fetch_workers == 8
+    assert Settings.from_env({"FETCH_WORKERS": "3"}).fetch_workers == 3

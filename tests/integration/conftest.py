@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,12 +15,15 @@ import requests
 
 from ale_backend import synthetic
 from tests.conftest import LABEL_CONFIG, LABELS, ROOT
-from tests.stack import LEGACY_TOKEN, free_port, label_studio_binary, start_label_studio, stop, wait_until_up
+from tests.stack import LEGACY_TOKEN, free_port, label_studio_binary, serving, start_label_studio, stop
 
 
-def _wait(url: str, process, timeout: float, log: Path) -> None:
+@contextmanager
+def _serving(process, url: str, timeout: float, log: Path):
+    """:func:`tests.stack.serving`, failing the test (not erroring) when the service does not come up."""
     try:
-        wait_until_up(url, process, timeout, log)
+        with serving(process, url, timeout, log):
+            yield
     except RuntimeError as exc:
         pytest.fail(str(exc))
 
@@ -47,13 +51,9 @@ def live_label_studio(tmp_path_factory):
                     ".venv-label-studio (or set LABEL_STUDIO_BIN)")
     data = tmp_path_factory.mktemp("label-studio")
     port = free_port()
-    process = start_label_studio(data, port)
     url = f"http://127.0.0.1:{port}"
-    try:
-        _wait(url + "/health", process, 240, data / "ls.log")
+    with _serving(start_label_studio(data, port), url + "/health", 240, data / "ls.log"):
         yield LiveLabelStudio(url, LEGACY_TOKEN)
-    finally:
-        stop(process)
 
 
 @dataclass
@@ -104,12 +104,11 @@ def live_backend(live_label_studio, trained_weights, redis_url, tmp_path_factory
         worker = subprocess.Popen([sys.executable, "-m", "ale_backend", "worker"], cwd=ROOT, env=env, stdout=out,
                                   stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        _wait(url + "/health", web, 60, web_log)
-        yield LiveBackend(url, env, folder / "models")
-    finally:
-        stop(worker)
-        stop(web)
+    with _serving(web, url + "/health", 60, web_log):
+        try:
+            yield LiveBackend(url, env, folder / "models")
+        finally:
+            stop(worker)
 
 
 # What the tests of a live project check

@@ -19,7 +19,7 @@ import requests
 from ale_backend import synthetic
 from tests.conftest import LABEL_CONFIG, LABELS
 from tests.integration.conftest import all_tasks, assert_queue_follows_ale, ground_truth, next_task
-from tests.stack import S3_KEYS, free_port, start_s3_server, stop, upload_to_s3, wait_until_up
+from tests.stack import S3_KEYS, free_port, serving, start_s3_server, upload_to_s3
 
 N_TASKS = 16
 N_ANNOTATED = 8
@@ -31,10 +31,8 @@ def s3_server(tmp_path_factory):
     """A local S3-compatible server holding N_TASKS generated images under ``site-a/``; yields (endpoint, samples)."""
     folder = tmp_path_factory.mktemp("s3")
     port = free_port()
-    process = start_s3_server(folder, port)
     endpoint = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(endpoint + "/", process, 60, folder / "s3.log")
+    with serving(start_s3_server(folder, port), endpoint + "/", 60, folder / "s3.log"):
         rng = np.random.default_rng(7)
         samples, files = {}, {}
         for i in range(N_TASKS):
@@ -45,8 +43,6 @@ def s3_server(tmp_path_factory):
             files[f"site-a/img{i:03d}.png"] = path
         upload_to_s3(endpoint, BUCKET, files)
         yield endpoint, samples
-    finally:
-        stop(process)
 
 
 @pytest.fixture(scope="module")
