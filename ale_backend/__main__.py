@@ -104,10 +104,11 @@ def _ready(settings, timeout: float) -> int:
 
     host, port = os.environ.get("HOST") or "0.0.0.0", os.environ.get("PORT") or "9090"
     local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    auth = (settings.basic_auth_user, settings.basic_auth_pass) if settings.basic_auth_user else None
     deadline = time.monotonic() + timeout
     while True:
         try:
-            if requests.get(f"http://{local}:{port}/health", timeout=2).status_code == 200:
+            if requests.get(f"http://{local}:{port}/health", auth=auth, timeout=2).status_code == 200:
                 break
         except requests.RequestException:
             pass

@@ -91,7 +91,11 @@ class Names:
         return f"ale:{self.instance}:p{int(project)}:{name}"
 
     def training_job(self, project: int, generation: int) -> str:
-        return f"ale-train-{self.instance}-p{int(project)}-g{int(generation)}"
+        return f"{self.training_jobs(project)}{int(generation)}"
+
+    def training_jobs(self, project: int) -> str:
+        """What the ids of the project's training jobs start with (the generation follows)."""
+        return f"ale-train-{self.instance}-p{int(project)}-g"
 
     def rescoring_job(self, project: int, version: str | None) -> str:
         return f"ale-rescore-{self.instance}-p{int(project)}-{version or uuid.uuid4().hex[:8]}"
@@ -149,7 +153,7 @@ class TrainingQueue:
         key = self.names.key
         for _ in range(10):
             generation, status = self.redis.eval(_PENDING, 1, key(project, "generation"),
-                                                 Job.key_for(self.names.training_job(project, 0))[:-1])
+                                                 Job.key_for(self.names.training_jobs(project)))
             generation = int(generation)
             jid = self.names.training_job(project, generation)
             if status and status.decode() in _PENDING_STATUSES:

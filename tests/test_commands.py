@@ -84,7 +84,8 @@ def test_make_run_reads_an_env_file_and_prints_one_ready_line(trained_weights, r
     """``scripts/serve`` (what ``make run`` runs): settings from the env file, Redis found, worker and gunicorn up."""
     env_file = tmp_path / "backend.env"
     env_file.write_text(f'# a comment\nMODEL_PATH="{trained_weights}"\nMODEL_DIR={tmp_path / "models"}\nDEVICE=cpu\n'
-                        "LABEL_STUDIO_URL=\nLOG_LEVEL=WARNING\nLABEL_STUDIO_URL=http://ls.example.org:8080\n")
+                        "LABEL_STUDIO_URL=\nLOG_LEVEL=WARNING\nLABEL_STUDIO_URL=http://ls.example.org:8080\n"
+                        "BASIC_AUTH_USER=ops\nBASIC_AUTH_PASS=s3cret\n")  # /health wants it too
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "MODEL_", "HOST"))}
     env.update({"VENV": str(VENV_BIN.parent), "PORT": str(port), "REDIS_URL": redis_url, "ENV_FILE": str(env_file),
@@ -102,7 +103,8 @@ def test_make_run_reads_an_env_file_and_prints_one_ready_line(trained_weights, r
         assert f"Redis 127.0.0.1:{redis_url.rsplit(':', 1)[1].split('/')[0]} (found)" in ready
         assert "Label Studio http://ls.example.org:8080" in ready
         assert any(" INFO " in line for line in lines)  # LOG_LEVEL from the environment, not the file's WARNING
-        assert requests.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
+        assert requests.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 401
+        assert requests.get(f"http://127.0.0.1:{port}/health", auth=("ops", "s3cret"), timeout=5).status_code == 200
     finally:
         stop(process)
     assert process.returncode is not None
