@@ -1,4 +1,4 @@
-"""Which fine-tuning recipe keeps a model useful when a new class is added? (the README's "Training recipe" table)
+"""Which fine-tuning recipe keeps a model useful when a new class is added? (docs/training-recipe.md)
 
 A tiny YOLOv5n trained on generated shapes (the tests' model) is fine-tuned with the backend's own
 ``training.fine_tune`` on 80 generated images in which its "triangle" class is renamed to a new class, then scored
