@@ -67,6 +67,8 @@ def main() -> None:
         try:
             wait_for_port(redis_port)
             wait_for_port(web_port)
+            webhook_latencies(web_port, 200, args.clients)  # warm-up: the fresh server's first requests
+            _empty_queue(env)
             latencies = webhook_latencies(web_port, args.events, args.clients)
             _empty_queue(env)  # the latency run queued jobs for projects that do not exist
             add_project(ls, 1, n_tasks=args.images, seed=0, size=args.size)
