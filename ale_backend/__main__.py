@@ -2,7 +2,8 @@
 :func:`_read_env_file`).
 
     worker [--burst]       run the RQ worker that trains (one job at a time; --burst: exit when the queue is empty)
-    ready [--timeout S]    wait until the backend on HOST:PORT answers, then print one line saying what it uses
+    ready [--timeout S] [--pid P]
+                           wait until the backend on HOST:PORT answers, then print one line saying what it uses
     status --project ID    the project's training queue, progress, served version and last failure (JSON)
     connect --project ID --backend-url URL [--label-studio-url URL] [--api-key KEY] [--no-scoring]
                            wire a Label Studio project to this backend (idempotent) and score its pool
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")
     ready = commands.add_parser("ready", help="wait until the backend on HOST:PORT answers, then say so in one line")
     ready.add_argument("--timeout", type=float, default=300, help="seconds to wait (default 300)")
+    ready.add_argument("--pid", type=int, help="the server's process: stop waiting if it exits")
     status = commands.add_parser("status", help="show a project's training status")
     status.add_argument("--project", type=int, required=True)
     connect = commands.add_parser("connect", help="wire a Label Studio project to this backend")
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("connect", "rescore"):
         return _label_studio_command(args, settings)
     if args.command == "ready":
-        return _ready(settings, args.timeout)
+        return _ready(settings, args.timeout, args.pid)
 
     import redis
 
@@ -93,7 +95,7 @@ def _read_env_file(path: str) -> None:
             os.environ[name] = value.removeprefix('"').removesuffix('"')
 
 
-def _ready(settings, timeout: float) -> int:
+def _ready(settings, timeout: float, pid: int | None = None) -> int:
     """``make run``'s ready line: where the backend listens, its Redis, its base model and its Label Studio."""
     import time
 
@@ -112,6 +114,9 @@ def _ready(settings, timeout: float) -> int:
                 break
         except requests.RequestException:
             pass
+        if pid is not None and not _alive(pid):
+            print("the backend stopped before it answered: its messages above say why", file=sys.stderr)
+            return 1
         if time.monotonic() > deadline:
             print(f"the backend did not answer at http://{local}:{port}/health within {timeout:.0f} s", file=sys.stderr)
             return 1
@@ -122,6 +127,16 @@ def _ready(settings, timeout: float) -> int:
     print(f"ready: backend {listening} | base model {resolve_model_source(settings.model_path).version} | "
           f"Redis {redis} | Label Studio {label_studio}", flush=True)
     return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process of that number
+        return True
+    return True
 
 
 def _label_studio_command(args, settings) -> int:

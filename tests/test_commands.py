@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import requests
@@ -108,3 +109,15 @@ def test_make_run_reads_an_env_file_and_prints_one_ready_line(trained_weights, r
     finally:
         stop(process)
     assert process.returncode is not None
+
+
+def test_make_run_stops_at_once_when_the_backend_cannot_start(redis_url, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "MODEL_", "HOST"))}
+    env.update({"VENV": str(VENV_BIN.parent), "PORT": str(free_port()), "REDIS_URL": redis_url,
+                "MODEL_PATH": str(tmp_path / "missing.pt"), "MODEL_DIR": str(tmp_path / "models")})
+    started = time.monotonic()
+    served = subprocess.run([str(ROOT / "scripts" / "serve")], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert served.returncode != 0 and time.monotonic() - started < 60  # not the ready line's 300 s
+    output = served.stdout + served.stderr
+    assert "missing.pt" in output and "the backend stopped before it answered" in output
