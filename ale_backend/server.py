@@ -187,7 +187,9 @@ def _webhook():
     except QueueUnavailable as exc:
         logger.error("webhook %s not queued: %s", payload["action"], exc)
         return _error(503, str(exc))
-    logger.info("webhook %s: %s", payload["action"], body)
+    # a burst of annotations is one line per job queued; events counted or folded into a waiting job go to DEBUG
+    logger.log(logging.INFO if body.get("status") == "queued" else logging.DEBUG, "webhook %s: %s",
+               payload["action"], body)
     return jsonify(body), status
 
 
