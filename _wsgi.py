@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
             os.environ[variable] = getattr(args, flag)
 
     from ale_backend.detector import get_detector
-    from ale_backend.settings import SettingsError, get_settings
+    from ale_backend.settings import SettingsError, get_settings, read_env_file
+
+    read_env_file()  # after the flags, which win over the file
 
     try:
         settings = get_settings()

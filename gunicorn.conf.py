@@ -1,13 +1,18 @@
 """gunicorn's settings, read from the working directory by ``gunicorn _wsgi:app`` (``make run``, the docker image).
 
-Port, worker processes and threads come from ``PORT``, ``WORKERS`` and ``THREADS`` (command-line flags override
-them). Metrics of all worker processes are summed through ``PROMETHEUS_MULTIPROC_DIR`` (default
-``<MODEL_DIR>/metrics``), emptied when gunicorn starts.
+Settings come from the environment and ``.env`` (``ENV_FILE``). Address, port, worker processes and threads come
+from ``HOST``, ``PORT``, ``WORKERS`` and ``THREADS`` (command-line flags override them). Metrics of all worker
+processes are summed through ``PROMETHEUS_MULTIPROC_DIR`` (default ``<MODEL_DIR>/metrics``), emptied when gunicorn
+starts.
 """
 
 import os
 import shutil
 from pathlib import Path
+
+from ale_backend.settings import read_env_file
+
+read_env_file()  # .env (ENV_FILE), as make run and the command line read it; the environment wins
 
 bind = f"{os.environ.get('HOST') or '0.0.0.0'}:{os.environ.get('PORT') or '9090'}"
 workers = int(os.environ.get("WORKERS", "1"))

@@ -1,7 +1,8 @@
 """Command line: ``python -m ale_backend <command>``; settings come from the environment and ``.env`` (see
-:func:`_read_env_file`).
+:func:`ale_backend.settings.read_env_file`).
 
     worker [--burst]       run the RQ worker that trains (one job at a time; --burst: exit when the queue is empty)
+    env                    the settings of .env (ENV_FILE) that the environment lacks, as shell exports
     ready [--timeout S] [--pid P]
                            wait until the backend on HOST:PORT answers, then print one line saying what it uses
     status --project ID    the project's training queue, progress, served version and last failure (JSON)
@@ -16,11 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
-from pathlib import Path
 
-from ale_backend.settings import SettingsError, get_settings
+from ale_backend.settings import SettingsError, get_settings, read_env_file
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     worker = commands.add_parser("worker", help="run the training worker")
     worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")
+    commands.add_parser("env", help="print the settings of .env (ENV_FILE) the environment lacks, as shell exports")
     ready = commands.add_parser("ready", help="wait until the backend on HOST:PORT answers, then say so in one line")
     ready.add_argument("--timeout", type=float, default=300, help="seconds to wait (default 300)")
     ready.add_argument("--pid", type=int, help="the server's process: stop waiting if it exits")
@@ -44,7 +44,12 @@ def main(argv: list[str] | None = None) -> int:
         command.add_argument("--api-key", help="legacy token or personal access token; default: LABEL_STUDIO_API_KEY")
     args = parser.parse_args(argv)
 
-    _read_env_file(os.environ.get("ENV_FILE") or ".env")
+    if args.command == "env":  # for scripts/serve: the file's settings as shell exports
+        import shlex
+
+        print("".join(f"export {name}={shlex.quote(value)}\n" for name, value in read_env_file().items()), end="")
+        return 0
+    read_env_file()
     try:
         settings = get_settings()
     except SettingsError as exc:
@@ -79,20 +84,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
-
-
-def _read_env_file(path: str) -> None:
-    """Settings from a ``NAME=value`` file (``.env`` by default, as ``make run`` reads it): variables already in the
-    environment win; in the file, the last line wins; surrounding double quotes are dropped."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except (FileNotFoundError, IsADirectoryError):
-        return
-    preset = set(os.environ)
-    for line in lines:
-        name, sep, value = line.partition("=")
-        if sep and re.fullmatch(r"[A-Z_][A-Z0-9_]*", name) and name not in preset:
-            os.environ[name] = value.removeprefix('"').removesuffix('"')
 
 
 def _ready(settings, timeout: float, pid: int | None = None) -> int:

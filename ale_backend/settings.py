@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
@@ -386,6 +387,26 @@ class Settings:
     def inference_conf(self) -> float:
         """The detector keeps everything either consumer needs; each then filters by its own threshold."""
         return min(self.score_conf, self.display_conf)
+
+
+def read_env_file(path: str | None = None, environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
+    """Settings from a ``NAME=value`` file into ``environ`` (default: ``os.environ``), as ``make run``, gunicorn
+    (``gunicorn.conf.py``), ``python _wsgi.py`` and the command line read it: the file is ``path``, else
+    ``ENV_FILE``, else ``.env``; a variable the environment already has keeps its value; in the file the last line
+    wins; surrounding double quotes are dropped. Returns what it set (nothing when there is no file)."""
+    environ = os.environ if environ is None else environ
+    path = path or environ.get("ENV_FILE") or ".env"
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (FileNotFoundError, IsADirectoryError):
+        return {}
+    applied: dict[str, str] = {}
+    for line in lines:
+        name, sep, value = line.partition("=")
+        if sep and re.fullmatch(r"[A-Z_][A-Z0-9_]*", name) and (name in applied or name not in environ):
+            applied[name] = value.removeprefix('"').removesuffix('"')
+    environ.update(applied)
+    return applied
 
 
 def label_studio_instance(url: str) -> str:
