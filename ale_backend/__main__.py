@@ -66,19 +66,20 @@ def main(argv: list[str] | None = None) -> int:
 
     import redis
 
-    from ale_backend import jobs
-    from ale_backend.registry import ModelDirTaken
+    from ale_backend import training_queue, worker
+    from ale_backend.jobs import redis_address
+    from ale_backend.project_files import ModelDirTaken
 
     try:
         if args.command == "worker":
-            jobs.work(settings, burst=args.burst)
+            worker.work(settings, burst=args.burst)
         elif args.command == "status":
             if not settings.label_studio_url:
                 print("note: LABEL_STUDIO_URL is not set, so this is the queue of a backend without one; give the "
                       "status command the server's LABEL_STUDIO_URL to see its projects", file=sys.stderr)
-            print(json.dumps(jobs.TrainingQueue(settings).status(args.project), indent=2))
+            print(json.dumps(training_queue.TrainingQueue(settings).status(args.project), indent=2))
     except redis.exceptions.ConnectionError as exc:
-        print(f"Redis does not answer at {jobs.where(settings.redis_url)} (REDIS_URL): {exc}", file=sys.stderr)
+        print(f"Redis does not answer at {redis_address(settings.redis_url)} (REDIS_URL): {exc}", file=sys.stderr)
         return 1
     except ModelDirTaken as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -92,8 +93,8 @@ def _ready(settings, timeout: float, pid: int | None = None) -> int:
 
     import requests
 
-    from ale_backend.detector import resolve_model_source
-    from ale_backend.jobs import where
+    from ale_backend.jobs import redis_address
+    from ale_backend.model_source import resolve_model_source
 
     host, port = os.environ.get("HOST") or "0.0.0.0", os.environ.get("PORT") or "9090"
     local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
@@ -113,7 +114,8 @@ def _ready(settings, timeout: float, pid: int | None = None) -> int:
             return 1
         time.sleep(0.5)
     listening = f"http://{local}:{port}" + (" (all interfaces)" if local != host else "")
-    redis = where(settings.redis_url) + (f" ({os.environ['REDIS_ORIGIN']})" if os.environ.get("REDIS_ORIGIN") else "")
+    origin = os.environ.get("REDIS_ORIGIN")
+    redis = redis_address(settings.redis_url) + (f" ({origin})" if origin else "")
     label_studio = settings.label_studio_url or "not set (LABEL_STUDIO_URL): no training, no /data/... images"
     print(f"ready: backend {listening} | base model {resolve_model_source(settings.model_path).version} | "
           f"Redis {redis} | Label Studio {label_studio}", flush=True)
@@ -135,7 +137,7 @@ def _label_studio_command(args, settings) -> int:
 
     from ale_backend.connect import BasicAuth, ConnectError, connect
     from ale_backend.label_studio import LabelStudioClient, LabelStudioError
-    from ale_backend.registry import ModelDirTaken, Registry
+    from ale_backend.project_files import ModelDir, ModelDirTaken
     from ale_backend.rescoring import RescoringError, rescore_project
 
     settings = dataclasses.replace(
@@ -151,7 +153,7 @@ def _label_studio_command(args, settings) -> int:
               "personal access token from Label Studio's Account & Settings page", file=sys.stderr)
         return 2
     try:
-        Registry(settings.model_dir).claim(settings.label_studio_url)
+        ModelDir(settings.model_dir).claim(settings.label_studio_url)
         client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
         if args.command == "connect":
             auth = BasicAuth(settings.basic_auth_user, settings.basic_auth_pass) if settings.basic_auth_user else None

@@ -6,7 +6,8 @@
 * RectangleLabels values (percent of the image, top-left corner, rotation in degrees about that corner) become YOLO
   boxes (normalised centre and size of the axis-aligned box around the rotated rectangle).
 * Validation tasks are chosen by a hash of the task id, so a task stays on the same side in every round.
-* Images are downloaded once into ``<project>/cache/images`` and hard-linked into each round's folder.
+* Images come from the project's :class:`~ale_backend.image_cache.ImageCache` (downloaded once) and are
+  hard-linked into each round's folder.
 """
 
 from __future__ import annotations
@@ -14,22 +15,29 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
-import shutil
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import yaml
 
-from ale_backend.images import ImageLoader, ImageLoadError, decode_image, task_image_url
+from ale_backend.image_cache import ImageCache
+from ale_backend.images import ImageLoadError, task_image_url
 from ale_backend.label_config import LabelConfig
+from ale_backend.yolo_files import (
+    extend_names,
+    label_path,
+    label_text,
+    link,
+    make_split_folders,
+    read_names,
+    write_data_yaml,
+    write_image_list,
+    write_renumbered,
+)
 
 logger = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = {b"\xff\xd8\xff": ".jpg", b"\x89PNG": ".png", b"BM": ".bmp", b"II*\x00": ".tif", b"MM\x00*": ".tif"}
 
 
 @dataclass(frozen=True)
@@ -132,44 +140,6 @@ def class_names_for(
     return [label_to_model.get(label, label) for label in config.labels]
 
 
-class ImageCache:
-    """Downloaded training images, keyed by task id and URL (without query string), kept across rounds."""
-
-    def __init__(self, folder: Path, loader: ImageLoader):
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._loader = loader
-
-    @property
-    def max_pixels(self) -> int:
-        """Images of more pixels are refused (``MAX_IMAGE_PIXELS``)."""
-        return self._loader.max_pixels
-
-    def get(self, task_id: int, url: str) -> Path:
-        """A local file with the task's image, downloading it the first time; :class:`ImageLoadError` if not."""
-        return self.fetch(task_id, url)[0]
-
-    def fetch(self, task_id: int, url: str) -> tuple[Path, np.ndarray | None]:
-        """The task's local file and, when this call downloaded it, the image it decoded to check it (BGR array;
-        None when the file was already cached): who needs the pixels then decodes the image once, not twice."""
-        key = hashlib.sha1(f"{task_id}:{url.split('?')[0]}".encode()).hexdigest()
-        for existing in self.folder.glob(f"{key}.*"):
-            return existing, None
-        data = self._loader.read_bytes(url)
-        image = decode_image(data, url, self._loader.max_pixels)  # refuse what is not an image before a trainer does
-        suffix = next((s for magic, s in IMAGE_SUFFIXES.items() if data.startswith(magic)), None)
-        if suffix is None:  # e.g. WebP: re-encode losslessly to a format every trainer reads
-            import cv2
-
-            ok, encoded = cv2.imencode(".png", image)
-            data, suffix = encoded.tobytes(), ".png"
-        target = self.folder / f"{key}{suffix}"
-        tmp = target.with_suffix(f".part{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
-        return target, image
-
-
 def write_dataset(
     examples: list[Example],
     class_names: list[str],
@@ -181,8 +151,7 @@ def write_dataset(
 ) -> DatasetSummary:
     """Write ``out_dir/{images,labels}``, ``train.txt``, ``val.txt`` and ``data.yaml``; returns what went in."""
     out_dir = Path(out_dir)
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    (out_dir / "labels").mkdir(parents=True, exist_ok=True)
+    make_split_folders(out_dir)
     names = list(class_names)
     summary = DatasetSummary(out_dir / "data.yaml", names)
     train, val = [], []
@@ -194,13 +163,11 @@ def write_dataset(
             logger.warning("task %s left out of training: %s", example.task_id, exc)
             continue
         image = out_dir / "images" / f"task{example.task_id}{cached.suffix}"
-        _link(cached, image)
-        lines = []
-        for box in example.boxes:
-            lines.append(f"{label_to_class[box.label]} {box.cx:.6f} {box.cy:.6f} {box.w:.6f} {box.h:.6f}")
-            summary.boxes_per_class[box.label] += 1
-        (out_dir / "labels" / f"task{example.task_id}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
-        summary.boxes += len(lines)
+        link(cached, image)
+        rows = [(label_to_class[box.label], box.cx, box.cy, box.w, box.h) for box in example.boxes]
+        (out_dir / "labels" / f"task{example.task_id}.txt").write_text(label_text(rows))
+        summary.boxes_per_class.update(box.label for box in example.boxes)
+        summary.boxes += len(rows)
         (val if is_validation(example.task_id, val_percent) else train).append(image)
 
     if not train and not val:
@@ -214,31 +181,20 @@ def write_dataset(
         summary.replay_images = len(replay)
         train = train + replay
     summary.train_images, summary.val_images = len(train), len(val)
-    (out_dir / "train.txt").write_text("".join(f"{p}\n" for p in train))
-    (out_dir / "val.txt").write_text("".join(f"{p}\n" for p in val))
-    summary.data_yaml.write_text(yaml.safe_dump({
-        "path": str(out_dir), "train": "train.txt", "val": "val.txt", "names": dict(enumerate(names)),
-    }, sort_keys=False))
+    write_image_list(out_dir / "train.txt", train)
+    write_image_list(out_dir / "val.txt", val)
+    write_data_yaml(summary.data_yaml, out_dir, names, train="train.txt", val="val.txt")
     return summary
 
 
 def _replay_base_dataset(data_yaml: Path, names: list[str], out_dir: Path) -> list[Path]:
     """Link the base dataset's training images into ``out_dir`` with labels renumbered to ``names`` (extended with
-    the base dataset's classes that the project lacks)."""
+    the base dataset's classes that the project lacks, matched by name whatever the case)."""
     spec = yaml.safe_load(Path(data_yaml).read_text())
     root = Path(spec.get("path") or Path(data_yaml).parent)
     if not root.is_absolute():
         root = (Path(data_yaml).parent / root).resolve()
-    base_names = spec["names"]
-    base_names = dict(enumerate(base_names)) if isinstance(base_names, list) else {int(k): v for k, v in
-                                                                                    base_names.items()}
-    lowered = {n.lower(): i for i, n in enumerate(names)}
-    remap = {}
-    for class_id, name in base_names.items():
-        if name.lower() not in lowered:
-            names.append(name)
-            lowered[name.lower()] = len(names) - 1
-        remap[class_id] = lowered[name.lower()]
+    remap = extend_names(names, read_names(spec), fold=str.lower)
     entries = spec["train"] if isinstance(spec["train"], list) else [spec["train"]]
     images: list[Path] = []
     for entry in entries:
@@ -249,39 +205,14 @@ def _replay_base_dataset(data_yaml: Path, names: list[str], out_dir: Path) -> li
         elif source.is_file():
             images.extend((source.parent / line.strip()).resolve() for line in source.read_text().splitlines()
                           if line.strip())
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    (out_dir / "labels").mkdir(parents=True, exist_ok=True)
+    make_split_folders(out_dir)
     linked = []
     for i, image in enumerate(images):
-        label_file = label_path(image)
-        lines = []
-        if label_file.is_file():
-            for line in label_file.read_text().splitlines():
-                parts = line.split()
-                if parts:
-                    lines.append(" ".join([str(remap[int(parts[0])]), *parts[1:]]))
         target = out_dir / "images" / f"base{i:06d}{image.suffix.lower()}"
-        _link(image, target)
-        (out_dir / "labels" / f"base{i:06d}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
+        link(image, target)
+        write_renumbered(label_path(image), out_dir / "labels" / f"base{i:06d}.txt", remap)
         linked.append(target)
     return linked
-
-
-def label_path(image: Path) -> Path:
-    """The YOLO label file of an image: the last ``/images/`` of its path becomes ``/labels/`` (as ultralytics does)."""
-    head, sep, tail = str(image).rpartition(f"{os.sep}images{os.sep}")
-    if not sep:
-        raise ValueError(f"{image}: not inside an images/ folder")
-    return Path(f"{head}{os.sep}labels{os.sep}{tail}").with_suffix(".txt")
-
-
-def _link(source: Path, target: Path) -> None:
-    if target.exists():
-        target.unlink()
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copyfile(source, target)
 
 
 def remapped_validation_set(summary: DatasetSummary, model_names: Mapping[int, str], out_dir: Path) -> Path:
@@ -293,30 +224,14 @@ def remapped_validation_set(summary: DatasetSummary, model_names: Mapping[int, s
     """
     out_dir = Path(out_dir)
     names = [model_names[i] for i in sorted(model_names)]
-    index = {name: i for i, name in enumerate(names)}
-    remap = {}
-    for i, name in enumerate(summary.class_names):
-        if name not in index:
-            index[name] = len(names)
-            names.append(name)
-        remap[i] = index[name]
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    (out_dir / "labels").mkdir(parents=True, exist_ok=True)
-    source_root = summary.data_yaml.parent
+    remap = extend_names(names, dict(enumerate(summary.class_names)))
+    make_split_folders(out_dir)
     images = []
-    for line in (source_root / "val.txt").read_text().splitlines():
+    for line in (summary.data_yaml.parent / "val.txt").read_text().splitlines():
         image = Path(line)
-        label = label_path(image)
-        rows = []
-        for row in label.read_text().splitlines() if label.is_file() else []:
-            parts = row.split()
-            rows.append(" ".join([str(remap[int(parts[0])]), *parts[1:]]))
         target = out_dir / "images" / image.name
-        _link(image, target)
-        (out_dir / "labels" / f"{image.stem}.txt").write_text("\n".join(rows) + ("\n" if rows else ""))
+        link(image, target)
+        write_renumbered(label_path(image), out_dir / "labels" / f"{image.stem}.txt", remap)
         images.append(target)
-    (out_dir / "val.txt").write_text("".join(f"{p}\n" for p in images))
-    data = out_dir / "data.yaml"
-    data.write_text(yaml.safe_dump({"path": str(out_dir), "train": "val.txt", "val": "val.txt",
-                                    "names": dict(enumerate(names))}, sort_keys=False))
-    return data
+    write_image_list(out_dir / "val.txt", images)
+    return write_data_yaml(out_dir / "data.yaml", out_dir, names, train="val.txt", val="val.txt")

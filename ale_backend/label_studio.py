@@ -205,3 +205,18 @@ def _detail(exc) -> str:
     if isinstance(body, dict):
         return str(body.get("detail") or body)
     return str(body or exc)
+
+
+def project_id(project: Any) -> int | None:
+    """Label Studio's project reference as an int: ``"3.1700000000"`` (setup/predict), ``3`` or ``{"id": 3}``.
+
+    None for anything else, including ids below 1 and digits that are not ASCII (``"²"`` passes ``str.isdigit``).
+    """
+    if isinstance(project, dict):
+        project = project.get("id")
+    if isinstance(project, str):
+        head = project.split(".")[0]
+        project = int(head) if head.isascii() and head.isdigit() else None
+    if isinstance(project, int) and not isinstance(project, bool) and project >= 1:
+        return project
+    return None

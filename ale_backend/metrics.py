@@ -45,14 +45,11 @@ class _StateCollector:
         seconds = GaugeMetricFamily("ale_last_training_seconds", "Training time of the served version",
                                     labels=["project"])
         registry = Registry(self.settings.model_dir)
-        if registry.root.is_dir():
-            for folder in registry.root.iterdir():
-                if not folder.name.isdigit():
-                    continue
-                version = registry.current(int(folder.name))
-                if version:
-                    info.add_metric([folder.name, version], 1)
-                    seconds.add_metric([folder.name], registry.info(int(folder.name), version).train_seconds)
+        for project in registry.model_dir.project_ids():
+            version = registry.current(project)
+            if version:
+                info.add_metric([str(project), version], 1)
+                seconds.add_metric([str(project)], registry.info(project, version).train_seconds)
         yield info
         yield seconds
         try:

@@ -13,8 +13,9 @@ from label_studio_ml.model import LabelStudioMLBase
 from ale_backend.detector import get_detector
 from ale_backend.images import get_image_loader
 from ale_backend.label_config import parse_label_config
+from ale_backend.label_studio import project_id
 from ale_backend.predictions import predict_tasks
-from ale_backend.registry import project_id, served_source
+from ale_backend.registry import served_source
 from ale_backend.settings import Settings, get_settings
 
 

@@ -1,13 +1,8 @@
-"""The model registry: trained versions per project on disk, and which one is served.
+"""The model registry: trained versions per project, and which one is served.
 
-Layout under ``MODEL_DIR``::
-
-    projects/label-studio.json  the Label Studio instance whose projects these are (see :meth:`Registry.claim`)
-    projects/<project id>/
-        current                 the served version's name (replaced atomically; absent: serve MODEL_PATH)
-        versions/<version>/
-            weights.pt
-            version.json        class names, validation metrics, annotations used, parent, timestamps, status
+A version (``versions/<version>/`` of the project's folder, :mod:`ale_backend.project_files`) holds ``weights.pt``
+and ``version.json`` (class names, validation metrics, annotations used, parent, timestamps, status); ``current``
+names the served one (absent: serve ``MODEL_PATH``).
 
 A version directory is assembled under a temporary name and renamed into place only when complete, and ``current``
 is switched with an atomic rename after that, so a crash at any point leaves either the old state or the new one,
@@ -28,16 +23,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ale_backend.detector import ModelSource, resolve_model_source
-from ale_backend.settings import Settings, label_studio_instance
+from ale_backend.label_studio import project_id
+from ale_backend.model_source import ModelSource, resolve_model_source
+from ale_backend.project_files import ModelDir, ProjectFiles
+from ale_backend.settings import Settings
 
 WEIGHTS = "weights.pt"
 INFO = "version.json"
-OWNER = "label-studio.json"
-
-
-class ModelDirTaken(RuntimeError):
-    """``MODEL_DIR`` holds the projects of another Label Studio instance."""
 
 
 @dataclass(frozen=True)
@@ -66,47 +58,21 @@ class Registry:
     """Trained versions of every project under ``model_dir``."""
 
     def __init__(self, model_dir: Path):
-        self.root = Path(model_dir) / "projects"
+        self.model_dir = ModelDir(model_dir)
 
-    def claim(self, label_studio_url: str) -> None:
-        """Make sure these projects are the ones of the Label Studio at ``label_studio_url`` (recorded on first use).
-
-        Project ids are per Label Studio instance: a second instance's project 1 must not be served, or fine-tuned
-        from, the first one's models. Without a URL (predictions only) nothing is checked or recorded.
-        Raises :class:`ModelDirTaken` when another instance's URL is recorded.
-        """
-        if not label_studio_url:
-            return
-        owner = self.root / OWNER
-        instance = label_studio_instance(label_studio_url)
-        try:
-            recorded = json.loads(owner.read_text())
-        except FileNotFoundError:
-            self.root.mkdir(parents=True, exist_ok=True)
-            tmp = self.root / f".{OWNER}-{os.getpid()}"
-            tmp.write_text(json.dumps({"url": label_studio_url, "instance": instance}) + "\n")
-            os.replace(tmp, owner)
-            return
-        if recorded.get("instance") != instance:
-            raise ModelDirTaken(
-                f"MODEL_DIR {self.root.parent} holds the models of the Label Studio at {recorded.get('url')}, "
-                f"not {label_studio_url} (LABEL_STUDIO_URL): give each Label Studio instance its own MODEL_DIR; "
-                f"if it is the same Label Studio at a new address, delete {owner}"
-            )
-
-    def project_dir(self, project: int) -> Path:
-        return self.root / str(int(project))
+    def files(self, project: int) -> ProjectFiles:
+        return self.model_dir.project(project)
 
     def current(self, project: int) -> str | None:
         """The served version's name, or None when the project still uses the base model."""
         try:
-            name = (self.project_dir(project) / "current").read_text().strip()
+            name = self.files(project).current.read_text().strip()
         except (FileNotFoundError, NotADirectoryError):
             return None
         return name if name and (self.version_dir(project, name) / WEIGHTS).is_file() else None
 
     def version_dir(self, project: int, version: str) -> Path:
-        return self.project_dir(project) / "versions" / version
+        return self.files(project).version(version)
 
     def weights(self, project: int, version: str) -> Path:
         return self.version_dir(project, version) / WEIGHTS
@@ -117,7 +83,7 @@ class Registry:
 
     def versions(self, project: int) -> list[VersionInfo]:
         """Every complete version, oldest first."""
-        folder = self.project_dir(project) / "versions"
+        folder = self.files(project).versions
         if not folder.is_dir():
             return []
         infos = []
@@ -135,7 +101,7 @@ class Registry:
 
     def add(self, weights: Path, info: VersionInfo) -> Path:
         """Store a finished version (weights copied) and, if ``info.promoted``, make it current."""
-        versions = self.project_dir(info.project) / "versions"
+        versions = self.files(info.project).versions
         versions.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=versions))
         shutil.copyfile(weights, staging / WEIGHTS)
@@ -151,11 +117,11 @@ class Registry:
         """Point ``current`` at ``version`` with an atomic rename."""
         if not self.weights(project, version).is_file():
             raise FileNotFoundError(f"project {project} has no version {version!r}")
-        folder = self.project_dir(project)
-        tmp = folder / f".current-{os.getpid()}-{time.monotonic_ns()}"
+        files = self.files(project)
+        tmp = files.folder / f".current-{os.getpid()}-{time.monotonic_ns()}"
         tmp.write_text(version + "\n")
-        os.replace(tmp, folder / "current")
-        _fsync_dir(folder)
+        os.replace(tmp, files.current)
+        _fsync_dir(files.folder)
 
     def prune(self, project: int, keep: int) -> list[str]:
         """Delete the oldest versions beyond the newest ``keep``, never the current one; returns the deleted."""
@@ -165,13 +131,6 @@ class Registry:
         for version in removable:
             shutil.rmtree(self.version_dir(project, version), ignore_errors=True)
         return removable
-
-    def clean_incomplete(self, project: int) -> None:
-        """Remove staging folders left by a crash."""
-        folder = self.project_dir(project) / "versions"
-        if folder.is_dir():
-            for path in folder.glob(".incoming-*"):
-                shutil.rmtree(path, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -191,18 +150,3 @@ def served_source(settings: Settings, project: Any) -> ModelSource:
         if version is not None:
             return ModelSource(str(registry.weights(pid, version)), version, is_config=False)
     return resolve_model_source(settings.model_path)
-
-
-def project_id(project: Any) -> int | None:
-    """Label Studio's project reference as an int: ``"3.1700000000"`` (setup/predict), ``3`` or ``{"id": 3}``.
-
-    None for anything else, including ids below 1 and digits that are not ASCII (``"²"`` passes ``str.isdigit``).
-    """
-    if isinstance(project, dict):
-        project = project.get("id")
-    if isinstance(project, str):
-        head = project.split(".")[0]
-        project = int(head) if head.isascii() and head.isdigit() else None
-    if isinstance(project, int) and not isinstance(project, bool) and project >= 1:
-        return project
-    return None

@@ -28,8 +28,8 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ale_backend.dataset import ImageCache
 from ale_backend.detector import get_detector
+from ale_backend.image_cache import ImageCache
 from ale_backend.images import ImageLoadError, decode_image, get_image_loader, image_size, task_image_url
 from ale_backend.label_config import parse_label_config
 from ale_backend.label_studio import UNLABELED, LabelStudioClient, LabelStudioError
@@ -55,7 +55,7 @@ def rescore_project(
     source = served_source(settings, project)
     detector = get_detector(settings, source)
     loader = get_image_loader(settings)
-    cache = ImageCache(Registry(settings.model_dir).project_dir(project) / "cache" / "images", loader)
+    cache = ImageCache(Registry(settings.model_dir).files(project).image_cache, loader)
 
     seconds = {"fetch": 0.0, "inference": 0.0, "import": 0.0}
     scored, unreadable = 0, []

@@ -14,9 +14,9 @@ label-studio-ml provides the routes Label Studio calls (``/health``, ``/setup``,
   config or project reference included), and :func:`_hide_tracebacks` keeps tracebacks out of every response.
 * **Training through our queue.** Its ``/webhook`` trains only on some events (not ``START_TRAINING``, not the
   plural ``ANNOTATIONS_DELETED``), drops jobs while one waits, and without Redis forks a process per event. Here
-  ``/webhook`` hands the event to :class:`~ale_backend.jobs.TrainingQueue` (RQ over Redis, coalescing per project)
-  and answers at once: 201 queued, 200 coalesced / pending / ignored, 400 for an event without a project, 503 with
-  the reason when Redis is down (``/predict`` does not need Redis).
+  ``/webhook`` hands the event to :class:`~ale_backend.training_queue.TrainingQueue` (RQ over Redis, coalescing per
+  project) and answers at once: 201 queued, 200 coalesced / pending / ignored, 400 for an event without a project,
+  503 with the reason when Redis is down (``/predict`` does not need Redis).
 * **Metrics and limits.** ``/metrics`` answers in Prometheus' text format (:mod:`ale_backend.metrics`; 1.0.9's is
   an empty JSON object); request bodies over ``MAX_REQUEST_MB`` get 413.
 * **Versions per project.** ``/versions`` (GET, which Label Studio calls, and POST) lists the project's registry
@@ -38,12 +38,15 @@ from label_studio_ml.model import LabelStudioMLManager, ModelWrapper
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ale_backend import logs, metrics
-from ale_backend.detector import get_detector, resolve_model_source
-from ale_backend.jobs import QueueUnavailable, TrainingQueue
+from ale_backend.detector import get_detector
 from ale_backend.label_config import LabelConfigError, parse_label_config
+from ale_backend.label_studio import project_id
 from ale_backend.model import ALEModel
-from ale_backend.registry import Registry, project_id
+from ale_backend.model_source import resolve_model_source
+from ale_backend.project_files import ModelDir
+from ale_backend.registry import Registry
 from ale_backend.settings import Settings, get_settings
+from ale_backend.training_queue import QueueUnavailable, TrainingQueue
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +96,7 @@ def create_app(settings: Settings | None = None, warm_up: bool = True) -> Flask:
     settings = settings or get_settings()
     logs.configure(settings)
     resolve_model_source(settings.model_path)  # fail at start-up on a missing weights file
-    Registry(settings.model_dir).claim(settings.label_studio_url)  # fail at start-up on another instance's MODEL_DIR
+    ModelDir(settings.model_dir).claim(settings.label_studio_url)  # fail at start-up on another instance's MODEL_DIR
     if not isinstance(ls_api._manager, ALEManager):
         ls_api._manager = ALEManager()
     app = ls_api.init_app(model_class=ALEModel, model_dir=str(settings.model_dir), settings=settings)

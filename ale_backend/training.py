@@ -1,6 +1,6 @@
 """One training round for a project: annotations -> dataset -> fine-tune -> evaluate -> register.
 
-Runs in the RQ worker (:func:`ale_backend.jobs.run_training_job` wraps it with the queue's bookkeeping). The round:
+Runs in the RQ worker (:func:`ale_backend.worker.run_training_job` wraps it with the queue's bookkeeping). The round:
 
 1. reads the project's labelling config and every annotated task from the Label Studio API;
 2. writes a YOLO dataset (:mod:`ale_backend.dataset`): images from the project's cache, a stable validation split,
@@ -22,26 +22,25 @@ Any exception leaves the registry as it was: a version is only added, complete, 
 from __future__ import annotations
 
 import logging
-import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from ale_backend.dataset import (
-    ImageCache,
     class_names_for,
     examples_from_tasks,
     remapped_validation_set,
     write_dataset,
 )
-from ale_backend.detector import ModelSource, load_model
+from ale_backend.detector import load_model
+from ale_backend.image_cache import ImageCache
 from ale_backend.images import get_image_loader
 from ale_backend.label_config import map_labels, parse_label_config
 from ale_backend.label_studio import ANNOTATED, LabelStudioClient
+from ale_backend.model_source import ModelSource
 from ale_backend.registry import Registry, VersionInfo, served_source
 from ale_backend.settings import Settings
 
@@ -59,52 +58,10 @@ def train_project(project: int, settings: Settings, report: Report = lambda stag
                   run_name: str = "round") -> dict[str, Any]:
     """Run one training round for ``project``; returns a JSON-able summary (also stored in the version)."""
     registry = Registry(settings.model_dir)
-    registry.clean_incomplete(project)
-    with round_folder(registry.project_dir(project) / "work", run_name) as work:
+    files = registry.files(project)
+    files.clean_incomplete()
+    with files.round(run_name, discarded=(NothingToTrain,)) as work:
         return _train_round(project, settings, report, registry, work)
-
-
-@contextmanager
-def round_folder(work_root: Path, name: str) -> Iterator[Path]:
-    """A fresh folder for one round's dataset and ultralytics run.
-
-    It is removed when the round succeeds or has nothing to train on. When the round fails, or its worker is killed,
-    what helps to debug it stays (ultralytics' ``args.yaml`` and ``results.csv``, the dataset's lists and
-    ``data.yaml``) and the bulk goes (images, labels, weights, caches), and the folders of earlier failures go. Of
-    earlier rounds' folders only the newest, the last failure (or a killed round), is kept, likewise trimmed.
-    """
-    earlier = sorted((p for p in work_root.glob("*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
-    for folder in earlier[:-1]:
-        shutil.rmtree(folder, ignore_errors=True)
-    for folder in earlier[-1:]:
-        _trim(folder)
-    work = work_root / name
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    try:
-        yield work
-    except NothingToTrain:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    except BaseException:
-        _trim(work)
-        for folder in work_root.iterdir():  # this is the last failure now
-            if folder != work:
-                shutil.rmtree(folder, ignore_errors=True)
-        raise
-    shutil.rmtree(work, ignore_errors=True)
-
-
-_BULK_FOLDERS = {"images", "labels", "weights"}
-_BULK_SUFFIXES = {".pt", ".cache", ".npy", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-
-
-def _trim(folder: Path) -> None:
-    for path in sorted(folder.rglob("*"), reverse=True):  # children before their parents
-        if path.is_dir() and path.name in _BULK_FOLDERS:
-            shutil.rmtree(path, ignore_errors=True)
-        elif path.is_file() and path.suffix.lower() in _BULK_SUFFIXES:
-            path.unlink(missing_ok=True)
 
 
 def _train_round(project: int, settings: Settings, report: Report, registry: Registry, work: Path) -> dict[str, Any]:
@@ -128,7 +85,7 @@ def _train_round(project: int, settings: Settings, report: Report, registry: Reg
     label_to_class = {label: i for i, label in enumerate(config.labels)}
 
     report("downloading images", images=len(examples))
-    cache = ImageCache(registry.project_dir(project) / "cache" / "images", get_image_loader(settings))
+    cache = ImageCache(registry.files(project).image_cache, get_image_loader(settings))
     summary = write_dataset(examples, class_names, label_to_class, cache, work / "dataset",
                             settings.train_val_percent, settings.base_dataset)
     logger.info(

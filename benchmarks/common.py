@@ -6,7 +6,7 @@ import socket
 import time
 from pathlib import Path
 
-from tests.stack import free_port  # noqa: F401  (re-exported for the benchmarks)
+from testkit.stack import free_port  # noqa: F401  (re-exported for the benchmarks)
 
 ROOT = Path(__file__).resolve().parent.parent
 

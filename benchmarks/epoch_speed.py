@@ -44,10 +44,11 @@ def epoch_table(images: int, size: int, epochs: int, batch: int, device: str, mo
     """Train both ways and return the printed table."""
     import torch
 
-    from ale_backend import synthetic
-    from ale_backend.detector import load_model, resolve_model_source
+    from ale_backend.detector import load_model
+    from ale_backend.model_source import resolve_model_source
     from ale_backend.settings import Settings
     from ale_backend.training import fine_tune, training_runtime
+    from testkit import synthetic
 
     work = Path(tempfile.mkdtemp(prefix="ale-epoch-bench-"))
     data_yaml = synthetic.write_yolo_dataset(work / "data", {"train": images, "val": max(images // 5, 4)},

@@ -28,11 +28,12 @@ def main() -> None:
     parser.add_argument("--recipe", action="append", help="OPTIMIZER:LR0:WARMUP_EPOCHS (repeatable)")
     args = parser.parse_args()
 
-    from ale_backend import synthetic
     from ale_backend.dataset import DatasetSummary, remapped_validation_set
-    from ale_backend.detector import load_model, resolve_model_source
+    from ale_backend.detector import load_model
+    from ale_backend.model_source import resolve_model_source
     from ale_backend.settings import Settings
     from ale_backend.training import evaluate, fine_tune
+    from testkit import synthetic
 
     work = Path(tempfile.mkdtemp(prefix="ale-recipes-"))
     data = synthetic.write_yolo_dataset(work / "data", {"train": 80, "val": 20}, seed=0, size=args.size)

@@ -54,12 +54,13 @@ def predict_table(images: int, size: int, imgsz: int, batch: int, rounds: int, d
     """Product vs plain ultralytics predict, fp32 and half; returns the printed table."""
     import torch
 
-    from ale_backend import synthetic
-    from ale_backend.detector import get_detector, load_model, resolve_model_source
+    from ale_backend.detector import get_detector, load_model
     from ale_backend.images import get_image_loader
     from ale_backend.label_config import parse_label_config
+    from ale_backend.model_source import resolve_model_source
     from ale_backend.predictions import predict_tasks
     from ale_backend.settings import Settings
+    from testkit import synthetic
 
     work = Path(tempfile.mkdtemp(prefix="ale-gpu-bench-"))
     folder = work / "images"

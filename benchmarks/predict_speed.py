@@ -46,10 +46,10 @@ def main() -> None:
                         help="weights or model YAML (default: the tests' trained model if cached, else yolov5nu.yaml)")
     args = parser.parse_args()
 
-    from ale_backend import synthetic
     from ale_backend.server import create_app
     from ale_backend.settings import Settings
     from ale_backend.ultralytics_setup import ultralytics_module
+    from testkit import synthetic
 
     model = args.model or default_model()
     work = Path(tempfile.mkdtemp(prefix="ale-bench-"))

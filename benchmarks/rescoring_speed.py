@@ -35,7 +35,7 @@ import numpy as np
 import requests
 
 from benchmarks.common import ROOT, default_model
-from tests.stack import LEGACY_TOKEN, free_port, start_label_studio, stop, wait_until_up
+from testkit.stack import LEGACY_TOKEN, free_port, start_label_studio, stop, wait_until_up
 
 CONFIG = (
     '<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">'
@@ -68,9 +68,9 @@ def main() -> None:
         print(stand_in_rescoring(args.model or default_model(), args.small, args.size, args.imgsz))
         return
 
-    from ale_backend import synthetic
     from ale_backend.detector import get_detector
     from ale_backend.settings import Settings
+    from testkit import synthetic
 
     work = Path(tempfile.mkdtemp(prefix="ale-rescore-bench-"))
     model = args.model or default_model()
@@ -162,7 +162,7 @@ def stand_in_rescoring(model: str, tasks: int, size: int, imgsz: int) -> str:
     pipeline costs beyond inference, without a Label Studio on the same cores."""
     from ale_backend.detector import get_detector
     from ale_backend.settings import Settings
-    from tests.conftest import FakeLabelStudio, add_project, make_jwt
+    from testkit.label_studio_stand_in import FakeLabelStudio, add_project, make_jwt
 
     work = Path(tempfile.mkdtemp(prefix="ale-rescore-stand-in-"))
     (work / "ls").mkdir()

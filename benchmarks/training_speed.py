@@ -10,7 +10,7 @@
 
     python -m benchmarks.training_speed [--events 1000] [--clients 8] [--images 100] [--size 320] [--epochs 10]
 
-Needs ``redis-server`` on PATH. The Label Studio stand-in is the test suite's (``tests/conftest.py``).
+Needs ``redis-server`` on PATH. The Label Studio stand-in is ``testkit/label_studio_stand_in.py``.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="base weights (default: the tests' model if cached)")
     args = parser.parse_args()
 
-    from tests.conftest import FakeLabelStudio, add_project, make_jwt
+    from testkit.label_studio_stand_in import FakeLabelStudio, add_project, make_jwt
 
     work = Path(tempfile.mkdtemp(prefix="ale-train-bench-"))
     redis_port, web_port = free_port(), free_port()

@@ -7,10 +7,8 @@ everything that shapes it, so a second run on the same checkout reuses it.
 from __future__ import annotations
 
 import hashlib
-import http.server
 import os
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -18,29 +16,16 @@ import cv2
 import numpy as np
 import pytest
 
-from ale_backend import synthetic
 from ale_backend.settings import Settings
 from ale_backend.ultralytics_setup import ultralytics_module
+from testkit import synthetic
+from testkit.label_studio_stand_in import FakeLabelStudio, make_jwt
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ["ENV_FILE"] = os.devnull  # the commands the tests start must not read a developer's .env
 CACHE = ROOT / ".cache" / "test-model"
 TRAIN = {"epochs": 40, "imgsz": 160, "batch": 16, "seed": 0, "mosaic": 0.0}  # no mosaic: converges in 40 epochs
 COUNTS = {"train": 96, "val": 16}
-
-LABEL_CONFIG = """
-<View>
-  <Image name="image" value="$image"/>
-  <RectangleLabels name="label" toName="image">
-    <Label value="Circle"/>
-    <Label value="box" predicted_values="square"/>
-    <Label value="Springtail"/>
-  </RectangleLabels>
-</View>
-"""
-"""A project config: "Circle" matches by name (case-insensitive), "box" by predicted_values, "Springtail" is a class
-the model does not know; the model's "triangle" has no label."""
-
 
 @pytest.fixture(scope="session")
 def state_dir(tmp_path_factory) -> Path:
@@ -106,190 +91,6 @@ def sample_images(dataset) -> list[Path]:
     return sorted((dataset / "val" / "images").glob("*.png"))
 
 
-class FakeLabelStudio:
-    """A local HTTP stand-in for Label Studio's file serving and the few API calls the worker makes.
-
-    (The one stand-in the test suite allows itself; the integration suite drives the real Label Studio.)
-    Like Label Studio it wants a credential.
-
-    It accepts ``Authorization: Token <legacy_token>`` or ``Bearer <access token>``, where the access token comes from
-    ``POST /api/token/refresh/ {"refresh": <PAT>}`` as Label Studio 1.23 does it. Files are served from ``root``
-    under ``/data/upload/...``, ``/data/local-files/?d=...`` and ``/public/...`` (the last one without auth);
-    ``/together/...`` answers only when ``barrier.parties`` requests wait at once (proof of concurrent fetching);
-    ``/redirect?to=<url>`` answers 302 to that URL; ``/drip?every=<seconds>`` sends a 1000-byte body one byte at a time.
-    ``projects`` maps a project id to ``{"label_config": ..., "tasks": [...]}``, served by ``/api/projects/<id>/``
-    and ``/api/tasks/?project=<id>&page=&page_size=`` (paginated like Label Studio: ``{"tasks", "total"}``).
-    """
-
-    def __init__(self, root: Path, legacy_token: str, refresh_token: str, access_token: str):
-        self.root, self.legacy_token = root, legacy_token
-        self.refresh_token, self.access_token = refresh_token, access_token
-        self.requests: list[tuple[str, str | None]] = []
-        self.barrier: threading.Barrier | None = None
-        self.projects: dict[int, dict] = {}
-        self.predictions: dict[int, list[dict]] = {}
-        """Imported predictions per project."""
-        self.max_created: int | None = None
-        """When set, /import/predictions creates at most this many (Label Studio skips invalid items silently)."""
-        self.api_failures = 0
-        """The next this many API requests answer 503, as an overloaded Label Studio would."""
-        self.import_failures_after_commit = 0
-        """The next this many prediction imports are stored, then answered 504 (a proxy that timed out waiting)."""
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                import json
-
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length) or b"{}")
-                if self.path.startswith("/api/projects/") and self.path.endswith("/import/predictions"):
-                    project = int(self.path.split("/")[3])
-                    created = body[: server.max_created] if server.max_created is not None else body
-                    server.predictions.setdefault(project, []).extend(created)
-                    if server.import_failures_after_commit > 0:
-                        server.import_failures_after_commit -= 1
-                        return self._send(504, b"Gateway Timeout", "text/plain")
-                    return self._send(201, json.dumps({"created": len(created)}).encode(), "application/json")
-                if self.path == "/api/token/refresh/" and body.get("refresh") == server.refresh_token:
-                    self._send(200, json.dumps({"access": server.access_token}).encode(), "application/json")
-                else:
-                    self._send(401, b'{"detail": "bad refresh token"}', "application/json")
-
-            def do_PATCH(self):
-                import json
-
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
-                project = server.projects[int(self.path.strip("/").split("/")[2])]
-                project.update(body)
-                self._send(200, json.dumps(project | {"tasks": None}).encode(), "application/json")
-
-            def do_DELETE(self):
-                import json
-
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
-                project = int(self.path.strip("/").split("/")[2])
-                kept = [p for p in server.predictions.get(project, []) if p["model_version"] != body["model_version"]]
-                deleted = len(server.predictions.get(project, [])) - len(kept)
-                server.predictions[project] = kept
-                self._send(200, json.dumps(deleted).encode(), "application/json")
-
-            def do_GET(self):
-                from urllib.parse import parse_qs, unquote, urlsplit
-
-                auth = self.headers.get("Authorization")
-                server.requests.append((self.path, auth))
-                parts = urlsplit(self.path)
-                if parts.path == "/redirect":
-                    self.send_response(302)
-                    self.send_header("Location", parse_qs(parts.query)["to"][0])
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return None
-                if parts.path == "/drip":  # a 1000-byte body, one byte every `every` seconds
-                    every = float(parse_qs(parts.query)["every"][0])
-                    self.send_response(200)
-                    self.send_header("Content-Type", "image/png")
-                    self.send_header("Content-Length", "1000")
-                    self.end_headers()
-                    try:
-                        for _ in range(1000):
-                            self.wfile.write(b"\0")
-                            self.wfile.flush()
-                            time.sleep(every)
-                    except OSError:  # the client gave up
-                        pass
-                    return None
-                if parts.path.startswith("/together/"):
-                    # Answers only once `barrier.parties` requests are in flight at the same time.
-                    try:
-                        server.barrier.wait(timeout=5)
-                    except threading.BrokenBarrierError:
-                        return self._send(503, b"requests did not arrive concurrently", "text/plain")
-                    relative = unquote(parts.path[len("/together/"):])
-                elif parts.path.startswith("/public/"):
-                    relative = unquote(parts.path[len("/public/"):])
-                elif auth not in (f"Token {server.legacy_token}", f"Bearer {server.access_token}"):
-                    return self._send(401, b'{"detail": "Authentication credentials were not provided."}',
-                                      "application/json")
-                elif parts.path.startswith("/api/"):
-                    return self._api(parts.path, parse_qs(parts.query))
-                elif parts.path.startswith("/data/upload/"):
-                    relative = unquote(parts.path[len("/data/upload/"):])
-                elif parts.path == "/data/local-files/":
-                    relative = parse_qs(parts.query).get("d", [""])[0]
-                else:
-                    return self._send(404, b"not found", "text/plain")
-                path = (server.root / relative).resolve()
-                if server.root.resolve() not in path.parents or not path.is_file():
-                    return self._send(404, b"not found", "text/plain")
-                self._send(200, path.read_bytes(), "image/png")
-
-            def _api(self, path, query):
-                import json
-
-                if server.api_failures > 0:
-                    server.api_failures -= 1
-                    return self._send(503, b"Service Unavailable", "text/plain")
-                if path.startswith("/api/projects/") and path.endswith("/model-versions/"):
-                    counts: dict[str, int] = {}
-                    for p in reversed(server.predictions.get(int(path.split("/")[3]), [])):  # newest first
-                        counts[p["model_version"]] = counts.get(p["model_version"], 0) + 1
-                    return self._send(200, json.dumps(counts).encode(), "application/json")
-                if path.startswith("/api/projects/"):
-                    project = server.projects.get(int(path.strip("/").split("/")[2]))
-                    if project is None:
-                        return self._send(404, b'{"detail": "Not found."}', "application/json")
-                    body = {"id": int(path.strip("/").split("/")[2]), "label_config": project["label_config"],
-                            "model_version": project.get("model_version", "")}
-                    return self._send(200, json.dumps(body).encode(), "application/json")
-                if path == "/api/tasks/":
-                    project = server.projects.get(int(query["project"][0]))
-                    if project is None:
-                        return self._send(404, b'{"detail": "Not found."}', "application/json")
-                    page, size = int(query.get("page", ["1"])[0]), int(query.get("page_size", ["100"])[0])
-                    tasks = project["tasks"][(page - 1) * size: page * size]
-                    if page > 1 and not tasks:
-                        return self._send(404, b'{"detail": "Invalid page."}', "application/json")
-                    body = {"tasks": tasks, "total": len(project["tasks"])}
-                    return self._send(200, json.dumps(body).encode(), "application/json")
-                return self._send(404, b'{"detail": "Not found."}', "application/json")
-
-            def _send(self, status, body, content_type):
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._httpd.shutdown()
-        self._httpd.server_close()
-
-
-def make_jwt(token_type: str, lifetime_s: int = 3600) -> str:
-    """An unsigned-looking JWT of the kind Label Studio issues (only its claims are read by the client)."""
-    import time
-
-    import jwt
-
-    now = int(time.time())
-    return jwt.encode({"token_type": token_type, "exp": now + lifetime_s, "iat": now, "jti": token_type},
-                      "a-test-secret-that-is-32-bytes-long!", algorithm="HS256")
-
-
 @pytest.fixture()
 def image_server(tmp_path, sample_images):
     """An authenticated image server over a folder holding good, corrupt and non-image files."""
@@ -314,7 +115,7 @@ def redis_url(tmp_path_factory):
     import subprocess
     import time
 
-    from tests.stack import free_port
+    from testkit.stack import free_port
 
     if os.environ.get("TEST_REDIS_URL"):
         yield os.environ["TEST_REDIS_URL"]
@@ -347,31 +148,6 @@ def redis_url(tmp_path_factory):
     process.wait(timeout=10)
 
 
-LABELS = {"circle": "Circle", "square": "box", "triangle": "Springtail"}
-"""Ground truth of generated shapes as LABEL_CONFIG labels: triangles are the model's unlabelled class and become
-the project's new class "Springtail"."""
-
-
-def annotated_task(task_id: int, file_name: str, sample, project: int = 1, cancelled: bool = False) -> dict:
-    """A Label Studio task (``fields=all`` shape) whose annotation is the generated image's ground truth."""
-    height, width = sample.image.shape[:2]
-    result = []
-    for class_id, (x1, y1, x2, y2) in zip(sample.class_ids, sample.boxes):
-        result.append({
-            "id": f"r{task_id}-{len(result)}", "from_name": "label", "to_name": "image", "type": "rectanglelabels",
-            "original_width": width, "original_height": height,
-            "value": {"x": 100 * x1 / width, "y": 100 * y1 / height, "width": 100 * (x2 - x1) / width,
-                      "height": 100 * (y2 - y1) / height, "rotation": 0,
-                      "rectanglelabels": [LABELS[synthetic.SHAPES[class_id]]]},
-        })
-    return {
-        "id": task_id, "project": project, "data": {"image": f"/data/upload/{project}/{file_name}"},
-        "annotations": [{"id": task_id * 10, "result": result, "was_cancelled": cancelled, "ground_truth": False,
-                         "created_at": "2026-11-26T10:00:00Z", "updated_at": "2026-11-26T10:00:00Z"}],
-        "predictions": [],
-    }
-
-
 @pytest.fixture()
 def label_studio(tmp_path):
     """A running :class:`FakeLabelStudio` with an empty file root; add projects with :func:`add_project`."""
@@ -381,18 +157,3 @@ def label_studio(tmp_path):
         yield server
 
 
-def add_project(server: FakeLabelStudio, project: int, n_tasks: int, seed: int, size: int = 160,
-                config: str = LABEL_CONFIG) -> list:
-    """Generate ``n_tasks`` annotated image tasks for ``project`` on ``server``; returns the generated samples."""
-    rng = np.random.default_rng(seed)
-    folder = server.root / str(project)
-    folder.mkdir(parents=True, exist_ok=True)
-    tasks, samples = [], []
-    for i in range(n_tasks):
-        sample = synthetic.shapes_image(rng, size)
-        name = f"img{i:04d}.png"
-        cv2.imwrite(str(folder / name), sample.image)
-        tasks.append(annotated_task(project * 1000 + i, name, sample, project))
-        samples.append(sample)
-    server.projects[project] = {"label_config": config, "tasks": tasks}
-    return samples

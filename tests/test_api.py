@@ -8,9 +8,10 @@ import pytest
 from label_studio_sdk.label_interface import LabelInterface
 
 from ale_backend import detector as detector_module
+from ale_backend.model_source import resolve_model_source
 from ale_backend.scoring import UNREADABLE_PRIORITY, priority
 from ale_backend.server import create_app
-from tests.conftest import LABEL_CONFIG
+from testkit.label_studio_stand_in import LABEL_CONFIG
 
 
 @pytest.fixture()
@@ -45,7 +46,7 @@ def test_setup_reports_the_model_version_without_loading_the_model(served, monke
                                            "access_token": ""})
     elapsed = time.perf_counter() - started
     assert response.status_code == 200
-    assert response.json["model_version"] == detector_module.resolve_model_source(app_settings.model_path).version
+    assert response.json["model_version"] == resolve_model_source(app_settings.model_path).version
     assert not detector_module._detectors
     assert elapsed < 3.0  # Label Studio's /setup read timeout
 
@@ -59,7 +60,7 @@ def test_predictions_are_valid_for_label_studio_and_ordered_by_ale(served, sampl
     assert len(results) == len(tasks)
 
     interface = LabelInterface(LABEL_CONFIG)
-    version = detector_module.resolve_model_source(app_settings.model_path).version
+    version = resolve_model_source(app_settings.model_path).version
     regions = 0
     for prediction in results:
         assert prediction["model_version"] == version
@@ -161,6 +162,6 @@ def test_setup_refuses_a_config_without_rectangle_labels(served):
 
 def test_versions_answers_get_and_post(served):
     client, app_settings = served
-    version = detector_module.resolve_model_source(app_settings.model_path).version
+    version = resolve_model_source(app_settings.model_path).version
     assert client.get("/versions").json["versions"] == [version]
     assert client.post("/versions", json={"project": "1.1"}).json["versions"] == [version]

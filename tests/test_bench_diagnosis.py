@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from ale_backend.bench.diagnosis import box_records, object_table, selection_counts
-from ale_backend.bench.evaluation import ImageBoxes
 from ale_backend.detector import Detections
+from benchmarks.active_learning.diagnosis import box_records, object_table, selection_counts
+from benchmarks.active_learning.evaluation import ImageBoxes
 
 NEW = {3}
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ale_backend.bench.evaluation import ImageBoxes, average_precision, evaluate, iou_matrix
+from benchmarks.active_learning.evaluation import ImageBoxes, average_precision, evaluate, iou_matrix
 
 
 def truth(*boxes, classes=None):

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from ale_backend.bench import report
-from ale_backend.bench.__main__ import main
-from ale_backend.bench.protocol import PRESETS, base_model_key
 from ale_backend.scoring import STRATEGIES
+from benchmarks.active_learning import report
+from benchmarks.active_learning.__main__ import main
+from benchmarks.active_learning.protocol import PRESETS, base_model_key
 
 
 @pytest.fixture(scope="module")

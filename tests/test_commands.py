@@ -9,8 +9,9 @@ from pathlib import Path
 
 import requests
 
-from tests.conftest import LABEL_CONFIG, ROOT
-from tests.stack import free_port, stop, wait_until_up
+from testkit.label_studio_stand_in import LABEL_CONFIG
+from testkit.stack import free_port, stop, wait_until_up
+from tests.conftest import ROOT
 
 VENV_BIN = Path(sys.executable).parent
 

@@ -3,10 +3,8 @@ import math
 import pytest
 import yaml
 
-from ale_backend import synthetic
 from ale_backend.dataset import (
     Example,
-    ImageCache,
     class_names_for,
     examples_from_tasks,
     is_validation,
@@ -15,9 +13,11 @@ from ale_backend.dataset import (
     remapped_validation_set,
     write_dataset,
 )
+from ale_backend.image_cache import ImageCache
 from ale_backend.images import ImageLoader
 from ale_backend.label_config import map_labels, parse_label_config
-from tests.conftest import LABEL_CONFIG
+from testkit import synthetic
+from testkit.label_studio_stand_in import LABEL_CONFIG
 
 
 def annotation(aid, updated, cancelled=False, ground_truth=False, label="Circle"):

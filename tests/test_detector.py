@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from ale_backend.detector import ModelNotFoundError, get_detector, resolve_model_source
+from ale_backend.detector import get_detector
+from ale_backend.model_source import ModelNotFoundError, resolve_model_source
 from ale_backend.ultralytics_setup import ultralytics_module
 
 

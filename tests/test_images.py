@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from ale_backend import images
-from ale_backend.dataset import ImageCache
+from ale_backend.image_cache import ImageCache
 from ale_backend.images import ImageLoader, ImageLoadError, decode_image, task_image_url
 from ale_backend.label_studio import LabelStudioClient, LabelStudioError
-from tests.conftest import FakeLabelStudio, make_jwt
+from testkit.label_studio_stand_in import FakeLabelStudio, make_jwt
 
 
 def loader_for(server, api_key, **kwargs):

@@ -9,10 +9,11 @@ import pytest
 import redis
 from rq import Queue
 
-from ale_backend.jobs import Names, TrainingQueue
-from ale_backend.registry import ModelDirTaken, Registry
+from ale_backend.jobs import Names
+from ale_backend.project_files import ModelDir, ModelDirTaken
 from ale_backend.server import create_app
 from ale_backend.settings import label_studio_instance
+from ale_backend.training_queue import TrainingQueue
 from tests.conftest import ROOT
 
 FIRST, SECOND = "http://labels.example.org:8080", "http://10.0.0.7:8080"
@@ -71,8 +72,8 @@ def test_a_model_dir_serves_one_instance(two_instances, tmp_path):
     first, second = two_instances
     shared = dataclasses.replace(second, model_dir=first.model_dir)
     create_app(first, warm_up=False)
-    Registry(first.model_dir).claim(FIRST + "/")  # the same instance, spelled differently
-    Registry(first.model_dir).claim("")  # no Label Studio set: predictions only, nothing to check
+    ModelDir(first.model_dir).claim(FIRST + "/")  # the same instance, spelled differently
+    ModelDir(first.model_dir).claim("")  # no Label Studio set: predictions only, nothing to check
     with pytest.raises(ModelDirTaken, match=f"Label Studio at {FIRST}, not {SECOND}.*own MODEL_DIR"):
         create_app(shared, warm_up=False)
 

@@ -1,7 +1,7 @@
 import pytest
 
 from ale_backend.label_config import LabelConfigError, map_labels, parse_label_config
-from tests.conftest import LABEL_CONFIG
+from testkit.label_studio_stand_in import LABEL_CONFIG
 
 
 def test_parses_the_rectangle_labels_on_the_image():

@@ -3,7 +3,7 @@
 import pytest
 
 from ale_backend.label_studio import LabelStudioClient, LabelStudioError
-from tests.conftest import add_project
+from testkit.label_studio_stand_in import add_project
 
 
 def client_for(server, **kwargs):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import yaml
 
-from ale_backend.bench.newspecies import CLASS_NAMES, NewSpeciesConfig, generate, write_base_yaml
+from benchmarks.active_learning.newspecies import CLASS_NAMES, NewSpeciesConfig, generate, write_base_yaml
 
 SMALL = NewSpeciesConfig(seed=3, counts={"base": 30, "val": 10, "pool": 60, "test": 20})
 

@@ -3,7 +3,8 @@ import os
 
 import pytest
 
-from ale_backend.registry import Registry, VersionInfo, project_id
+from ale_backend.label_studio import project_id
+from ale_backend.registry import Registry, VersionInfo
 
 
 def info(version, project=3, promoted=True, created="2026-11-26T10:00:00+00:00"):
@@ -52,11 +53,11 @@ def test_prune_keeps_the_newest_and_never_the_current(tmp_path, weights):
 
 def test_incomplete_versions_are_invisible_and_cleaned(tmp_path, weights):
     registry = Registry(tmp_path)
-    staging = registry.project_dir(3) / "versions" / ".incoming-crashed"
+    staging = registry.files(3).versions / ".incoming-crashed"
     staging.mkdir(parents=True)
     (staging / "weights.pt").write_bytes(b"half")
     assert registry.versions(3) == [] and registry.current(3) is None
-    registry.clean_incomplete(3)
+    registry.files(3).clean_incomplete()
     assert not staging.exists()
 
 

@@ -5,10 +5,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-from ale_backend.detector import resolve_model_source
 from ale_backend.label_studio import LabelStudioError
+from ale_backend.model_source import resolve_model_source
 from ale_backend.rescoring import rescore_project
-from tests.conftest import add_project
+from testkit.label_studio_stand_in import add_project
 
 
 @pytest.fixture()

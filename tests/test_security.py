@@ -13,7 +13,7 @@ from ale_backend.jobs import Names
 from ale_backend.model import ALEModel
 from ale_backend.server import create_app
 from ale_backend.settings import Settings, SettingsError
-from tests.conftest import LABEL_CONFIG
+from testkit.label_studio_stand_in import LABEL_CONFIG
 
 USER, PASSWORD = "annotator-bot", "s3cret-pass-word"
 API_KEY = "ls-legacy-token-do-not-log"

@@ -23,14 +23,16 @@ import yaml
 from rq import Queue
 from rq.registry import StartedJobRegistry
 
-from ale_backend import synthetic
-from ale_backend.detector import resolve_model_source
 from ale_backend.jobs import Names
+from ale_backend.model_source import resolve_model_source
+from ale_backend.project_files import round_folder
 from ale_backend.registry import Registry, VersionInfo
 from ale_backend.server import create_app
-from ale_backend.training import NothingToTrain, fine_tune, round_folder
-from tests.conftest import LABEL_CONFIG, ROOT, add_project
-from tests.stack import stop
+from ale_backend.training import NothingToTrain, fine_tune
+from testkit import synthetic
+from testkit.label_studio_stand_in import LABEL_CONFIG, add_project
+from testkit.stack import stop
+from tests.conftest import ROOT
 
 
 @pytest.fixture()
@@ -261,7 +263,7 @@ def test_events_below_the_minimum_wait_and_others_are_ignored(backend):
 def test_concurrent_events_still_make_one_job(backend, redis_url):
     from concurrent.futures import ThreadPoolExecutor
 
-    from ale_backend.jobs import TrainingQueue
+    from ale_backend.training_queue import TrainingQueue
 
     app_settings, _ = backend
     queues = [TrainingQueue(app_settings) for _ in range(4)]  # as if four web processes
@@ -311,7 +313,7 @@ def test_round_folders_go_when_done_and_keep_only_the_last_failures_logs(tmp_pat
     with round_folder(root, "ok") as work:
         make_round(work)
     assert not (root / "ok").exists()
-    with pytest.raises(NothingToTrain), round_folder(root, "noop") as work:
+    with pytest.raises(NothingToTrain), round_folder(root, "noop", discarded=(NothingToTrain,)) as work:
         make_round(work)
         raise NothingToTrain("nothing changed")
     assert not (root / "noop").exists()

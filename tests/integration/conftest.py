@@ -13,14 +13,15 @@ from pathlib import Path
 import pytest
 import requests
 
-from ale_backend import synthetic
-from tests.conftest import LABEL_CONFIG, LABELS, ROOT
-from tests.stack import LEGACY_TOKEN, free_port, label_studio_binary, serving, start_label_studio, stop
+from testkit import synthetic
+from testkit.label_studio_stand_in import LABEL_CONFIG, LABELS
+from testkit.stack import LEGACY_TOKEN, free_port, label_studio_binary, serving, start_label_studio, stop
+from tests.conftest import ROOT
 
 
 @contextmanager
 def _serving(process, url: str, timeout: float, log: Path):
-    """:func:`tests.stack.serving`, failing the test (not erroring) when the service does not come up."""
+    """:func:`testkit.stack.serving`, failing the test (not erroring) when the service does not come up."""
     try:
         with serving(process, url, timeout, log):
             yield

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import requests
 
-from ale_backend import synthetic
-from tests.conftest import LABEL_CONFIG, LABELS
+from testkit import synthetic
+from testkit.label_studio_stand_in import LABEL_CONFIG, LABELS
+from testkit.stack import S3_KEYS, free_port, serving, start_s3_server, upload_to_s3
 from tests.integration.conftest import all_tasks, assert_queue_follows_ale, ground_truth, next_task
-from tests.stack import S3_KEYS, free_port, serving, start_s3_server, upload_to_s3
 
 N_TASKS = 16
 N_ANNOTATED = 8

@@ -14,8 +14,8 @@ import cv2
 import numpy as np
 import pytest
 
-from ale_backend import synthetic
-from tests.conftest import LABEL_CONFIG, LABELS
+from testkit import synthetic
+from testkit.label_studio_stand_in import LABEL_CONFIG, LABELS
 from tests.integration.conftest import all_tasks, assert_queue_follows_ale, ground_truth, next_task
 
 N_TASKS = 24

@@ -1,7 +1,7 @@
 """Generated detection images (no downloads): coloured shapes on noisy backgrounds, with YOLO labels.
 
-Used by the tests (a tiny model is trained on them) and the benchmarks. Seeded: the same arguments give the same
-images and labels.
+Used by the tests (a tiny model is trained on them) and the speed benchmarks, never by the product. Seeded: the
+same arguments give the same images and labels.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+from ale_backend.yolo_files import make_split_folders, pixel_label_text, write_data_yaml
 
 SHAPES = ("circle", "square", "triangle")
 _COLOURS = {"circle": (40, 40, 220), "square": (40, 200, 40), "triangle": (220, 60, 40)}  # BGR
@@ -64,29 +66,15 @@ def write_yolo_dataset(root: Path, counts: dict[str, int], seed: int = 0, size: 
     root = Path(root)
     rng = np.random.default_rng(seed)
     for split, n in counts.items():
-        (root / split / "images").mkdir(parents=True, exist_ok=True)
-        (root / split / "labels").mkdir(parents=True, exist_ok=True)
+        make_split_folders(root / split)
         for i in range(n):
             sample = shapes_image(rng, size, classes)
             stem = f"{split}_{i:05d}"
             cv2.imwrite(str(root / split / "images" / f"{stem}.png"), sample.image)
-            (root / split / "labels" / f"{stem}.txt").write_text(yolo_label_lines(sample, size, size))
-    names = "\n".join(f"  {i}: {name}" for i, name in enumerate(classes))
+            (root / split / "labels" / f"{stem}.txt").write_text(
+                pixel_label_text(sample.class_ids, sample.boxes, size, size))
     val = "val" if "val" in counts else next(iter(counts))
-    data = root / "data.yaml"
-    data.write_text(f"path: {root}\ntrain: {next(iter(counts))}/images\nval: {val}/images\nnames:\n{names}\n")
-    return data
-
-
-def yolo_label_lines(sample: SyntheticImage, width: int, height: int) -> str:
-    """YOLO label text: ``class cx cy w h`` normalised to the image size, one object per line."""
-    lines = []
-    for class_id, (x1, y1, x2, y2) in zip(sample.class_ids, sample.boxes):
-        lines.append(
-            f"{class_id} {(x1 + x2) / 2 / width:.6f} {(y1 + y2) / 2 / height:.6f} "
-            f"{(x2 - x1) / width:.6f} {(y2 - y1) / height:.6f}"
-        )
-    return "\n".join(lines) + ("\n" if lines else "")
+    return write_data_yaml(root / "data.yaml", root, classes, train=f"{next(iter(counts))}/images", val=f"{val}/images")
 
 
 def _disjoint(a, b) -> bool:

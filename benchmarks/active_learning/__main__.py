@@ -1,6 +1,6 @@
-"""``python -m ale_backend.bench [--config smoke|quick|gpu] [--out DIR] [--cache DIR] [--seeds 0 1 2] ...``
+"""``python -m benchmarks.active_learning [--config smoke|quick|gpu] [--out DIR] [--cache DIR] [--seeds 0 1 2] ...``
 
-Runs the benchmark protocol (:mod:`ale_backend.bench.protocol`) and writes ``results.json``, ``report.md`` and
+Runs the benchmark protocol (:mod:`benchmarks.active_learning.protocol`) and writes ``results.json``, ``report.md`` and
 ``budget_curves.png`` to ``--out``. ``--report-only`` rewrites the report and plot from an existing ``results.json``.
 """
 
@@ -14,13 +14,13 @@ import shlex
 import sys
 from pathlib import Path
 
-from ale_backend.bench import protocol, report
 from ale_backend.scoring import STRATEGIES
 from ale_backend.ultralytics_setup import prepare_environment
+from benchmarks.active_learning import protocol, report
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ale_backend.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.active_learning", description=__doc__.split("\n")[0])
     parser.add_argument("--config", choices=sorted(protocol.PRESETS), default="quick")
     parser.add_argument("--out", type=Path, default=None, help="default: data/benchmark/<config>")
     parser.add_argument("--seeds", type=int, nargs="+")
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides["deadline"] = args.deadline
     config = dataclasses.replace(config, **overrides)
     out = args.out or Path("data/benchmark") / config.name
-    command = "python -m ale_backend.bench " + shlex.join(argv or sys.argv[1:])
+    command = "python -m benchmarks.active_learning " + shlex.join(argv or sys.argv[1:])
     if args.report_only:
         results = json.loads((out / "results.json").read_text())
         command = results.get("command", command)

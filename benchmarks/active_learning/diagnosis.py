@@ -17,10 +17,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ale_backend.bench.evaluation import ImageBoxes, iou_matrix
 from ale_backend.detector import Detections
 from ale_backend.scoring import score_images
 from ale_backend.uncertainty import entropy, least_confidence, normalize
+from benchmarks.active_learning.evaluation import ImageBoxes, iou_matrix
 
 THRESHOLDS = (0.01, 0.05, 0.1, 0.25)
 """Confidence thresholds of the diagnosis table."""

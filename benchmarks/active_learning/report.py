@@ -2,7 +2,7 @@
 
 * the verdict: the default strategy against ``random``, paired by seed, on mAP50-95 and new-class AP;
 * the diagnosis: what the base model outputs over new-class objects, known-class objects and background, per
-  confidence threshold (:mod:`ale_backend.bench.diagnosis`), and what every strategy's selection holds;
+  confidence threshold (:mod:`benchmarks.active_learning.diagnosis`), and what every strategy's selection holds;
 * per budget, mean +- std over seeds of mAP50-95, new- and known-class AP and what was selected, with paired
   differences (same seed, same test set) against ``random`` and against the same measure without sqrt(N), each with
   its win rate over seeds;
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ale_backend.bench.diagnosis import object_table
+from benchmarks.active_learning.diagnosis import object_table
 
 VERDICT_BUDGETS = (50, 100)
 VERDICT_WINS = 4 / 5

@@ -26,6 +26,8 @@ import cv2
 import numpy as np
 import yaml
 
+from ale_backend.yolo_files import make_split_folders, pixel_label_text, write_data_yaml, write_renumbered
+
 CLASS_NAMES = tuple(f"digit{i}" for i in range(10))
 BASE_SPLITS = ("base", "val")
 """The splits the base model is trained and validated on: known classes only."""
@@ -145,8 +147,7 @@ def generate(config: NewSpeciesConfig, root: Path) -> dict[str, dict]:
     for index, (split, count) in enumerate(config.counts.items()):
         rng = np.random.default_rng([config.seed, index])
         allow_new = split not in BASE_SPLITS
-        (root / split / "images").mkdir(parents=True, exist_ok=True)
-        (root / split / "labels").mkdir(parents=True, exist_ok=True)
+        make_split_folders(root / split)
         histogram: dict[int, int] = {}
         with_new = 0
         for i in range(count):
@@ -155,14 +156,13 @@ def generate(config: NewSpeciesConfig, root: Path) -> dict[str, dict]:
                                       None if allow_new else config.base_objects_per_image)
             stem = f"{split}_{i:05d}"
             cv2.imwrite(str(root / split / "images" / f"{stem}.png"), sample.image)
-            (root / split / "labels" / f"{stem}.txt").write_text(_label_text(sample, config.image_size))
+            (root / split / "labels" / f"{stem}.txt").write_text(
+                pixel_label_text(sample.class_ids, sample.boxes, config.image_size, config.image_size))
             histogram[len(sample.class_ids)] = histogram.get(len(sample.class_ids), 0) + 1
             with_new += bool(set(sample.class_ids.tolist()) & set(config.new_classes))
         stats[split] = {"images": count, "objects_per_image": dict(sorted(histogram.items())),
                         "images_with_new_classes": with_new}
-    (root / "data.yaml").write_text(yaml.safe_dump(
-        {"path": str(root), "train": "base/images", "val": "val/images", "test": "test/images",
-         "names": dict(enumerate(CLASS_NAMES))}, sort_keys=False))
+    write_data_yaml(root / "data.yaml", root, CLASS_NAMES, train="base/images", val="val/images", test="test/images")
     (root / "stats.yaml").write_text(yaml.safe_dump(stats, sort_keys=False))
     return stats
 
@@ -174,25 +174,15 @@ def write_base_yaml(root: Path, config: NewSpeciesConfig) -> Path:
     renumber = {c: i for i, c in enumerate(known)}
     for split in BASE_SPLITS:
         target = root / "base-known" / split
-        (target / "labels").mkdir(parents=True, exist_ok=True)
-        (target / "images").mkdir(parents=True, exist_ok=True)
+        make_split_folders(target)
         for label in sorted((root / split / "labels").glob("*.txt")):
-            rows = [line.split() for line in label.read_text().splitlines() if line.strip()]
-            if any(int(r[0]) not in renumber for r in rows):
-                raise ValueError(f"{label}: a new-class object in the {split} split")
-            (target / "labels" / label.name).write_text(
-                "".join(" ".join([str(renumber[int(r[0])]), *r[1:]]) + "\n" for r in rows))
+            try:
+                write_renumbered(label, target / "labels" / label.name, renumber)
+            except KeyError as exc:
+                raise ValueError(f"{label}: a new-class object in the {split} split") from exc
             image = root / split / "images" / f"{label.stem}.png"
             link = target / "images" / image.name
             if not link.exists():
                 link.symlink_to(image.resolve())
-    data = root / "base-known" / "data.yaml"
-    data.write_text(yaml.safe_dump({"path": str(root / "base-known"), "train": "base/images", "val": "val/images",
-                                    "names": {i: CLASS_NAMES[c] for i, c in enumerate(known)}}, sort_keys=False))
-    return data
-
-
-def _label_text(sample: Sample, size: int) -> str:
-    return "".join(
-        f"{c} {(x1 + x2) / 2 / size:.6f} {(y1 + y2) / 2 / size:.6f} {(x2 - x1) / size:.6f} {(y2 - y1) / size:.6f}\n"
-        for c, (x1, y1, x2, y2) in zip(sample.class_ids, sample.boxes))
+    return write_data_yaml(root / "base-known" / "data.yaml", root / "base-known",
+                           [CLASS_NAMES[c] for c in known], train="base/images", val="val/images")

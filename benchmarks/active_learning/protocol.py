@@ -2,20 +2,20 @@
 
 Per seed:
 
-1. generate the "new species" data set (:mod:`ale_backend.bench.newspecies`): base / val / pool / test splits, the
-   test set fixed and never in the pool;
+1. generate the "new species" data set (:mod:`~benchmarks.active_learning.newspecies`): base / val / pool / test
+   splits, the test set fixed and never in the pool;
 2. train the seed's base model on the known classes only (the product's ``training.fine_tune`` from
    ``yolov5nu.yaml``), or take it from the cache (:func:`cached_base_model`);
 3. detect on the pool once with the base model (the product's ``Detector``); record what it outputs over every
-   object (:mod:`ale_backend.bench.diagnosis`); let every strategy rank the pool from the detections at the scoring
-   threshold (the product's ``scoring``); each budget takes the top of the ranking (ties keep pool order;
-   ``random`` ranks by a seeded draw); count what every strategy's selection holds;
+   object (:mod:`~benchmarks.active_learning.diagnosis`); let every strategy rank the pool from the detections at
+   the scoring threshold (the product's ``scoring``); each budget takes the top of the ranking (ties keep pool
+   order; ``random`` ranks by a seeded draw); count what every strategy's selection holds;
 4. fine-tune the base model on the selections of the configured strategies plus a fixed replay of base images, with
    the same recipe for every strategy and budget: a fixed number of epochs, the last one kept
    (``TRAIN_KEEP_BEST=false``: no held-out labels steer a fine-tune); a selection identical to one already trained
    reuses that result (training is deterministic);
 5. evaluate every model, the base model included, on the fixed test set with one implementation
-   (:mod:`ale_backend.bench.evaluation`): mAP50-95, mAP50, AP per class, split into new and known classes.
+   (:mod:`benchmarks.active_learning.evaluation`): mAP50-95, mAP50, AP per class, split into new and known classes.
 """
 
 from __future__ import annotations
@@ -32,17 +32,18 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import yaml
 
 from ale_backend import training
-from ale_backend.bench import diagnosis, newspecies
-from ale_backend.bench.evaluation import ImageBoxes, evaluate
-from ale_backend.bench.newspecies import BASE_SPLITS, CLASS_NAMES, NewSpeciesConfig, generate, write_base_yaml
-from ale_backend.detector import Detector, ModelSource
+from ale_backend.detector import Detector
+from ale_backend.model_source import ModelSource
 from ale_backend.scoring import DEFAULT_STRATEGY, STRATEGIES, score_images
 from ale_backend.settings import DEFAULT_SCORE_CONF, Settings
 from ale_backend.training import fine_tune
 from ale_backend.ultralytics_setup import cpu_cores
+from ale_backend.yolo_files import read_labels, write_data_yaml, write_image_list
+from benchmarks.active_learning import diagnosis, newspecies
+from benchmarks.active_learning.evaluation import ImageBoxes, evaluate
+from benchmarks.active_learning.newspecies import BASE_SPLITS, CLASS_NAMES, NewSpeciesConfig, generate, write_base_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -281,11 +282,9 @@ class _Seed:
 def _fine_tune(base: ModelSource, root: Path, chosen: list[Path], replay: list[Path], settings: Settings,
                work: Path) -> ModelSource:
     work.mkdir(parents=True, exist_ok=True)
-    (work / "train.txt").write_text("".join(f"{p.resolve()}\n" for p in [*chosen, *replay]))
-    (work / "val.txt").write_text("".join(f"{p.resolve()}\n" for p in sorted((root / "val" / "images").glob("*"))))
-    data = work / "data.yaml"
-    data.write_text(yaml.safe_dump({"path": str(work), "train": "train.txt", "val": "val.txt",
-                                    "names": dict(enumerate(CLASS_NAMES))}, sort_keys=False))
+    write_image_list(work / "train.txt", (p.resolve() for p in [*chosen, *replay]))
+    write_image_list(work / "val.txt", (p.resolve() for p in sorted((root / "val" / "images").glob("*"))))
+    data = write_data_yaml(work / "data.yaml", work, CLASS_NAMES, train="train.txt", val="val.txt")
     weights = fine_tune(base, data, settings, work, on_epoch=lambda e: None)
     return ModelSource(str(weights), work.name, is_config=False)
 
@@ -317,8 +316,7 @@ class Evaluation:
 
 
 def _labels(path: Path, size: int = 1) -> ImageBoxes:
-    rows = np.array([list(map(float, line.split())) for line in path.read_text().splitlines() if line.strip()])
-    rows = rows.reshape(-1, 5)
+    rows = read_labels(path)
     cx, cy, w, h = (rows[:, k] * size for k in range(1, 5))
     return ImageBoxes(np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1), rows[:, 0].astype(int))
 

@@ -1,0 +1,144 @@
+"""The web side of the training queue: Label Studio events -> training jobs, and a project's status.
+
+An event (``/webhook``) adds to the project's count of new annotations; once it reaches ``MIN_NEW_ANNOTATIONS`` (or
+at once for ``START_TRAINING``) the project gets a training job, unless one is already waiting, in which case the
+event folds into it: a job reads all annotations when it starts, so nothing is lost. Jobs are enqueued with RQ's
+atomic ``unique=True`` under ids of the project's generation (:mod:`ale_backend.jobs`), so concurrent web processes
+cannot create two. Nothing here trains or blocks on training: the worker (:mod:`ale_backend.worker`) does.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import redis
+from rq import Queue
+from rq.exceptions import DuplicateJobError, NoSuchJobError
+from rq.job import Job, JobStatus
+
+from ale_backend.jobs import BUMP, PENDING, WAITING, Names, describe, enqueue_training, read_json, redis_address
+from ale_backend.label_studio import project_id
+from ale_backend.lock import record_dead_job
+from ale_backend.registry import Registry
+from ale_backend.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+FORCING_EVENTS = {"START_TRAINING"}
+"""Start a training whatever the count of new annotations (Label Studio's Start Training button and
+"Start model training on annotation submission")."""
+COUNTING_EVENTS = {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED", "ANNOTATIONS_DELETED"}
+"""Add to the count of new annotations; train once it reaches MIN_NEW_ANNOTATIONS."""
+_PENDING_STATUSES = {s.value for s in WAITING | {JobStatus.STARTED}}
+
+
+class QueueUnavailable(RuntimeError):
+    """Redis does not answer; the message says where it was expected."""
+
+
+class TrainingQueue:
+    """The web side of the queue, for one Redis and one Label Studio instance."""
+
+    def __init__(self, settings: Settings, connection: redis.Redis | None = None):
+        self.settings = settings
+        self.redis = connection or redis.Redis.from_url(
+            settings.redis_url, socket_connect_timeout=0.5, socket_timeout=2.0
+        )
+        self.names = Names(settings)
+        self.queue = Queue(self.names.queue, connection=self.redis, default_timeout=settings.train_timeout)
+
+    def handle_event(self, event: str, payload: dict) -> tuple[int, dict]:
+        """Answer a Label Studio webhook: ``(HTTP status, JSON body)``. Never blocks on training."""
+        if event not in FORCING_EVENTS | COUNTING_EVENTS:
+            return 200, {"status": "ignored", "event": event,
+                         "reason": f"{event} does not affect training; handled: "
+                                   f"{', '.join(sorted(FORCING_EVENTS | COUNTING_EVENTS))}"}
+        project = project_id(payload.get("project"))
+        key = self.names.key
+        if project is None:
+            return 400, {"error": "the event names no project (expected 'project': {'id': <integer >= 1>})"}
+        for field, kind, name in (("annotation", dict, "an object"), ("annotations", list, "a list")):
+            if payload.get(field) is not None and not isinstance(payload[field], kind):
+                return 400, {"error": f"'{field}' must be {name}, got {type(payload[field]).__name__}"}
+        try:
+            if event in COUNTING_EVENTS:
+                if (payload.get("annotation") or {}).get("was_cancelled"):
+                    return 200, {"status": "ignored", "event": event, "reason": "a skipped task is not an annotation"}
+                added = len(payload.get("annotations") or []) or 1
+                # the threshold goes along, so that any status reader reports the one this server counts against
+                count, _ = (self.redis.pipeline(transaction=False).incrby(key(project, "new"), added)
+                            .set(key(project, "min-new"), self.settings.min_new_annotations).execute())
+                if count < self.settings.min_new_annotations:
+                    return 200, {"status": "pending", "project": project, "new_annotations": count,
+                                 "min_new_annotations": self.settings.min_new_annotations}
+            job, created = self.submit(project)
+        except redis.exceptions.RedisError as exc:
+            raise QueueUnavailable(
+                f"the training queue is unavailable: Redis at {redis_address(self.settings.redis_url)} does not "
+                f"answer ({type(exc).__name__}); predictions still work"
+            ) from exc
+        return (201 if created else 200), {"status": "queued" if created else "coalesced", "project": project,
+                                           "job": job, "event": event}
+
+    def submit(self, project: int) -> tuple[str, bool]:
+        """Make sure a training job is waiting for ``project``: ``(job id, whether this call created it)``.
+
+        Most events during a burst find their job waiting: one Redis round trip (:data:`~ale_backend.jobs.PENDING`)
+        says so.
+        """
+        key = self.names.key
+        for _ in range(10):
+            generation, status = self.redis.eval(PENDING, 1, key(project, "generation"),
+                                                 Job.key_for(self.names.training_jobs(project)))
+            generation = int(generation)
+            jid = self.names.training_job(project, generation)
+            if status and status.decode() in _PENDING_STATUSES:
+                return jid, False  # waiting, or started without having read the annotations yet
+            try:
+                enqueue_training(self.queue, self.names, project, generation, self.settings.train_timeout)
+                logger.info("project %s: training job %s queued", project, jid)
+                return jid, True
+            except DuplicateJobError:
+                pass
+            try:
+                status = Job.fetch(jid, connection=self.redis).get_status(refresh=True)
+            except NoSuchJobError:
+                continue  # expired between the two calls: try again
+            moved_on = int(self.redis.get(key(project, "generation")) or 0) != generation
+            if status in WAITING or (status == JobStatus.STARTED and not moved_on):
+                return jid, False  # it has not read the annotations yet: this event is covered
+            if not moved_on:  # that job ended before claiming its generation (e.g. killed): retire it
+                self.redis.eval(BUMP, 1, key(project, "generation"), generation)
+        raise RuntimeError(f"could not queue a training job for project {project}")
+
+    def status(self, project: int) -> dict[str, Any]:
+        """Running and waiting jobs with their progress, the served version and the last outcome."""
+        names, key = self.names, self.names.key
+        record_dead_job(self.redis, names, project)
+        generation = int(self.redis.get(key(project, "generation")) or 0)
+        out: dict[str, Any] = {
+            "project": project,
+            "label_studio": {"url": self.settings.label_studio_url or None, "instance": names.instance},
+            "current_version": Registry(self.settings.model_dir).current(project),
+            "new_annotations": int(self.redis.get(key(project, "new")) or 0),
+            "min_new_annotations": int(self.redis.get(key(project, "min-new")) or self.settings.min_new_annotations),
+            "running": None,
+            "waiting": None,
+            "last_result": read_json(self.redis.get(key(project, "last-result"))),
+            "last_training": read_json(self.redis.get(key(project, "last-training"))),
+            "last_failure": read_json(self.redis.get(key(project, "last-failure"))),
+        }
+        running = self.redis.get(key(project, "running"))
+        if running:
+            out["running"] = describe(running.decode(), self.redis)
+        waiting = describe(names.training_job(project, generation), self.redis)
+        if waiting and waiting["status"] in _PENDING_STATUSES:
+            out["waiting"] = waiting
+        previous = describe(names.training_job(project, generation - 1), self.redis) if generation else None
+        if previous and previous["status"] == JobStatus.FAILED.value:
+            failure = out["last_failure"] or {}
+            if failure.get("job") != previous["id"]:  # died without recording why (worker killed)
+                out["last_failure"] = {"job": previous["id"], "at": previous.get("ended_at"),
+                                       "error": previous.get("error") or "the training job died"}
+        return out

@@ -1,0 +1,163 @@
+"""The worker side of the training queue: the jobs' bodies and the RQ worker that runs them.
+
+:func:`work` (``python -m ale_backend worker``) is the one way in: it takes the process's :class:`Settings`, checks
+``MODEL_DIR`` belongs to its Label Studio, and runs an RQ worker on that instance's queue. RQ runs each job in a work
+horse forked from the worker, which inherits those settings; a job reads them with :func:`_settings`.
+
+:func:`run_training_job` takes the project's lock (:mod:`ale_backend.lock`), claims its generation (new events now
+make a new waiting job; see :mod:`ale_backend.jobs`), runs :func:`ale_backend.training.train_project` and records
+the outcome; after a promoted version, or when there is nothing new to train on, it queues a re-scoring of the pool
+(:func:`run_rescoring_job`). Progress (stage, epoch) is kept in the job's meta, for the status.
+
+RQ runs each horse in a process group of its own, so stopping the worker's group would leave the horse training:
+the horse asks the kernel to kill it when the worker dies (:func:`_die_with_worker`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+from contextlib import contextmanager
+from typing import Any
+
+import redis
+from rq import Queue, Worker, get_current_job
+
+from ale_backend.jobs import CLAIM, Names, enqueue_rescoring, redis_address, timestamp
+from ale_backend.lock import heartbeat, project_lock, record_dead_job
+from ale_backend.project_files import ModelDir
+from ale_backend.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+_worker_settings: Settings | None = None
+
+
+def work(settings: Settings, burst: bool = False) -> None:
+    """Run an RQ worker on the training queue of ``settings``' Label Studio (forks one process per job)."""
+    global _worker_settings
+    ModelDir(settings.model_dir).claim(settings.label_studio_url)
+    connection = redis.Redis.from_url(settings.redis_url)
+    connection.ping()
+    names = Names(settings)
+    logger.info("training worker for Label Studio %s (%s): queue %s at %s", settings.label_studio_url or "(none set)",
+                names.instance, names.queue, redis_address(settings.redis_url))
+    _worker_settings = settings
+    Worker([Queue(names.queue, connection=connection)], connection=connection).work(
+        burst=burst, logging_level=settings.log_level
+    )
+
+
+def _settings() -> Settings:
+    if _worker_settings is None:
+        raise RuntimeError("this job runs in the backend's worker only: start it with `python -m ale_backend worker`")
+    return _worker_settings
+
+
+def run_training_job(project: int, generation: int) -> dict[str, Any]:
+    """The RQ job: claim the project's generation, train, record the outcome; then queue a re-scoring of the pool
+    after a promoted version, or when there is nothing new to train on."""
+    from ale_backend.training import NothingToTrain, train_project
+
+    _die_with_worker()
+    settings = _settings()
+    names = Names(settings)
+    key = names.key
+    connection = redis.Redis.from_url(settings.redis_url)
+    job = get_current_job()
+    jid = job.id if job else names.training_job(project, generation)
+    report = _reporter(job, project)
+
+    report("waiting for the project lock")
+    with project_lock(connection, names, project), heartbeat(connection, names, project, jid):
+        record_dead_job(connection, names, project)
+        new = connection.eval(CLAIM, 3, key(project, "generation"), key(project, "running"), key(project, "new"),
+                              generation, jid)
+        logger.info("project %s: job %s starts (%s new annotation events)", project, jid, int(new or 0))
+        nothing_new = False
+        with _outcome(connection, names, project, jid, report, training=True) as outcome:
+            try:
+                result = train_project(project, settings, report, run_name=jid)
+            except NothingToTrain as exc:
+                logger.info("project %s: %s; re-scoring the pool instead", project, exc)
+                result, nothing_new = {"status": "nothing new to train on", "reason": str(exc)}, True
+            outcome.update(result)
+    if result.get("promoted") or nothing_new:
+        # once per promoted version; with nothing new, a re-scoring of its own each time (the pool may have grown)
+        queue = Queue(names.queue, connection=connection)
+        result["rescoring_job"] = enqueue_rescoring(queue, names, project, result.get("version"),
+                                                    settings.train_timeout)
+    return result
+
+
+def run_rescoring_job(project: int) -> dict[str, Any]:
+    """The RQ job that re-scores a project's pool with its served version."""
+    from ale_backend.rescoring import rescore_project
+
+    _die_with_worker()
+    settings = _settings()
+    names = Names(settings)
+    connection = redis.Redis.from_url(settings.redis_url)
+    job = get_current_job()
+    report = _reporter(job, project)
+    jid = job.id if job else "rescore"
+    with project_lock(connection, names, project), heartbeat(connection, names, project, jid), \
+            _outcome(connection, names, project, jid, report) as outcome:
+        record_dead_job(connection, names, project)
+        connection.set(names.key(project, "running"), jid)
+        outcome.update(rescore_project(project, settings, report))
+    return dict(outcome)
+
+
+def _reporter(job, project: int):
+    def report(stage: str, **details: Any) -> None:
+        if job is not None:
+            job.meta.update({"stage": stage, **details})
+            job.save_meta()
+        logger.info("project %s: %s %s", project, stage, details or "")
+
+    return report
+
+
+@contextmanager
+def _outcome(connection: redis.Redis, names: Names, project: int, jid: str, report, training: bool = False):
+    """Record how a job ended (``last-result``, and ``last-training`` for a training job, or ``last-failure``) and
+    clear the running mark. A failure's traceback goes to the log, not to Redis (status readers get the reason)."""
+    key = names.key
+    outcome: dict[str, Any] = {}
+    try:
+        yield outcome
+    except Exception as exc:
+        failure = {"job": jid, "at": timestamp(), "error": f"{type(exc).__name__}: {exc}"}
+        logger.exception("project %s: job %s failed", project, jid)
+        connection.set(key(project, "last-failure"), json.dumps(failure))
+        report("failed", error=failure["error"])
+        raise
+    finally:
+        connection.delete(key(project, "running"))
+    summary = {"job": jid, "at": timestamp(), **{k: outcome.get(k) for k in (
+        "status", "reason", "version", "promoted", "metrics", "annotations", "boxes", "train_seconds", "scored",
+        "model_version", "unreadable_count") if k in outcome}}
+    connection.set(key(project, "last-result"), json.dumps(summary))
+    if training:
+        connection.set(key(project, "last-training"), json.dumps(summary))
+    report("done", **{k: summary[k] for k in ("version", "promoted", "scored") if k in summary})
+
+
+def _die_with_worker() -> None:
+    """In RQ's work horse: be killed when the worker process dies (Linux ``PR_SET_PDEATHSIG``).
+
+    The horse runs in a process group of its own, so stopping the worker's group, or killing the worker, would leave
+    it training (and holding the project lock) with nobody to record how it ends.
+    """
+    if not sys.platform.startswith("linux") or get_current_job() is None:
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the worker died before the request took effect
+        os._exit(1)
