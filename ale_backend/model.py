@@ -14,7 +14,7 @@ from ale_backend.detector import get_detector
 from ale_backend.images import get_image_loader
 from ale_backend.label_config import parse_label_config
 from ale_backend.label_studio import project_id
-from ale_backend.predictions import predict_tasks
+from ale_backend.predictions import TaskPrediction, predict_tasks
 from ale_backend.registry import served_source
 from ale_backend.settings import Settings, get_settings
 
@@ -38,7 +38,11 @@ class ALEModel(LabelStudioMLBase):
     def model_version(self) -> str:
         return self.source.version
 
-    def predict(self, tasks, **kwargs):
+    def predict(self, tasks, **kwargs) -> list[dict]:
+        """Label Studio's predictions for ``tasks`` (the JSON of :meth:`score_tasks`' results)."""
+        return [prediction.to_label_studio(self.config) for prediction in self.score_tasks(tasks)]
+
+    def score_tasks(self, tasks) -> list[TaskPrediction]:
         return predict_tasks(
             tasks,
             self.config,

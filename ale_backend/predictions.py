@@ -1,6 +1,7 @@
-"""Tasks in, Label Studio predictions out: the pipeline behind ``/predict`` (and any batch re-scoring).
+"""Tasks in, scored predictions out: the pipeline behind ``/predict`` and the re-scoring of a pool.
 
-For each task, in order: load its image, detect, score the image by the strategy, and write
+For each task, in order: load its image, detect, score the image by the strategy, and keep what is shown. The result
+is a :class:`TaskPrediction`; Label Studio's JSON is made from it at the edge (:meth:`TaskPrediction.to_label_studio`):
 
 * ``result``: RectangleLabels regions (percent of the original image) for detections at or above
   ``DISPLAY_CONF`` whose class maps to a project label, each with its confidence as ``score``;
@@ -13,8 +14,8 @@ For each task, in order: load its image, detect, score the image by the strategy
 
 The image score is computed over all detections at or above ``SCORE_CONF`` (after NMS with ``SCORE_IOU`` and
 ``SCORE_MAX_DET``), whatever their class: it measures the model's uncertainty, including on objects it can only
-call by a wrong name, which is how new classes show up. A task whose image cannot be read gets an empty result, the
-priority :data:`ale_backend.scoring.UNREADABLE_PRIORITY` (served last) and ``ale.error`` with the reason.
+call by a wrong name, which is how new classes show up. A task whose image cannot be read gets no regions, the
+priority :data:`ale_backend.scoring.UNREADABLE_PRIORITY` (served last) and an ``error`` with the reason.
 """
 
 from __future__ import annotations
@@ -59,6 +60,53 @@ class TaskScore:
         return out
 
 
+@dataclass(frozen=True)
+class Region:
+    """A shown detection: its project label, its box in percent of the image, and its confidence."""
+
+    label: str
+    x: float
+    y: float
+    width: float
+    height: float
+    confidence: float
+
+
+@dataclass(frozen=True)
+class TaskPrediction:
+    """One task's prediction: how it was scored and what is shown."""
+
+    task_id: Any
+    score: TaskScore
+    model_version: str
+    regions: tuple[Region, ...] = ()
+    image_size: tuple[int, int] = (0, 0)
+    """The original image's width and height (0, 0 when it could not be read)."""
+
+    @property
+    def error(self) -> str | None:
+        """Why the task's image could not be scored, or None."""
+        return self.score.error
+
+    def to_label_studio(self, config: LabelConfig) -> dict[str, Any]:
+        """The prediction as Label Studio takes it (``/predict``'s answer, ``import/predictions``' items)."""
+        width, height = self.image_size
+        result = [{
+            "id": uuid.uuid4().hex[:10],
+            "from_name": config.from_name,
+            "to_name": config.to_name,
+            "type": "rectanglelabels",
+            "original_width": width,
+            "original_height": height,
+            "image_rotation": 0,
+            "value": {"x": r.x, "y": r.y, "width": r.width, "height": r.height, "rotation": 0,
+                      "rectanglelabels": [r.label]},
+            "score": r.confidence,
+        } for r in self.regions]
+        return {"result": result, "score": self.score.priority, "model_version": self.model_version,
+                "ale": self.score.as_dict()}
+
+
 def predict_tasks(
     tasks: Sequence[dict],
     config: LabelConfig,
@@ -68,8 +116,8 @@ def predict_tasks(
     settings: Settings,
     project: int | None = None,
     images: Sequence[np.ndarray | None] | None = None,
-) -> list[dict]:
-    """One Label Studio prediction per task, in the order given (never fewer: Label Studio drops uneven batches).
+) -> list[TaskPrediction]:
+    """One prediction per task, in the order given (never fewer: Label Studio drops uneven batches).
 
     ``project`` seeds the tie-break between equal scores, so each project gets its own order among them.
     ``images``: tasks' images already decoded (BGR), by position; the loader fetches those that are None.
@@ -92,22 +140,19 @@ def predict_tasks(
         task_id = task.get("id")
         if i in detections:
             task_score = _score(task_id, urls[i], detections[i], settings, project)
-            result = regions(detections[i].above(display_conf), label_map, config)
+            prediction = TaskPrediction(task_id, task_score, detector.version,
+                                        regions(detections[i].above(display_conf), label_map),
+                                        (detections[i].width, detections[i].height))
         else:
             reason = str(loaded[i])
             logger.warning("task %s: image not usable, served last: %s", task_id, reason,
                            extra={"project": project, "task": task_id, "model_version": detector.version})
             task_score = TaskScore(task_id, settings.strategy, None, 0, UNREADABLE_PRIORITY, reason)
-            result = []
+            prediction = TaskPrediction(task_id, task_score, detector.version)
         logger.debug("task %s: %s=%s N=%d score=%.6f", task_id, task_score.strategy, task_score.value,
                      task_score.detections, task_score.priority,
                      extra={"project": project, "task": task_id, "model_version": detector.version})
-        predictions.append({
-            "result": result,
-            "score": task_score.priority,
-            "model_version": detector.version,
-            "ale": task_score.as_dict(),
-        })
+        predictions.append(prediction)
     logger.info(
         "predicted %d tasks (%d unreadable) with %s, strategy %s, in %.2f s",
         len(tasks), len(tasks) - len(readable), detector.version, settings.strategy, time.perf_counter() - started,
@@ -116,8 +161,8 @@ def predict_tasks(
     return predictions
 
 
-def regions(detections: Detections, label_map: LabelMap, config: LabelConfig) -> list[dict]:
-    """RectangleLabels results for the detections whose class has a project label."""
+def regions(detections: Detections, label_map: LabelMap) -> tuple[Region, ...]:
+    """The detections whose class has a project label, as boxes in percent of the image (clipped to it)."""
     width, height = detections.width, detections.height
     out = []
     for box, class_id, confidence in zip(detections.boxes, detections.class_ids, detections.confidences):
@@ -129,25 +174,9 @@ def regions(detections: Detections, label_map: LabelMap, config: LabelConfig) ->
         y1, y2 = (min(max(v, 0.0), height) for v in (y1, y2))
         if x2 <= x1 or y2 <= y1:
             continue
-        out.append({
-            "id": uuid.uuid4().hex[:10],
-            "from_name": config.from_name,
-            "to_name": config.to_name,
-            "type": "rectanglelabels",
-            "original_width": width,
-            "original_height": height,
-            "image_rotation": 0,
-            "value": {
-                "x": 100.0 * x1 / width,
-                "y": 100.0 * y1 / height,
-                "width": 100.0 * (x2 - x1) / width,
-                "height": 100.0 * (y2 - y1) / height,
-                "rotation": 0,
-                "rectanglelabels": [label],
-            },
-            "score": float(confidence),
-        })
-    return out
+        out.append(Region(label, 100.0 * x1 / width, 100.0 * y1 / height, 100.0 * (x2 - x1) / width,
+                          100.0 * (y2 - y1) / height, float(confidence)))
+    return tuple(out)
 
 
 def _score(task_id: Any, url: str, detections: Detections, settings: Settings, project: int | None) -> TaskScore:

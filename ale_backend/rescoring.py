@@ -106,10 +106,9 @@ def rescore_project(
             predictions = predict_tasks(readable, config, detector=detector, loader=loader, settings=settings,
                                         project=project, images=[images[i] for i in kept]) if readable else []
             del images  # this page's pixels are not held while the next page is decoded
-            items = [{"task": task["id"], "result": p["result"], "score": p["score"], "model_version": source.version}
-                     for task, p in zip(readable, predictions) if "error" not in p["ale"]]
-            unreadable += [(task["id"], p["ale"]["error"]) for task, p in zip(readable, predictions)
-                           if "error" in p["ale"]]
+            items = [{"task": p.task_id, **_label_studio_fields(p.to_label_studio(config))}
+                     for p in predictions if not p.error]
+            unreadable += [(p.task_id, p.error) for p in predictions if p.error]
             t2 = time.perf_counter()
             if items:
                 if importing is not None:
@@ -149,6 +148,11 @@ def rescore_project(
     return {"status": "rescored" if scored else "nothing to score", "model_version": source.version, "scored": scored,
             "unreadable": unreadable[:100], "unreadable_count": len(unreadable), "deleted_versions": removed,
             "seconds": {**{k: round(v, 2) for k, v in seconds.items()}, "total": round(total, 2)}}
+
+
+def _label_studio_fields(prediction: dict) -> dict:
+    """What ``import/predictions`` takes of a prediction (not the ``ale`` details)."""
+    return {k: prediction[k] for k in ("result", "score", "model_version")}
 
 
 class RescoringError(RuntimeError):

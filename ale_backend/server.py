@@ -73,10 +73,11 @@ class ALEManager(LabelStudioMLManager):
     def predict(cls, tasks, project=None, label_config=None, force_reload=False, try_fetch=True, **kwargs):
         with metrics.PREDICT_SECONDS.time():
             wrapper = cls.fetch(project, label_config)
-            predictions = wrapper.model.predict(tasks, **kwargs)
+            scored = wrapper.model.score_tasks(tasks)
+            predictions = [prediction.to_label_studio(wrapper.model.config) for prediction in scored]
         label = str(project_id(project) or "")
-        unreadable = sum(1 for p in predictions if "error" in p.get("ale", {}))
-        metrics.PREDICTED.labels(project=label).inc(len(predictions) - unreadable)
+        unreadable = sum(1 for prediction in scored if prediction.error)
+        metrics.PREDICTED.labels(project=label).inc(len(scored) - unreadable)
         metrics.UNREADABLE.labels(project=label).inc(unreadable)
         return predictions, wrapper
 

@@ -85,8 +85,8 @@ def predict_table(images: int, size: int, imgsz: int, batch: int, rounds: int, d
 
         def product(settings=settings, detector=detector, loader=loader) -> int:
             results = predict_tasks(tasks, config, detector=detector, loader=loader, settings=settings, project=1)
-            assert not any("error" in r["ale"] for r in results), results[0]
-            return sum(r["ale"]["detections"] for r in results)
+            assert not any(r.error for r in results), results[0]
+            return sum(r.score.detections for r in results)
 
         def plain(settings=settings, yolo=yolo, half=half) -> int:
             count = 0

@@ -151,7 +151,7 @@ def test_an_unexpected_error_answers_500_without_a_traceback(secured, monkeypatc
     def broken(self, *args, **kwargs):
         raise RuntimeError("boom in /opt/secret/path.py")
 
-    monkeypatch.setattr(ALEModel, "predict", broken)
+    monkeypatch.setattr(ALEModel, "score_tasks", broken)  # what /predict calls
     response = client.post("/predict", json={"project": "1.1", "label_config": LABEL_CONFIG,
                                              "tasks": [{"id": 1, "data": {"image": "/data/upload/1/a.png"}}]},
                            headers=auth())
