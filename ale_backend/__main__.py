@@ -23,26 +23,7 @@ from ale_backend.settings import SettingsError, get_settings, read_env_file
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ale_backend", description="ALE backend for Label Studio")
-    commands = parser.add_subparsers(dest="command", required=True)
-    worker = commands.add_parser("worker", help="run the training worker")
-    worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")
-    commands.add_parser("env", help="print the settings of .env (ENV_FILE) the environment lacks, as shell exports")
-    ready = commands.add_parser("ready", help="wait until the backend on HOST:PORT answers, then say so in one line")
-    ready.add_argument("--timeout", type=float, default=300, help="seconds to wait (default 300)")
-    ready.add_argument("--pid", type=int, help="the server's process: stop waiting if it exits")
-    status = commands.add_parser("status", help="show a project's training status")
-    status.add_argument("--project", type=int, required=True)
-    connect = commands.add_parser("connect", help="wire a Label Studio project to this backend")
-    connect.add_argument("--project", type=int, required=True)
-    connect.add_argument("--backend-url", required=True, help="the backend's URL as Label Studio reaches it")
-    connect.add_argument("--no-scoring", action="store_true", help="skip the first scoring of the pool")
-    rescore = commands.add_parser("rescore", help="re-score a project's unlabelled tasks now")
-    rescore.add_argument("--project", type=int, required=True)
-    for command in (connect, rescore):
-        command.add_argument("--label-studio-url", help="default: LABEL_STUDIO_URL")
-        command.add_argument("--api-key", help="legacy token or personal access token; default: LABEL_STUDIO_API_KEY")
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
 
     if args.command == "env":  # for scripts/serve: the file's settings as shell exports
         import shlex
@@ -85,6 +66,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ale_backend", description="ALE backend for Label Studio")
+    commands = parser.add_subparsers(dest="command", required=True)
+    worker = commands.add_parser("worker", help="run the training worker")
+    worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")
+    commands.add_parser("env", help="print the settings of .env (ENV_FILE) the environment lacks, as shell exports")
+    ready = commands.add_parser("ready", help="wait until the backend on HOST:PORT answers, then say so in one line")
+    ready.add_argument("--timeout", type=float, default=300, help="seconds to wait (default 300)")
+    ready.add_argument("--pid", type=int, help="the server's process: stop waiting if it exits")
+    status = commands.add_parser("status", help="show a project's training status")
+    status.add_argument("--project", type=int, required=True)
+    connect = commands.add_parser("connect", help="wire a Label Studio project to this backend")
+    connect.add_argument("--project", type=int, required=True)
+    connect.add_argument("--backend-url", required=True, help="the backend's URL as Label Studio reaches it")
+    connect.add_argument("--no-scoring", action="store_true", help="skip the first scoring of the pool")
+    rescore = commands.add_parser("rescore", help="re-score a project's unlabelled tasks now")
+    rescore.add_argument("--project", type=int, required=True)
+    for command in (connect, rescore):
+        command.add_argument("--label-studio-url", help="default: LABEL_STUDIO_URL")
+        command.add_argument("--api-key", help="legacy token or personal access token; default: LABEL_STUDIO_API_KEY")
+    return parser
 
 
 def _ready(settings, timeout: float, pid: int | None = None) -> int:

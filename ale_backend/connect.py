@@ -50,27 +50,41 @@ def connect(client: LabelStudioClient, project: int, backend_url: str, basic_aut
             log: Callable[[str], None] = print) -> list[str]:
     """Do steps 1-5 (see the module docstring); returns what was changed (empty when nothing was)."""
     backend_url = backend_url.rstrip("/")
-    changed: list[str] = []
+    project_data = _check_config(client, project, log)
+    steps = (_ml_backend(client, project, backend_url, basic_auth, log),
+             _webhook(client, project, backend_url, basic_auth, log),
+             _sampling(client, project, project_data, log),
+             _view(client, project, log))
+    return [change for change in steps if change]
+
+
+def _check_config(client: LabelStudioClient, project: int, log: Callable[[str], None]) -> dict:
     project_data = _call(client, "read the project", "GET", f"/api/projects/{project}/")
     try:
         parse_label_config(project_data.get("label_config") or "")
     except LabelConfigError as exc:
         raise ConnectError(f"project {project} cannot use this backend: {exc}") from exc
     log(f"project {project} ({project_data.get('title')!r}): labelling config has RectangleLabels on an Image")
+    return project_data
 
+
+def _ml_backend(client: LabelStudioClient, project: int, backend_url: str, basic_auth: BasicAuth | None,
+                log: Callable[[str], None]) -> str | None:
     backends = _results(_call(client, "list ML backends", "GET", "/api/ml/", params={"project": project}))
     if any(str(b.get("url", "")).rstrip("/") == backend_url for b in backends):
         log(f"ML backend {backend_url}: already connected")
-    else:
-        body: dict[str, Any] = {"url": backend_url, "project": project, "title": BACKEND_TITLE,
-                                "is_interactive": False, "auth_method": "NONE"}
-        if basic_auth:
-            body.update(auth_method="BASIC_AUTH", basic_auth_user=basic_auth.user,
-                        basic_auth_pass=basic_auth.password)
-        _call(client, f"register the ML backend {backend_url}", "POST", "/api/ml/", json=body)
-        changed.append("ml backend")
-        log(f"ML backend {backend_url}: registered")
+        return None
+    body: dict[str, Any] = {"url": backend_url, "project": project, "title": BACKEND_TITLE,
+                            "is_interactive": False, "auth_method": "NONE"}
+    if basic_auth:
+        body.update(auth_method="BASIC_AUTH", basic_auth_user=basic_auth.user, basic_auth_pass=basic_auth.password)
+    _call(client, f"register the ML backend {backend_url}", "POST", "/api/ml/", json=body)
+    log(f"ML backend {backend_url}: registered")
+    return "ml backend"
 
+
+def _webhook(client: LabelStudioClient, project: int, backend_url: str, basic_auth: BasicAuth | None,
+             log: Callable[[str], None]) -> str | None:
     hook_url = backend_url + "/webhook"
     headers = {"Authorization": basic_auth.header()} if basic_auth else {}
     hooks = _results(_call(client, "list webhooks", "GET", "/api/webhooks/", params={"project": project}))
@@ -79,35 +93,38 @@ def connect(client: LabelStudioClient, project: int, backend_url: str, basic_aut
         _call(client, f"create the webhook {hook_url}", "POST", "/api/webhooks/", json={
             "project": project, "url": hook_url, "send_payload": True, "send_for_all_actions": True,
             "headers": headers, "is_active": True})
-        changed.append("webhook")
         log(f"webhook {hook_url}: created")
-    elif headers and (hook.get("headers") or {}).get("Authorization") != headers["Authorization"]:
+        return "webhook"
+    if headers and (hook.get("headers") or {}).get("Authorization") != headers["Authorization"]:
         _call(client, "add basic auth to the webhook", "PATCH", f"/api/webhooks/{hook['id']}/",
               json={"headers": {**(hook.get("headers") or {}), **headers}})
-        changed.append("webhook auth")
         log(f"webhook {hook_url}: Authorization header set")
-    else:
-        log(f"webhook {hook_url}: already there")
+        return "webhook auth"
+    log(f"webhook {hook_url}: already there")
+    return None
 
-    if project_data.get("sampling") != SAMPLING:
-        _call(client, "set the project's sampling", "PATCH", f"/api/projects/{project}/", json={"sampling": SAMPLING})
-        changed.append("sampling")
-        log(f"sampling: set to {SAMPLING!r} (Label All Tasks now serves the highest ALE first)")
-    else:
+
+def _sampling(client: LabelStudioClient, project: int, project_data: dict, log: Callable[[str], None]) -> str | None:
+    if project_data.get("sampling") == SAMPLING:
         log(f"sampling: already {SAMPLING!r}")
+        return None
+    _call(client, "set the project's sampling", "PATCH", f"/api/projects/{project}/", json={"sampling": SAMPLING})
+    log(f"sampling: set to {SAMPLING!r} (Label All Tasks now serves the highest ALE first)")
+    return "sampling"
 
+
+def _view(client: LabelStudioClient, project: int, log: Callable[[str], None]) -> str | None:
     views = _results(_call(client, "list Data Manager views", "GET", "/api/dm/views/", params={"project": project}))
     if any((v.get("data") or {}).get("title") == VIEW_TITLE for v in views):
         log(f"view {VIEW_TITLE!r}: already there")
-    else:
-        _call(client, f"create the view {VIEW_TITLE!r}", "POST", "/api/dm/views/", json={
-            "project": project,
-            "data": {"title": VIEW_TITLE, "type": "list", "target": "tasks", "ordering": ["tasks:predictions_score"],
-                     "filters": {"conjunction": "and", "items": []}},
-        })
-        changed.append("view")
-        log(f"view {VIEW_TITLE!r}: created (ordered by prediction score, lowest = highest ALE first)")
-    return changed
+        return None
+    _call(client, f"create the view {VIEW_TITLE!r}", "POST", "/api/dm/views/", json={
+        "project": project,
+        "data": {"title": VIEW_TITLE, "type": "list", "target": "tasks", "ordering": ["tasks:predictions_score"],
+                 "filters": {"conjunction": "and", "items": []}},
+    })
+    log(f"view {VIEW_TITLE!r}: created (ordered by prediction score, lowest = highest ALE first)")
+    return "view"
 
 
 def _call(client: LabelStudioClient, what: str, method: str, path: str, **kwargs) -> Any:

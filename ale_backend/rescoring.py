@@ -50,104 +50,127 @@ def rescore_project(
 ) -> dict[str, Any]:
     """Re-score the project's pool; returns counts and where the time went."""
     started = time.perf_counter()
-    client = client or LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
-    config = parse_label_config(client.project(project)["label_config"])
-    source = served_source(settings, project)
-    detector = get_detector(settings, source)
-    loader = get_image_loader(settings)
-    cache = ImageCache(Registry(settings.model_dir).files(project).image_cache, loader)
-
-    seconds = {"fetch": 0.0, "inference": 0.0, "import": 0.0}
-    scored, unreadable = 0, []
-    pages = _pages(client.tasks(project, filters=UNLABELED, page_size=page_size), page_size)
-
-    def fetch_next_page():
-        """The next page of tasks with their images in the cache and decoded, each once, as far as
-        ``DECODED_PAGE_BYTES`` allows (runs in the prefetch thread, while the page before is scored)."""
-        started = time.perf_counter()
-        page = next(pages, None)
-        if page is None:
-            return None, [], [], 0.0
-        urls = [task_image_url(task, config.image_key) for task in page]
-        budget = _Budget(DECODED_PAGE_BYTES)
-        fetched = list(pool.map(lambda item: _cached(cache, budget, *item), zip((t["id"] for t in page), urls)))
-        local = [item if isinstance(item, ImageLoadError) else item[0] for item in fetched]
-        images = [None if isinstance(item, ImageLoadError) else item[1] for item in fetched]
-        return page, local, images, time.perf_counter() - started
-
-    def import_page(items: list[dict], first: bool) -> None:
-        """Send one page's predictions (runs in the import thread, while the next page is scored)."""
-        if first:  # a version's earlier predictions go once there are new ones (not if none come)
-            client.delete_model_version(project, source.version)
-        created = client.import_predictions(project, items)
-        if created != len(items):
-            raise LabelStudioError(
-                f"Label Studio created {created} of {len(items)} predictions for project {project} (it skips "
-                "invalid ones without saying which): check that the labelling config still has the labels "
-                f"the model predicts; the project stays on its previous model version"
-            )
-
-    importing = None  # the page being imported: at most one, so memory stays flat
-
-    with ThreadPoolExecutor(settings.fetch_workers, thread_name_prefix="pool-fetch") as pool, \
-            ThreadPoolExecutor(1, thread_name_prefix="pool-prefetch") as prefetch, \
-            ThreadPoolExecutor(1, thread_name_prefix="pool-import") as importer:
-        upcoming = prefetch.submit(fetch_next_page)
-        while True:
-            t0 = time.perf_counter()
-            page, local, images, _ = upcoming.result()
-            t1 = time.perf_counter()
-            if page is None:
-                break
-            upcoming = prefetch.submit(fetch_next_page)  # download the next page while this one is scored
-            kept = [i for i, path in enumerate(local) if not isinstance(path, ImageLoadError)]
-            readable = [{"id": page[i]["id"], "data": {config.image_key: str(local[i])}} for i in kept]
-            unreadable += [(t["id"], str(path)) for t, path in zip(page, local) if isinstance(path, ImageLoadError)]
-            predictions = predict_tasks(readable, config, detector=detector, loader=loader, settings=settings,
-                                        project=project, images=[images[i] for i in kept]) if readable else []
-            del images  # this page's pixels are not held while the next page is decoded
-            items = [{"task": p.task_id, **_label_studio_fields(p.to_label_studio(config))}
-                     for p in predictions if not p.error]
-            unreadable += [(p.task_id, p.error) for p in predictions if p.error]
-            t2 = time.perf_counter()
-            if items:
-                if importing is not None:
-                    importing.result()  # the page before: imported (or its error raised here)
-                importing = importer.submit(import_page, items, first=not scored)
-            t3 = time.perf_counter()
-            seconds["fetch"] += t1 - t0  # time spent waiting for images, beyond what overlapped with scoring
-            seconds["inference"] += t2 - t1
-            seconds["import"] += t3 - t2  # waiting for the page before to be imported
-            scored += len(items)
-            report("re-scoring", scored=scored, unreadable=len(unreadable))
-        if importing is not None:
-            t3 = time.perf_counter()
-            importing.result()
-            seconds["import"] += time.perf_counter() - t3
-
+    run = _Rescoring(project, settings, client or LabelStudioClient(settings.label_studio_url,
+                                                                    settings.label_studio_api_key))
+    scored, unreadable, seconds = run.score_pool(page_size, report)
     if not scored and unreadable:
         task, reason = unreadable[0]
         raise RescoringError(
             f"no image of project {project}'s {len(unreadable)} unlabelled tasks could be read (task {task}: "
             f"{reason}); the project stays on its previous model version and predictions"
         )
-    removed = []
-    if scored:  # Label Studio accepts a version only once it has predictions
-        client.update_project(project, model_version=source.version)
-        keep = settings.keep_prediction_versions if keep is None else keep
-        versions = list(client.model_versions(project))
-        removed = [v for v in versions if v != source.version][max(keep - 1, 0):]
-        for version in removed:
-            client.delete_model_version(project, version)
+    removed = run.switch_version(settings.keep_prediction_versions if keep is None else keep) if scored else []
     if unreadable:
         logger.warning("project %s: %d tasks have no prediction, their image could not be read: %s", project,
                        len(unreadable), "; ".join(f"task {t}: {r}" for t, r in unreadable[:20]))
     total = time.perf_counter() - started
+    version = run.source.version
     logger.info("project %s: %d tasks re-scored with %s in %.1f s (fetch %.1f s, inference %.1f s, import %.1f s)",
-                project, scored, source.version, total, *seconds.values())
-    return {"status": "rescored" if scored else "nothing to score", "model_version": source.version, "scored": scored,
+                project, scored, version, total, *seconds.values())
+    return {"status": "rescored" if scored else "nothing to score", "model_version": version, "scored": scored,
             "unreadable": unreadable[:100], "unreadable_count": len(unreadable), "deleted_versions": removed,
             "seconds": {**{k: round(v, 2) for k, v in seconds.items()}, "total": round(total, 2)}}
+
+
+class _Rescoring:
+    """One re-scoring of a project's pool with its served version."""
+
+    def __init__(self, project: int, settings: Settings, client: LabelStudioClient):
+        self.project, self.settings, self.client = project, settings, client
+        self.config = parse_label_config(client.project(project)["label_config"])
+        self.source = served_source(settings, project)
+        self.detector = get_detector(settings, self.source)
+        self.loader = get_image_loader(settings)
+        self.cache = ImageCache(Registry(settings.model_dir).files(project).image_cache, self.loader)
+
+    def score_pool(self, page_size: int, report: Callable[..., None]):
+        """Score every unlabelled task, a page at a time, and import the predictions: ``(scored, [(task, reason)]
+        of the unreadable, seconds per stage)``. Three stages overlap: fetching the next page, scoring this one,
+        importing the one before (at most one page in each, so memory stays flat)."""
+        seconds = {"fetch": 0.0, "inference": 0.0, "import": 0.0}
+        scored, unreadable = 0, []
+        pages = _pages(self.client.tasks(self.project, filters=UNLABELED, page_size=page_size), page_size)
+        importing = None
+        with ThreadPoolExecutor(self.settings.fetch_workers, thread_name_prefix="pool-fetch") as pool, \
+                ThreadPoolExecutor(1, thread_name_prefix="pool-prefetch") as prefetch, \
+                ThreadPoolExecutor(1, thread_name_prefix="pool-import") as importer:
+            upcoming = prefetch.submit(self.fetch_page, pages, pool)
+            while True:
+                t0 = time.perf_counter()
+                page, local, images = upcoming.result()
+                t1 = time.perf_counter()
+                if page is None:
+                    break
+                upcoming = prefetch.submit(self.fetch_page, pages, pool)  # fetched while this page is scored
+                items, failed = self.score_page(page, local, images)
+                del images  # this page's pixels are not held while the next page is decoded
+                unreadable += failed
+                t2 = time.perf_counter()
+                if items:
+                    if importing is not None:
+                        importing.result()  # the page before: imported (or its error raised here)
+                    importing = importer.submit(self.import_page, items, first=not scored)
+                t3 = time.perf_counter()
+                seconds["fetch"] += t1 - t0  # time spent waiting for images, beyond what overlapped with scoring
+                seconds["inference"] += t2 - t1
+                seconds["import"] += t3 - t2  # waiting for the page before to be imported
+                scored += len(items)
+                report("re-scoring", scored=scored, unreadable=len(unreadable))
+            if importing is not None:
+                t3 = time.perf_counter()
+                importing.result()
+                seconds["import"] += time.perf_counter() - t3
+        return scored, unreadable, seconds
+
+    def fetch_page(self, pages: Iterator[list[dict]], pool: ThreadPoolExecutor):
+        """The next page of tasks with their images in the cache and decoded, each once, as far as
+        ``DECODED_PAGE_BYTES`` allows: ``(tasks, cached file or ImageLoadError, image or None)``, all None at the end
+        (runs in the prefetch thread, while the page before is scored)."""
+        page = next(pages, None)
+        if page is None:
+            return None, None, None
+        urls = [task_image_url(task, self.config.image_key) for task in page]
+        budget = _Budget(DECODED_PAGE_BYTES)
+        fetched = list(pool.map(lambda item: _cached(self.cache, budget, *item), zip((t["id"] for t in page), urls)))
+        local = [item if isinstance(item, ImageLoadError) else item[0] for item in fetched]
+        images = [None if isinstance(item, ImageLoadError) else item[1] for item in fetched]
+        return page, local, images
+
+    def score_page(self, page: list[dict], local: list, images: list) -> tuple[list[dict], list[tuple[Any, str]]]:
+        """Label Studio's prediction items for a page's readable tasks, and ``(task, reason)`` for the others."""
+        kept = [i for i, path in enumerate(local) if not isinstance(path, ImageLoadError)]
+        failed = [(t["id"], str(path)) for t, path in zip(page, local) if isinstance(path, ImageLoadError)]
+        if not kept:
+            return [], failed
+        readable = [{"id": page[i]["id"], "data": {self.config.image_key: str(local[i])}} for i in kept]
+        predictions = predict_tasks(readable, self.config, detector=self.detector, loader=self.loader,
+                                    settings=self.settings, project=self.project, images=[images[i] for i in kept])
+        items = [{"task": p.task_id, **_label_studio_fields(p.to_label_studio(self.config))}
+                 for p in predictions if not p.error]
+        return items, failed + [(p.task_id, p.error) for p in predictions if p.error]
+
+    def import_page(self, items: list[dict], first: bool) -> None:
+        """Send one page's predictions (runs in the import thread, while the next page is scored)."""
+        if first:  # a version's earlier predictions go once there are new ones (not if none come)
+            self.client.delete_model_version(self.project, self.source.version)
+        created = self.client.import_predictions(self.project, items)
+        if created != len(items):
+            raise LabelStudioError(
+                f"Label Studio created {created} of {len(items)} predictions for project {self.project} (it skips "
+                "invalid ones without saying which): check that the labelling config still has the labels "
+                f"the model predicts; the project stays on its previous model version"
+            )
+
+    def switch_version(self, keep: int) -> list[str]:
+        """Point the project at the new version (Label Studio accepts one only once it has predictions) and delete
+        prediction versions beyond the newest ``keep``; returns those deleted."""
+        version = self.source.version
+        self.client.update_project(self.project, model_version=version)
+        versions = list(self.client.model_versions(self.project))
+        removed = [v for v in versions if v != version][max(keep - 1, 0):]
+        for old in removed:
+            self.client.delete_model_version(self.project, old)
+        return removed
 
 
 def _label_studio_fields(prediction: dict) -> dict:

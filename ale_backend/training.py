@@ -11,8 +11,8 @@ Runs in the RQ worker (:func:`ale_backend.worker.run_training_job` wraps it with
    augmentations) except the optimizer: SGD by default, because Adam at lr0 0.01 destroyed the model in our
    fine-tuning measurements (docs/training-recipe.md); ``TRAIN_OPTIMIZER=Adam`` restores the paper's choice. No
    warm-up when fine-tuning trained weights (a short fine-tune would be all warm-up);
-4. scores the new weights and the current ones on the same validation images (the current model on labels
-   renumbered to its own classes, so the comparison is fair);
+4. scores the new weights and the current ones on the same validation images (the current model, loaded once per
+   round, before training, on labels renumbered to its own classes, so the comparison is fair);
 5. registers the version (:mod:`ale_backend.registry`) and serves it unless its mAP50-95 is lower than the current
    model's by more than ``PROMOTION_TOLERANCE``.
 
@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from ale_backend.dataset import (
+    DatasetSummary,
+    Example,
     class_names_for,
     examples_from_tasks,
     remapped_validation_set,
@@ -38,7 +40,7 @@ from ale_backend.dataset import (
 from ale_backend.detector import load_model
 from ale_backend.image_cache import ImageCache
 from ale_backend.images import get_image_loader
-from ale_backend.label_config import map_labels, parse_label_config
+from ale_backend.label_config import LabelConfig, map_labels, parse_label_config
 from ale_backend.label_studio import ANNOTATED, LabelStudioClient
 from ale_backend.model_source import ModelSource
 from ale_backend.registry import Registry, VersionInfo, served_source
@@ -64,37 +66,27 @@ def train_project(project: int, settings: Settings, report: Report = lambda stag
         return _train_round(project, settings, report, registry, work)
 
 
+@dataclass(frozen=True)
+class _Annotations:
+    """What a round trains on: the project's config, its usable annotated tasks, and the version they extend."""
+
+    config: LabelConfig
+    examples: list[Example]
+    parent: ModelSource
+    fingerprint: str
+
+
 def _train_round(project: int, settings: Settings, report: Report, registry: Registry, work: Path) -> dict[str, Any]:
-    started = time.monotonic()
-    report("fetching annotations")
-    client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
-    config = parse_label_config(client.project(project)["label_config"])
-    tasks = [t for t in client.tasks(project, filters=ANNOTATED) if t.get("annotations")]
-    examples = examples_from_tasks(tasks, config)
-    if not examples:
-        raise NothingToTrain(f"project {project} has no annotation to train on (skipped tasks do not count)")
+    annotations = _read_annotations(project, settings, registry, report)
+    parent = annotations.parent
+    parent_model = load_model(parent, settings)  # once: its classes, then its score on this round's validation split
+    parent_names = dict(parent_model.names)
+    summary = _write_round_dataset(project, settings, registry, annotations, parent_names, work, report)
 
-    parent = served_source(settings, project)
-    fingerprint = annotations_fingerprint(tasks)
-    if parent.version in {i.version for i in registry.versions(project)} and \
-            registry.info(project, parent.version).extra.get("fingerprint") == fingerprint:
-        raise NothingToTrain(f"no annotation changed since {parent.version} was trained")
-    parent_names = dict(load_model(parent, settings).names)
-    label_map = map_labels(parent_names, config)
-    class_names = class_names_for(config, label_map.class_to_label, parent_names)
-    label_to_class = {label: i for i, label in enumerate(config.labels)}
-
-    report("downloading images", images=len(examples))
-    cache = ImageCache(registry.files(project).image_cache, get_image_loader(settings))
-    summary = write_dataset(examples, class_names, label_to_class, cache, work / "dataset",
-                            settings.train_val_percent, settings.base_dataset)
-    logger.info(
-        "project %s: training %s on %d tasks (%d train / %d validation images, %d replayed), %d boxes %s; "
-        "new classes %s; %d tasks skipped", project, parent.version, len(examples) - len(summary.skipped),
-        summary.train_images, summary.val_images, summary.replay_images, summary.boxes,
-        dict(summary.boxes_per_class), list(label_map.new_labels), len(summary.skipped),
-    )
-
+    report("evaluating the served model")
+    parent_metrics = validate(parent_model, remapped_validation_set(summary, parent_names, work / "parent-validation"),
+                              settings, work / "run")
+    del parent_model
     epochs = settings.train_epochs
     report("training", epoch=0, epochs=epochs)
     started = time.monotonic()
@@ -105,13 +97,8 @@ def _train_round(project: int, settings: Settings, report: Report, registry: Reg
                left_s=round(elapsed / max(epoch, 1) * (epochs - epoch)))
 
     weights = fine_tune(parent, summary.data_yaml, settings, work / "run", on_epoch=on_epoch)
-
     report("evaluating")
     metrics = evaluate(weights, summary.data_yaml, settings, work / "run")
-    parent_metrics = evaluate(
-        parent, remapped_validation_set(summary, parent_names, work / "parent-validation"),
-        settings, work / "run",
-    )
     promoted, reason = promotion(metrics, parent_metrics, settings.promotion_tolerance)
 
     report("registering")
@@ -121,7 +108,7 @@ def _train_round(project: int, settings: Settings, report: Report, registry: Reg
         parent=parent.version,
         class_names=list(summary.class_names),
         metrics={**metrics, **{f"parent_{k}": v for k, v in parent_metrics.items()}},
-        annotations=len(examples) - len(summary.skipped),
+        annotations=len(annotations.examples) - len(summary.skipped),
         boxes=summary.boxes,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         train_seconds=round(time.monotonic() - started, 1),
@@ -129,7 +116,7 @@ def _train_round(project: int, settings: Settings, report: Report, registry: Reg
         reason=reason,
         extra={"boxes_per_class": dict(summary.boxes_per_class), "skipped_tasks": summary.skipped[:50],
                "train_images": summary.train_images, "val_images": summary.val_images,
-               "replay_images": summary.replay_images, "epochs": epochs, "fingerprint": fingerprint},
+               "replay_images": summary.replay_images, "epochs": epochs, "fingerprint": annotations.fingerprint},
     )
     registry.add(weights, info)
     pruned = registry.prune(project, settings.keep_versions)
@@ -139,6 +126,45 @@ def _train_round(project: int, settings: Settings, report: Report, registry: Reg
         f"; pruned {pruned}" if pruned else "",
     )
     return asdict(info)
+
+
+def _read_annotations(project: int, settings: Settings, registry: Registry, report: Report) -> _Annotations:
+    """The project's config and annotations from Label Studio; :class:`NothingToTrain` when there are none, or none
+    changed since the served version was trained."""
+    report("fetching annotations")
+    client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
+    config = parse_label_config(client.project(project)["label_config"])
+    tasks = [t for t in client.tasks(project, filters=ANNOTATED) if t.get("annotations")]
+    examples = examples_from_tasks(tasks, config)
+    if not examples:
+        raise NothingToTrain(f"project {project} has no annotation to train on (skipped tasks do not count)")
+    parent = served_source(settings, project)
+    fingerprint = annotations_fingerprint(tasks)
+    if parent.version in {i.version for i in registry.versions(project)} and \
+            registry.info(project, parent.version).extra.get("fingerprint") == fingerprint:
+        raise NothingToTrain(f"no annotation changed since {parent.version} was trained")
+    return _Annotations(config, examples, parent, fingerprint)
+
+
+def _write_round_dataset(project: int, settings: Settings, registry: Registry, annotations: _Annotations,
+                         parent_names: dict[int, str], work: Path, report: Report) -> DatasetSummary:
+    """The round's YOLO dataset: one class per project label, the labels the parent knows under its class names."""
+    config = annotations.config
+    label_map = map_labels(parent_names, config)
+    class_names = class_names_for(config, label_map.class_to_label, parent_names)
+    label_to_class = {label: i for i, label in enumerate(config.labels)}
+    report("downloading images", images=len(annotations.examples))
+    cache = ImageCache(registry.files(project).image_cache, get_image_loader(settings))
+    summary = write_dataset(annotations.examples, class_names, label_to_class, cache, work / "dataset",
+                            settings.train_val_percent, settings.base_dataset)
+    logger.info(
+        "project %s: training %s on %d tasks (%d train / %d validation images, %d replayed), %d boxes %s; "
+        "new classes %s; %d tasks skipped", project, annotations.parent.version,
+        len(annotations.examples) - len(summary.skipped), summary.train_images, summary.val_images,
+        summary.replay_images, summary.boxes, dict(summary.boxes_per_class), list(label_map.new_labels),
+        len(summary.skipped),
+    )
+    return summary
 
 
 def annotations_fingerprint(tasks: list[dict]) -> str:
@@ -179,11 +205,15 @@ def fine_tune(parent: ModelSource, data_yaml: Path, settings: Settings, run_dir:
     return best if best.is_file() else Path(model.trainer.last)
 
 
-def evaluate(weights: ModelSource | Path, data_yaml: Path, settings: Settings,
-             run_dir: Path) -> dict[str, float]:
-    """mAP50, mAP50-95 and per-class mAP50-95 (``map50_95/<class>``) on the validation split of ``data_yaml``."""
+def evaluate(weights: ModelSource | Path, data_yaml: Path, settings: Settings, run_dir: Path) -> dict[str, float]:
+    """:func:`validate` the model at ``weights``."""
     source = weights if isinstance(weights, ModelSource) else ModelSource(str(weights), "candidate", is_config=False)
-    model = load_model(source, settings)
+    return validate(load_model(source, settings), data_yaml, settings, run_dir)
+
+
+def validate(model, data_yaml: Path, settings: Settings, run_dir: Path) -> dict[str, float]:
+    """mAP50, mAP50-95 and per-class mAP50-95 (``map50_95/<class>``) of a loaded model on the validation split of
+    ``data_yaml``."""
     result = model.val(
         data=str(data_yaml), split="val", imgsz=settings.train_imgsz, batch=settings.train_batch,
         device=_device(settings), workers=0, plots=False, verbose=False, project=str(Path(run_dir).resolve()),

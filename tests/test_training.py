@@ -223,7 +223,7 @@ def test_a_failed_training_keeps_the_served_version_and_reports_why(backend, lab
     # a second failure: only the last failed round's folder stays, trimmed to what explains it
     assert webhook(client, "START_TRAINING", 9).status_code == 201
     wait_for(lambda: status(client, 9)["last_failure"]["job"] != failure["job"] or None, 180, "the second failure")
-    work = registry.project_dir(9) / "work"
+    work = registry.files(9).work
     assert [p.name for p in work.iterdir()] == [status(client, 9)["last_failure"]["job"]]
     assert not [p for p in work.rglob("*") if p.suffix in {".pt", ".png"}]
 
