@@ -364,6 +364,11 @@ class Settings:
             raise SettingsError("invalid configuration:\n  " + "\n  ".join(problems))
         return cls(**values)
 
+    def to_env(self) -> dict[str, str]:
+        """The environment variables that :meth:`from_env` reads back as these settings: how a process hands its
+        settings to another it starts (a worker, a command)."""
+        return {variable: _env_value(getattr(self, name)) for name, (variable, _, _) in _VARIABLES.items()}
+
     def __repr__(self) -> str:  # never print secrets
         hidden = {"label_studio_api_key", "basic_auth_pass"}
         shown = ", ".join(f"{f.name}={'***' if f.name in hidden and getattr(self, f.name) else getattr(self, f.name)!r}"
@@ -387,6 +392,16 @@ class Settings:
     def inference_conf(self) -> float:
         """The detector keeps everything either consumer needs; each then filters by its own threshold."""
         return min(self.score_conf, self.display_conf)
+
+
+def _env_value(value: object) -> str:
+    if value is None:
+        return ""  # what every optional variable reads as unset
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ",".join(value)
+    return str(value)
 
 
 def read_env_file(path: str | None = None, environ: MutableMapping[str, str] | None = None) -> dict[str, str]:

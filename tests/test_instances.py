@@ -50,8 +50,7 @@ def test_the_same_project_id_on_two_instances_keeps_its_own_counts_jobs_and_queu
 def test_a_worker_takes_only_its_own_instances_jobs(two_instances, tmp_path):
     first, second = two_instances
     _, body = TrainingQueue(first).handle_event("START_TRAINING", {"project": {"id": 1}})
-    env = {**os.environ, "MODEL_PATH": second.model_path, "MODEL_DIR": str(second.model_dir), "DEVICE": "cpu",
-           "LABEL_STUDIO_URL": second.label_studio_url, "LABEL_STUDIO_API_KEY": "k", "REDIS_URL": second.redis_url}
+    env = {**os.environ, **dataclasses.replace(second, label_studio_api_key="k").to_env()}
     worker = subprocess.run([sys.executable, "-m", "ale_backend", "worker", "--burst"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=120)
     assert worker.returncode == 0, worker.stderr
@@ -77,8 +76,7 @@ def test_a_model_dir_serves_one_instance(two_instances, tmp_path):
     with pytest.raises(ModelDirTaken, match=f"Label Studio at {FIRST}, not {SECOND}.*own MODEL_DIR"):
         create_app(shared, warm_up=False)
 
-    env = {**os.environ, "MODEL_PATH": shared.model_path, "MODEL_DIR": str(shared.model_dir),
-           "LABEL_STUDIO_URL": SECOND, "LABEL_STUDIO_API_KEY": "k", "REDIS_URL": shared.redis_url}
+    env = {**os.environ, **dataclasses.replace(shared, label_studio_api_key="k").to_env()}
     for command in (["worker", "--burst"], ["rescore", "--project", "1"]):
         cli = subprocess.run([sys.executable, "-m", "ale_backend", *command], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=120)

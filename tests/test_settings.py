@@ -60,3 +60,20 @@ def test_fetch_threads_follow_the_cores_beyond_eight(monkeypatch):
     monkeypatch.setattr(ultralytics_setup, "cpu_cores", lambda: 2)
     assert Settings.from_env({}).fetch_workers == 8
     assert Settings.from_env({"FETCH_WORKERS": "3"}).fetch_workers == 3
+
+
+def test_settings_handed_to_another_process_read_back_the_same(tmp_path):
+    dataset = tmp_path / "data.yaml"
+    dataset.write_text("names: [a]\n")
+    unusual = Settings(
+        model_path="weights.pt", model_dir=tmp_path, strategy="ale-entropy-sum", device="cpu", score_conf=0.05,
+        agnostic_nms=False, inference_half=True, label_studio_url="http://ls.example:8080", label_studio_api_key="k",
+        image_host_allowlist=("a.example", "b.example"), local_files_root=tmp_path, basic_auth_user="u",
+        basic_auth_pass="p", train_warmup_epochs=0, train_workers=3, train_amp=False, base_dataset=dataset,
+        fetch_workers=5, train_lr0=0.003, random_seed=-2,
+    )
+    for settings in (Settings.from_env({}), unusual):
+        env = settings.to_env()
+        assert all(isinstance(value, str) for value in env.values())
+        assert Settings.from_env(env) == settings
+    assert unusual.to_env()["TRAIN_AMP"] == "false" and Settings().to_env()["TRAIN_AMP"] == ""  # unset stays auto

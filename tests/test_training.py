@@ -55,13 +55,7 @@ def start_worker(backend):
     processes = []
 
     def start(**overrides) -> subprocess.Popen:
-        s = dataclasses.replace(app_settings, **overrides)
-        env = {**os.environ, "MODEL_PATH": s.model_path, "MODEL_DIR": str(s.model_dir), "DEVICE": "cpu",
-               "IMGSZ": str(s.imgsz), "LABEL_STUDIO_URL": s.label_studio_url,
-               "LABEL_STUDIO_API_KEY": s.label_studio_api_key, "REDIS_URL": s.redis_url,
-               "TRAIN_EPOCHS": str(s.train_epochs), "TRAIN_PATIENCE": str(s.train_patience),
-               "TRAIN_IMGSZ": str(s.train_imgsz), "TRAIN_BATCH": str(s.train_batch), "TRAIN_DEVICE": "cpu",
-               "FETCH_WORKERS": "4", "LOG_LEVEL": "INFO"}
+        env = {**os.environ, **dataclasses.replace(app_settings, **overrides).to_env()}
         process = subprocess.Popen([sys.executable, "-m", "ale_backend", "worker"], cwd=ROOT, env=env,
                                    start_new_session=True)
         processes.append(process)
