@@ -9,6 +9,7 @@ projects (:func:`add_project`) use :data:`LABEL_CONFIG` and annotate the generat
 from __future__ import annotations
 
 import http.server
+import json
 import threading
 import time
 from pathlib import Path
@@ -61,137 +62,8 @@ class FakeLabelStudio:
         """The next this many API requests answer 503, as an overloaded Label Studio would."""
         self.import_failures_after_commit = 0
         """The next this many prediction imports are stored, then answered 504 (a proxy that timed out waiting)."""
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                import json
-
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length) or b"{}")
-                if self.path.startswith("/api/projects/") and self.path.endswith("/import/predictions"):
-                    project = int(self.path.split("/")[3])
-                    created = body[: server.max_created] if server.max_created is not None else body
-                    server.predictions.setdefault(project, []).extend(created)
-                    if server.import_failures_after_commit > 0:
-                        server.import_failures_after_commit -= 1
-                        return self._send(504, b"Gateway Timeout", "text/plain")
-                    return self._send(201, json.dumps({"created": len(created)}).encode(), "application/json")
-                if self.path == "/api/token/refresh/" and body.get("refresh") == server.refresh_token:
-                    self._send(200, json.dumps({"access": server.access_token}).encode(), "application/json")
-                else:
-                    self._send(401, b'{"detail": "bad refresh token"}', "application/json")
-
-            def do_PATCH(self):
-                import json
-
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
-                project = server.projects[int(self.path.strip("/").split("/")[2])]
-                project.update(body)
-                self._send(200, json.dumps(project | {"tasks": None}).encode(), "application/json")
-
-            def do_DELETE(self):
-                import json
-
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
-                project = int(self.path.strip("/").split("/")[2])
-                kept = [p for p in server.predictions.get(project, []) if p["model_version"] != body["model_version"]]
-                deleted = len(server.predictions.get(project, [])) - len(kept)
-                server.predictions[project] = kept
-                self._send(200, json.dumps(deleted).encode(), "application/json")
-
-            def do_GET(self):
-                from urllib.parse import parse_qs, unquote, urlsplit
-
-                auth = self.headers.get("Authorization")
-                server.requests.append((self.path, auth))
-                parts = urlsplit(self.path)
-                if parts.path == "/redirect":
-                    self.send_response(302)
-                    self.send_header("Location", parse_qs(parts.query)["to"][0])
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return None
-                if parts.path == "/drip":  # a 1000-byte body, one byte every `every` seconds
-                    every = float(parse_qs(parts.query)["every"][0])
-                    self.send_response(200)
-                    self.send_header("Content-Type", "image/png")
-                    self.send_header("Content-Length", "1000")
-                    self.end_headers()
-                    try:
-                        for _ in range(1000):
-                            self.wfile.write(b"\0")
-                            self.wfile.flush()
-                            time.sleep(every)
-                    except OSError:  # the client gave up
-                        pass
-                    return None
-                if parts.path.startswith("/together/"):
-                    # Answers only once `barrier.parties` requests are in flight at the same time.
-                    try:
-                        server.barrier.wait(timeout=5)
-                    except threading.BrokenBarrierError:
-                        return self._send(503, b"requests did not arrive concurrently", "text/plain")
-                    relative = unquote(parts.path[len("/together/"):])
-                elif parts.path.startswith("/public/"):
-                    relative = unquote(parts.path[len("/public/"):])
-                elif auth not in (f"Token {server.legacy_token}", f"Bearer {server.access_token}"):
-                    return self._send(401, b'{"detail": "Authentication credentials were not provided."}',
-                                      "application/json")
-                elif parts.path.startswith("/api/"):
-                    return self._api(parts.path, parse_qs(parts.query))
-                elif parts.path.startswith("/data/upload/"):
-                    relative = unquote(parts.path[len("/data/upload/"):])
-                elif parts.path == "/data/local-files/":
-                    relative = parse_qs(parts.query).get("d", [""])[0]
-                else:
-                    return self._send(404, b"not found", "text/plain")
-                path = (server.root / relative).resolve()
-                if server.root.resolve() not in path.parents or not path.is_file():
-                    return self._send(404, b"not found", "text/plain")
-                self._send(200, path.read_bytes(), "image/png")
-
-            def _api(self, path, query):
-                import json
-
-                if server.api_failures > 0:
-                    server.api_failures -= 1
-                    return self._send(503, b"Service Unavailable", "text/plain")
-                if path.startswith("/api/projects/") and path.endswith("/model-versions/"):
-                    counts: dict[str, int] = {}
-                    for p in reversed(server.predictions.get(int(path.split("/")[3]), [])):  # newest first
-                        counts[p["model_version"]] = counts.get(p["model_version"], 0) + 1
-                    return self._send(200, json.dumps(counts).encode(), "application/json")
-                if path.startswith("/api/projects/"):
-                    project = server.projects.get(int(path.strip("/").split("/")[2]))
-                    if project is None:
-                        return self._send(404, b'{"detail": "Not found."}', "application/json")
-                    body = {"id": int(path.strip("/").split("/")[2]), "label_config": project["label_config"],
-                            "model_version": project.get("model_version", "")}
-                    return self._send(200, json.dumps(body).encode(), "application/json")
-                if path == "/api/tasks/":
-                    project = server.projects.get(int(query["project"][0]))
-                    if project is None:
-                        return self._send(404, b'{"detail": "Not found."}', "application/json")
-                    page, size = int(query.get("page", ["1"])[0]), int(query.get("page_size", ["100"])[0])
-                    tasks = project["tasks"][(page - 1) * size: page * size]
-                    if page > 1 and not tasks:
-                        return self._send(404, b'{"detail": "Invalid page."}', "application/json")
-                    body = {"tasks": tasks, "total": len(project["tasks"])}
-                    return self._send(200, json.dumps(body).encode(), "application/json")
-                return self._send(404, b'{"detail": "Not found."}', "application/json")
-
-            def _send(self, status, body, content_type):
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self._httpd.stand_in = self
         self._httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
@@ -203,6 +75,133 @@ class FakeLabelStudio:
     def __exit__(self, *exc):
         self._httpd.shutdown()
         self._httpd.server_close()
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """Answers for the :class:`FakeLabelStudio` it serves (``self.server.stand_in``)."""
+
+    @property
+    def stand_in(self) -> FakeLabelStudio:
+        return self.server.stand_in
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        body = json.loads(self.rfile.read(length) or b"{}")
+        if self.path.startswith("/api/projects/") and self.path.endswith("/import/predictions"):
+            project = int(self.path.split("/")[3])
+            created = body[: self.stand_in.max_created] if self.stand_in.max_created is not None else body
+            self.stand_in.predictions.setdefault(project, []).extend(created)
+            if self.stand_in.import_failures_after_commit > 0:
+                self.stand_in.import_failures_after_commit -= 1
+                return self._send(504, b"Gateway Timeout", "text/plain")
+            return self._send(201, json.dumps({"created": len(created)}).encode(), "application/json")
+        if self.path == "/api/token/refresh/" and body.get("refresh") == self.stand_in.refresh_token:
+            self._send(200, json.dumps({"access": self.stand_in.access_token}).encode(), "application/json")
+        else:
+            self._send(401, b'{"detail": "bad refresh token"}', "application/json")
+
+    def do_PATCH(self):
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+        project = self.stand_in.projects[int(self.path.strip("/").split("/")[2])]
+        project.update(body)
+        self._send(200, json.dumps(project | {"tasks": None}).encode(), "application/json")
+
+    def do_DELETE(self):
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+        project = int(self.path.strip("/").split("/")[2])
+        kept = [p for p in self.stand_in.predictions.get(project, []) if p["model_version"] != body["model_version"]]
+        deleted = len(self.stand_in.predictions.get(project, [])) - len(kept)
+        self.stand_in.predictions[project] = kept
+        self._send(200, json.dumps(deleted).encode(), "application/json")
+
+    def do_GET(self):
+        from urllib.parse import parse_qs, unquote, urlsplit
+
+        auth = self.headers.get("Authorization")
+        self.stand_in.requests.append((self.path, auth))
+        parts = urlsplit(self.path)
+        if parts.path == "/redirect":
+            self.send_response(302)
+            self.send_header("Location", parse_qs(parts.query)["to"][0])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return None
+        if parts.path == "/drip":  # a 1000-byte body, one byte every `every` seconds
+            every = float(parse_qs(parts.query)["every"][0])
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            try:
+                for _ in range(1000):
+                    self.wfile.write(b"\0")
+                    self.wfile.flush()
+                    time.sleep(every)
+            except OSError:  # the client gave up
+                pass
+            return None
+        if parts.path.startswith("/together/"):
+            # Answers only once `barrier.parties` requests are in flight at the same time.
+            try:
+                self.stand_in.barrier.wait(timeout=5)
+            except threading.BrokenBarrierError:
+                return self._send(503, b"requests did not arrive concurrently", "text/plain")
+            relative = unquote(parts.path[len("/together/"):])
+        elif parts.path.startswith("/public/"):
+            relative = unquote(parts.path[len("/public/"):])
+        elif auth not in (f"Token {self.stand_in.legacy_token}", f"Bearer {self.stand_in.access_token}"):
+            return self._send(401, b'{"detail": "Authentication credentials were not provided."}',
+                              "application/json")
+        elif parts.path.startswith("/api/"):
+            return self._api(parts.path, parse_qs(parts.query))
+        elif parts.path.startswith("/data/upload/"):
+            relative = unquote(parts.path[len("/data/upload/"):])
+        elif parts.path == "/data/local-files/":
+            relative = parse_qs(parts.query).get("d", [""])[0]
+        else:
+            return self._send(404, b"not found", "text/plain")
+        path = (self.stand_in.root / relative).resolve()
+        if self.stand_in.root.resolve() not in path.parents or not path.is_file():
+            return self._send(404, b"not found", "text/plain")
+        self._send(200, path.read_bytes(), "image/png")
+
+    def _api(self, path, query):
+        if self.stand_in.api_failures > 0:
+            self.stand_in.api_failures -= 1
+            return self._send(503, b"Service Unavailable", "text/plain")
+        if path.startswith("/api/projects/") and path.endswith("/model-versions/"):
+            counts: dict[str, int] = {}
+            for p in reversed(self.stand_in.predictions.get(int(path.split("/")[3]), [])):  # newest first
+                counts[p["model_version"]] = counts.get(p["model_version"], 0) + 1
+            return self._send(200, json.dumps(counts).encode(), "application/json")
+        if path.startswith("/api/projects/"):
+            project = self.stand_in.projects.get(int(path.strip("/").split("/")[2]))
+            if project is None:
+                return self._send(404, b'{"detail": "Not found."}', "application/json")
+            body = {"id": int(path.strip("/").split("/")[2]), "label_config": project["label_config"],
+                    "model_version": project.get("model_version", "")}
+            return self._send(200, json.dumps(body).encode(), "application/json")
+        if path == "/api/tasks/":
+            project = self.stand_in.projects.get(int(query["project"][0]))
+            if project is None:
+                return self._send(404, b'{"detail": "Not found."}', "application/json")
+            page, size = int(query.get("page", ["1"])[0]), int(query.get("page_size", ["100"])[0])
+            tasks = project["tasks"][(page - 1) * size: page * size]
+            if page > 1 and not tasks:
+                return self._send(404, b'{"detail": "Invalid page."}', "application/json")
+            body = {"tasks": tasks, "total": len(project["tasks"])}
+            return self._send(200, json.dumps(body).encode(), "application/json")
+        return self._send(404, b'{"detail": "Not found."}', "application/json")
+
+    def _send(self, status, body, content_type):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
 
 def make_jwt(token_type: str, lifetime_s: int = 3600) -> str:
