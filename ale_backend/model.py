@@ -39,8 +39,12 @@ class ALEModel(LabelStudioMLBase):
         return self.source.version
 
     def predict(self, tasks, **kwargs) -> list[dict]:
-        """Label Studio's predictions for ``tasks`` (the JSON of :meth:`score_tasks`' results)."""
-        return [prediction.to_label_studio(self.config) for prediction in self.score_tasks(tasks)]
+        """Label Studio's predictions for ``tasks``."""
+        return self.as_label_studio(self.score_tasks(tasks))
+
+    def as_label_studio(self, predictions: list[TaskPrediction]) -> list[dict]:
+        """The JSON ``/predict`` answers with for :meth:`score_tasks`' results."""
+        return [prediction.to_label_studio(self.config) for prediction in predictions]
 
     def score_tasks(self, tasks) -> list[TaskPrediction]:
         return predict_tasks(

@@ -106,6 +106,11 @@ class TaskPrediction:
         return {"result": result, "score": self.score.priority, "model_version": self.model_version,
                 "ale": self.score.as_dict()}
 
+    def to_import_item(self, config: LabelConfig) -> dict[str, Any]:
+        """The prediction as ``POST /api/projects/<id>/import/predictions`` takes it (Label Studio stores no more)."""
+        prediction = self.to_label_studio(config)
+        return {"task": self.task_id, **{k: prediction[k] for k in ("result", "score", "model_version")}}
+
 
 def predict_tasks(
     tasks: Sequence[dict],

@@ -145,8 +145,7 @@ class _Rescoring:
         readable = [{"id": page[i]["id"], "data": {self.config.image_key: str(local[i])}} for i in kept]
         predictions = predict_tasks(readable, self.config, detector=self.detector, loader=self.loader,
                                     settings=self.settings, project=self.project, images=[images[i] for i in kept])
-        items = [{"task": p.task_id, **_label_studio_fields(p.to_label_studio(self.config))}
-                 for p in predictions if not p.error]
+        items = [p.to_import_item(self.config) for p in predictions if not p.error]
         return items, failed + [(p.task_id, p.error) for p in predictions if p.error]
 
     def import_page(self, items: list[dict], first: bool) -> None:
@@ -171,11 +170,6 @@ class _Rescoring:
         for old in removed:
             self.client.delete_model_version(self.project, old)
         return removed
-
-
-def _label_studio_fields(prediction: dict) -> dict:
-    """What ``import/predictions`` takes of a prediction (not the ``ale`` details)."""
-    return {k: prediction[k] for k in ("result", "score", "model_version")}
 
 
 class RescoringError(RuntimeError):

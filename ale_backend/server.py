@@ -74,7 +74,7 @@ class ALEManager(LabelStudioMLManager):
         with metrics.PREDICT_SECONDS.time():
             wrapper = cls.fetch(project, label_config)
             scored = wrapper.model.score_tasks(tasks)
-            predictions = [prediction.to_label_studio(wrapper.model.config) for prediction in scored]
+            predictions = wrapper.model.as_label_studio(scored)
         label = str(project_id(project) or "")
         unreadable = sum(1 for prediction in scored if prediction.error)
         metrics.PREDICTED.labels(project=label).inc(len(scored) - unreadable)
