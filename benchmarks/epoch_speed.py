@@ -45,7 +45,7 @@ def epoch_table(images: int, size: int, epochs: int, batch: int, device: str, mo
     import torch
 
     from ale_backend.detector import load_model
-    from ale_backend.model_source import resolve_model_source
+    from ale_backend.model_source import local_model_source
     from ale_backend.settings import Settings
     from ale_backend.training import fine_tune, training_runtime
     from testkit import synthetic
@@ -56,7 +56,7 @@ def epoch_table(images: int, size: int, epochs: int, batch: int, device: str, mo
     settings = Settings(model_path=model, model_dir=work / "state", device=device, train_device=device,
                         train_epochs=epochs, train_patience=epochs + 1, train_imgsz=size, train_batch=batch,
                         train_keep_best=False)
-    source = resolve_model_source(model)
+    source = local_model_source(model)
     runtime = training_runtime(settings)
 
     stamps: list[float] = []

@@ -30,7 +30,7 @@ def main() -> None:
 
     from ale_backend.dataset import DatasetSummary, remapped_validation_set
     from ale_backend.detector import load_model
-    from ale_backend.model_source import resolve_model_source
+    from ale_backend.model_source import local_model_source
     from ale_backend.settings import Settings
     from ale_backend.training import evaluate, fine_tune
     from testkit import synthetic
@@ -38,7 +38,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="ale-recipes-"))
     data = synthetic.write_yolo_dataset(work / "data", {"train": 80, "val": 20}, seed=0, size=args.size)
     data.write_text(data.read_text().replace("2: triangle", "2: Springtail"))
-    parent = resolve_model_source(args.model or default_model())
+    parent = local_model_source(args.model or default_model())
     base = Settings(model_dir=work / "state", device="cpu", train_epochs=args.epochs, train_patience=100,
                     train_imgsz=args.size, train_batch=16, train_device="cpu")
     print(f"model {parent.path}, {args.epochs} epochs, {args.size} px, 80 train / 20 validation images")

@@ -57,7 +57,7 @@ def predict_table(images: int, size: int, imgsz: int, batch: int, rounds: int, d
     from ale_backend.detector import get_detector, load_model
     from ale_backend.images import get_image_loader
     from ale_backend.label_config import parse_label_config
-    from ale_backend.model_source import resolve_model_source
+    from ale_backend.model_source import local_model_source
     from ale_backend.predictions import predict_tasks
     from ale_backend.settings import Settings
     from testkit import synthetic
@@ -81,7 +81,7 @@ def predict_table(images: int, size: int, imgsz: int, batch: int, rounds: int, d
         settings = Settings(model_path=model, model_dir=work / "state", device=device, imgsz=imgsz,
                             inference_batch=batch, inference_half=half, local_files_root=folder)
         detector, loader = get_detector(settings), get_image_loader(settings)
-        yolo = load_model(resolve_model_source(model), settings)  # the same weights, called the plain way
+        yolo = load_model(local_model_source(model), settings)  # the same weights, called the plain way
 
         def product(settings=settings, detector=detector, loader=loader) -> int:
             results = predict_tasks(tasks, config, detector=detector, loader=loader, settings=settings, project=1)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import yaml
 
-from benchmarks.active_learning.newspecies import CLASS_NAMES, NewSpeciesConfig, generate, write_base_yaml
+from benchmarks.active_learning.newspecies import CLASS_NAMES, GeneratedDigits, NewSpeciesConfig, generate
 
 SMALL = NewSpeciesConfig(seed=3, counts={"base": 30, "val": 10, "pool": 60, "test": 20})
 
@@ -51,11 +51,12 @@ def test_labels_match_their_images(tmp_path):
 
 def test_new_classes_stay_out_of_the_base_model_data_and_are_a_minority_of_the_pool(tmp_path):
     stats = generate(SMALL, tmp_path)
+    data = GeneratedDigits(SMALL).write(SMALL.seed, tmp_path)
     for split in ("base", "val"):
         assert not {int(r[0]) for boxes in rows(tmp_path, split).values() for r in boxes} & set(SMALL.new_classes)
         assert stats[split]["images_with_new_classes"] == 0
     assert 0 < stats["pool"]["images_with_new_classes"] < SMALL.counts["pool"] / 2
-    base = write_base_yaml(tmp_path, SMALL)
+    base = data.write_base_yaml()
     names = yaml.safe_load(base.read_text())["names"]
     assert list(names.values()) == [CLASS_NAMES[c] for c in SMALL.known_classes]
     known_rows = rows(tmp_path / "base-known", "base")
@@ -79,8 +80,8 @@ def test_the_base_split_follows_its_own_objects_per_image(tmp_path):
 
 
 def test_the_base_yaml_refuses_new_classes_in_known_splits(tmp_path):
-    generate(SMALL, tmp_path)
+    data = GeneratedDigits(SMALL).write(SMALL.seed, tmp_path)
     label = next((tmp_path / "base" / "labels").glob("*.txt"))
     label.write_text("3 0.5 0.5 0.1 0.1\n")
     with pytest.raises(ValueError, match="new-class object"):
-        write_base_yaml(tmp_path, SMALL)
+        data.write_base_yaml()

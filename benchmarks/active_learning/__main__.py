@@ -1,7 +1,9 @@
-"""``python -m benchmarks.active_learning [--config smoke|quick|gpu] [--out DIR] [--cache DIR] [--seeds 0 1 2] ...``
+"""``python -m benchmarks.active_learning [--config NAME] [--data data.yaml --new-classes A B] [--out DIR] ...``
 
 Runs the benchmark protocol (:mod:`benchmarks.active_learning.protocol`) and writes ``results.json``, ``report.md`` and
-``budget_curves.png`` to ``--out``. ``--report-only`` rewrites the report and plot from an existing ``results.json``.
+``budget_curves.png`` to ``--out``: on generated digits (presets ``smoke``, ``quick``, ``gpu``), or on a labelled YOLO
+dataset (``--data`` and ``--new-classes``; presets ``dataset``, the default then, and ``dataset-gpu``).
+``--report-only`` rewrites the report and plot from an existing ``results.json``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,12 @@ from benchmarks.active_learning import protocol, report
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.active_learning", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", choices=sorted(protocol.PRESETS), default="quick")
+    parser.add_argument("--config", choices=sorted(protocol.PRESETS),
+                        help="default: quick, or dataset when --data is given")
+    parser.add_argument("--data", type=Path, help="a labelled YOLO dataset: its data.yaml, or a Label Studio YOLO "
+                        "export folder")
+    parser.add_argument("--new-classes", nargs="+", metavar="CLASS",
+                        help="with --data: the classes the base model never sees")
     parser.add_argument("--out", type=Path, default=None, help="default: data/benchmark/<config>")
     parser.add_argument("--seeds", type=int, nargs="+")
     parser.add_argument("--budgets", type=int, nargs="+")
@@ -34,7 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true", help="rewrite report.md and the plot from results.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = protocol.PRESETS[args.config]
+    config = protocol.PRESETS[args.config or ("dataset" if args.data else "quick")]
+    if config.uses_dataset:
+        if not args.data or not args.new_classes:
+            if not args.report_only:
+                parser.error(f"--config {config.name} needs --data and --new-classes")
+        else:
+            config = dataclasses.replace(config, data=dataclasses.replace(
+                config.data, data=str(args.data.resolve()), new_classes=tuple(args.new_classes)))
+    elif args.data or args.new_classes:
+        parser.error(f"--config {config.name} generates its data: use --config dataset (or dataset-gpu) with --data")
     overrides = {k: tuple(v) for k, v in (("seeds", args.seeds), ("budgets", args.budgets),
                                           ("strategies", args.strategies)) if v}
     if args.device is not None:

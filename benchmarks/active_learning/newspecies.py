@@ -13,24 +13,24 @@ Splits, as the benchmark protocol asks (``al-benchmark-protocol``):
   minority of images;
 * ``test``: fixed test set, never in the pool, drawn like the pool.
 
-Every split is written in YOLO format with labels in the *full* class numbering (``digit0`` ... ``digit9``); the
-base model is trained through :func:`write_base_yaml`, which lists only the known classes and renumbers.
+Every split is written in YOLO format with labels in the *full* class numbering (``digit0`` ... ``digit9``);
+:class:`GeneratedDigits` is the generator as a source of the protocol's splits
+(:mod:`~benchmarks.active_learning.splits`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
 import numpy as np
 import yaml
 
-from ale_backend.yolo_files import make_split_folders, pixel_label_text, write_data_yaml, write_renumbered
+from ale_backend.yolo_files import make_split_folders, pixel_label_text, write_data_yaml
+from benchmarks.active_learning.splits import BASE_SPLITS, SeedData, clear_splits
 
 CLASS_NAMES = tuple(f"digit{i}" for i in range(10))
-BASE_SPLITS = ("base", "val")
-"""The splits the base model is trained and validated on: known classes only."""
 TEXTURES = ("gravel", "grass", "brick")
 
 
@@ -167,22 +167,17 @@ def generate(config: NewSpeciesConfig, root: Path) -> dict[str, dict]:
     return stats
 
 
-def write_base_yaml(root: Path, config: NewSpeciesConfig) -> Path:
-    """A data.yaml for the base model: known classes only, labels renumbered into ``root/base-known``."""
-    root = Path(root)
-    known = config.known_classes
-    renumber = {c: i for i, c in enumerate(known)}
-    for split in BASE_SPLITS:
-        target = root / "base-known" / split
-        make_split_folders(target)
-        for label in sorted((root / split / "labels").glob("*.txt")):
-            try:
-                write_renumbered(label, target / "labels" / label.name, renumber)
-            except KeyError as exc:
-                raise ValueError(f"{label}: a new-class object in the {split} split") from exc
-            image = root / split / "images" / f"{label.stem}.png"
-            link = target / "images" / image.name
-            if not link.exists():
-                link.symlink_to(image.resolve())
-    return write_data_yaml(root / "base-known" / "data.yaml", root / "base-known",
-                           [CLASS_NAMES[c] for c in known], train="base/images", val="val/images")
+class GeneratedDigits:
+    """The generator as a source of the protocol's splits (:class:`~benchmarks.active_learning.splits.DataSource`):
+    each seed draws its own data set, base split included."""
+
+    def __init__(self, config: NewSpeciesConfig):
+        self.config = config
+
+    def write(self, seed: int, root: Path) -> SeedData:
+        clear_splits(root)
+        generate(replace(self.config, seed=seed), root)
+        return SeedData(Path(root), CLASS_NAMES, tuple(self.config.new_classes), base_seed=seed)
+
+    def describe(self) -> dict:
+        return {"source": "generated digits", "image_size": self.config.image_size}

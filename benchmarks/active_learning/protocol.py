@@ -2,10 +2,12 @@
 
 Per seed:
 
-1. generate the "new species" data set (:mod:`~benchmarks.active_learning.newspecies`): base / val / pool / test
-   splits, the test set fixed and never in the pool;
+1. the seed's splits from the data source (:mod:`~benchmarks.active_learning.splits`): the "new species" digits
+   (:mod:`~benchmarks.active_learning.newspecies`) or a labelled YOLO dataset
+   (:mod:`~benchmarks.active_learning.yolo_dataset`): base / val / pool / test, the test set fixed and never in the
+   pool;
 2. train the seed's base model on the known classes only (the product's ``training.fine_tune`` from
-   ``yolov5nu.yaml``), or take it from the cache (:func:`cached_base_model`);
+   ``yolov5nu.yaml``), or take it from the cache (:func:`cached_base_model`; seeds that share a base split share it);
 3. detect on the pool once with the base model (the product's ``Detector``); record what it outputs over every
    object (:mod:`~benchmarks.active_learning.diagnosis`); let every strategy rank the pool from the detections at
    the scoring threshold (the product's ``scoring``); each budget takes the top of the ranking (ties keep pool
@@ -40,10 +42,12 @@ from ale_backend.scoring import DEFAULT_STRATEGY, STRATEGIES, score_images
 from ale_backend.settings import DEFAULT_SCORE_CONF, Settings
 from ale_backend.training import fine_tune
 from ale_backend.ultralytics_setup import cpu_cores
-from ale_backend.yolo_files import read_labels, write_data_yaml, write_image_list
-from benchmarks.active_learning import diagnosis, newspecies
+from ale_backend.yolo_files import label_path, read_labels, write_data_yaml, write_image_list
+from benchmarks.active_learning import diagnosis
 from benchmarks.active_learning.evaluation import ImageBoxes, evaluate
-from benchmarks.active_learning.newspecies import BASE_SPLITS, CLASS_NAMES, NewSpeciesConfig, generate, write_base_yaml
+from benchmarks.active_learning.newspecies import GeneratedDigits, NewSpeciesConfig
+from benchmarks.active_learning.splits import DataSource, SeedData
+from benchmarks.active_learning.yolo_dataset import YoloDataset, YoloDatasetConfig
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +64,8 @@ class BenchConfig:
     strategies: tuple[str, ...]
     """The strategies that are fine-tuned; the selection of every strategy is counted anyway (no training)."""
     budgets: tuple[int, ...]
-    data: NewSpeciesConfig = field(default_factory=NewSpeciesConfig)
+    data: NewSpeciesConfig | YoloDatasetConfig = field(default_factory=NewSpeciesConfig)
+    """Where the splits come from: the digit generator or a YOLO dataset (``--data``)."""
     imgsz: int = 160
     base_epochs: int = 100
     finetune_epochs: int = 20
@@ -81,6 +86,10 @@ class BenchConfig:
     score_max_det: int = 100
     agnostic_nms: bool = True
 
+    @property
+    def uses_dataset(self) -> bool:
+        return isinstance(self.data, YoloDatasetConfig)
+
     def selection_knobs(self) -> dict:
         return {"conf": self.score_conf, "iou": self.score_iou, "max_det": self.score_max_det,
                 "nms": "class-agnostic" if self.agnostic_nms else "class-aware"}
@@ -92,6 +101,25 @@ learns the known classes within the CPU budget."""
 
 QUICK_DATA = NewSpeciesConfig(counts={"base": 160, "val": 40, "pool": 500, "test": 300},
                               base_objects_per_image=DENSE_BASE)
+
+DATASET_PRESETS = {
+    # CI: the pipeline on a dataset end to end, never the result
+    "dataset-smoke": BenchConfig("dataset-smoke", seeds=(0, 1), strategies=QUICK_STRATEGIES, budgets=(2, 4),
+                                 data=YoloDatasetConfig(image_size=96, val_images=4), imgsz=96, base_epochs=1,
+                                 finetune_epochs=1, replay=4, batch=8, mosaic=1.0, fliplr=0.5),
+    # a labelled YOLO dataset (--data, --new-classes) on this project's 2-core CPU, 320 px: one base model shared by
+    # the seeds (150 epochs from yolov5nu.yaml: about an hour there); budgets for a pool of about 200 images
+    "dataset": BenchConfig("dataset", seeds=(0, 1, 2), strategies=QUICK_STRATEGIES, budgets=(10, 25, 50),
+                           data=YoloDatasetConfig(image_size=320), imgsz=320, base_epochs=150, finetune_epochs=20,
+                           replay=40, batch=16, mosaic=1.0, fliplr=0.5),
+    # the same on one GPU at 640 px, 5 seeds, every strategy (random and the default first), one process with
+    # dataloader workers; no new fine-tune starts after 480 s
+    "dataset-gpu": BenchConfig("dataset-gpu", seeds=(0, 1, 2, 3, 4),
+                               strategies=tuple(dict.fromkeys((*QUICK_STRATEGIES, *STRATEGIES))), budgets=(10, 25, 50),
+                               data=YoloDatasetConfig(image_size=640), imgsz=640, base_epochs=150, finetune_epochs=20,
+                               replay=40, batch=16, mosaic=1.0, fliplr=0.5, device="", workers=8, deadline=480),
+}
+"""Presets for a labelled dataset: ``--data`` and ``--new-classes`` say which."""
 
 PRESETS = {
     # CI: checks the pipeline end to end, never the result
@@ -105,6 +133,7 @@ PRESETS = {
     # the deadline keeps it within 8 minutes (not yet measured on a GPU)
     "gpu": BenchConfig("gpu", seeds=(0, 1, 2, 3, 4), strategies=tuple(dict.fromkeys((*QUICK_STRATEGIES, *STRATEGIES))),
                        budgets=(20, 50, 100), data=QUICK_DATA, device="", workers=8, deadline=420),
+    **DATASET_PRESETS,
 }
 
 
@@ -120,7 +149,9 @@ def run(config: BenchConfig, out_dir: Path, cache_dir: Path | None = None, comma
     cache_dir = Path(cache_dir).resolve() if cache_dir else out_dir / "cache"
     started = time.monotonic()
     timings = {"base_training": 0.0, "fine_tuning": 0.0}
-    seeds = [_Seed(config, seed, out_dir / "work" / f"seed{seed}", cache_dir, timings) for seed in config.seeds]
+    source = data_source(config, cache_dir)
+    seeds = [_Seed(config, source, seed, out_dir / "work" / f"seed{seed}", cache_dir, timings)
+             for seed in config.seeds]
     runs, complete = [], True
     # strategy by strategy across the seeds: under a deadline, the first strategies are complete and paired
     for strategy in config.strategies:
@@ -134,7 +165,8 @@ def run(config: BenchConfig, out_dir: Path, cache_dir: Path | None = None, comma
                 runs.append(seed.run(strategy, budget))
     results = {"command": command, "config": _jsonable(dataclasses.asdict(config)),
                "selection_knobs": config.selection_knobs(),
-               "default_strategy": DEFAULT_STRATEGY, "new_classes": [CLASS_NAMES[c] for c in config.data.new_classes],
+               "default_strategy": DEFAULT_STRATEGY, "data": source.describe(),
+               "new_classes": [seeds[0].data.class_names[c] for c in seeds[0].data.new_classes],
                "baselines": [seed.baseline for seed in seeds], "runs": runs, "complete": complete,
                "seconds": round(time.monotonic() - started, 1),
                "timings": {k: round(v, 1) for k, v in timings.items()}, "machine": machine()}
@@ -164,6 +196,13 @@ def machine() -> dict:
             "ultralytics": version("ultralytics-opencv-headless")}
 
 
+def data_source(config: BenchConfig, cache_dir: Path) -> DataSource:
+    """The source of the configuration's splits; a dataset's resized images are cached under ``cache_dir``."""
+    if isinstance(config.data, YoloDatasetConfig):
+        return YoloDataset(config.data, cache_dir)
+    return GeneratedDigits(config.data)
+
+
 def _settings(config: BenchConfig, seed: int, work: Path) -> Settings:
     return Settings(
         model_dir=work / "state", device=config.device, imgsz=config.imgsz, inference_batch=config.batch,
@@ -183,36 +222,32 @@ def _base_settings(config: BenchConfig, seed: int, work: Path) -> Settings:
 BASE_CONFIG = "yolov5nu.yaml"
 
 
-def base_model_key(config: BenchConfig, seed: int) -> str:
-    """SHA-256 of everything that shapes a seed's base model: the base and validation splits' generator settings and
-    code, the training recipe and code, the device kind and the torch / ultralytics versions."""
+def base_model_key(config: BenchConfig, data: SeedData) -> str:
+    """SHA-256 of everything that shapes a seed's base model: the content of its base and validation splits, the
+    training recipe (with the seed it trains under) and code, the device kind and the torch / ultralytics versions."""
     import torch
 
-    data = dataclasses.asdict(dataclasses.replace(config.data, seed=seed))
-    data["counts"] = [(split, n) for split, n in data["counts"].items() if split in BASE_SPLITS]
-    recipe = {k: v for k, v in dataclasses.asdict(_base_settings(config, seed, Path())).items()
+    recipe = {k: v for k, v in dataclasses.asdict(_base_settings(config, data.base_seed, Path())).items()
               if k.startswith("train_")}
     device = "cpu" if config.device == "cpu" or not torch.cuda.is_available() else "cuda"
-    sources = [Path(newspecies.__file__), Path(training.__file__)]
-    described = {"data": data, "recipe": recipe, "imgsz": config.imgsz, "model": BASE_CONFIG, "device": device,
-                 "torch": version("torch"), "ultralytics": version("ultralytics-opencv-headless"),
-                 "code": [hashlib.sha256(p.read_bytes()).hexdigest() for p in sources]}
+    described = {"data": data.base_digest(), "recipe": recipe, "imgsz": config.imgsz, "model": BASE_CONFIG,
+                 "device": device, "torch": version("torch"), "ultralytics": version("ultralytics-opencv-headless"),
+                 "code": hashlib.sha256(Path(training.__file__).read_bytes()).hexdigest()}
     return hashlib.sha256(json.dumps(_jsonable(described), sort_keys=True, default=str).encode()).hexdigest()
 
 
-def cached_base_model(config: BenchConfig, seed: int, work: Path, cache_dir: Path) -> ModelSource:
+def cached_base_model(config: BenchConfig, data: SeedData, work: Path, cache_dir: Path) -> ModelSource:
     """The seed's base model (known classes only), trained from ``yolov5nu.yaml`` on the first use of its key."""
-    key = base_model_key(config, seed)
+    key = base_model_key(config, data)
     weights = Path(cache_dir) / f"base-{key[:16]}" / "base-weights.pt"
-    source = ModelSource(str(weights), f"base-seed{seed}-{key[:8]}", is_config=False)
+    source = ModelSource(str(weights), f"base-seed{data.base_seed}-{key[:8]}", is_config=False)
     if weights.is_file():
-        logger.info("seed %s: base model from the cache (%s)", seed, weights)
+        logger.info("base model of seed %s from the cache (%s)", data.base_seed, weights)
         return source
-    logger.info("seed %s: training the base model (%d epochs)", seed, config.base_epochs)
-    settings = _base_settings(config, seed, work)
-    trained = fine_tune(ModelSource(BASE_CONFIG, "yolov5nu-untrained", is_config=True),
-                        write_base_yaml(work / "data", dataclasses.replace(config.data, seed=seed)), settings,
-                        work / "base", on_epoch=lambda e: None)
+    logger.info("base model of seed %s: training (%d epochs)", data.base_seed, config.base_epochs)
+    settings = _base_settings(config, data.base_seed, work)
+    trained = fine_tune(ModelSource(BASE_CONFIG, "yolov5nu-untrained", is_config=True), data.write_base_yaml(),
+                        settings, work / "base", on_epoch=lambda e: None)
     weights.parent.mkdir(parents=True, exist_ok=True)
     partial = weights.with_suffix(".partial")
     shutil.copyfile(trained, partial)
@@ -223,33 +258,37 @@ def cached_base_model(config: BenchConfig, seed: int, work: Path, cache_dir: Pat
 class _Seed:
     """One seed's data set, base model and pool detections; fine-tunes and scores the selections of strategies."""
 
-    def __init__(self, config: BenchConfig, seed: int, work: Path, cache_dir: Path, timings: dict):
+    def __init__(self, config: BenchConfig, source: DataSource, seed: int, work: Path, cache_dir: Path,
+                 timings: dict):
         self.config, self.seed, self.work, self.timings = config, seed, work, timings
-        self.root = work / "data"
-        generate(dataclasses.replace(config.data, seed=seed), self.root)
+        self.data = source.write(seed, work / "data")
+        self.root = self.data.root
         began = time.monotonic()
-        self.base = cached_base_model(config, seed, work, cache_dir)
+        self.base = cached_base_model(config, self.data, work, cache_dir)
         timings["base_training"] += time.monotonic() - began
         self.settings = _settings(config, seed, work)
-        self.pool = sorted((self.root / "pool" / "images").glob("*.png"))
-        self.pool_truth = [_labels(self.root / "pool" / "labels" / f"{p.stem}.txt", config.data.image_size)
-                           for p in self.pool]
+        self.pool = self.data.images("pool")
+        if max(config.budgets) > len(self.pool):
+            raise ValueError(f"seed {seed}: a budget of {max(config.budgets)} images from a pool of {len(self.pool)}")
+        pool_images = [cv2.imread(str(p)) for p in self.pool]
+        self.pool_truth = [_labels(label_path(p), image) for p, image in zip(self.pool, pool_images)]
         # every box down to 0.001 once (for the diagnosis); the strategies see those at the scoring threshold
         every_box = Detector(self.base, dataclasses.replace(self.settings, score_conf=DIAGNOSIS_CONF,
                                                             display_conf=DIAGNOSIS_CONF))
-        detections = every_box.detect([cv2.imread(str(p)) for p in self.pool])
+        detections = every_box.detect(pool_images)
+        del pool_images
         self.class_scores = [d.above(config.score_conf).class_scores for d in detections]
-        new_classes = set(config.data.new_classes)
-        self.test = Evaluation(self.root, config, self.settings)
+        new_classes = set(self.data.new_classes)
+        self.test = Evaluation(self.data, self.settings)
         self.baseline = {
-            "seed": seed, "base_model": self.base.version,
+            "seed": seed, "base_model": self.base.version, "splits": self.data.counts(),
             "pool_detections_per_image": np.bincount([len(c) for c in self.class_scores]).tolist(),
             "diagnosis": diagnosis.box_records(detections, self.pool_truth, new_classes),
             "selection": diagnosis.selection_counts(self.class_scores, self.pool_truth, STRATEGIES, config.budgets,
                                                     new_classes, self._rng),
             **self.test(self.base),
         }
-        self.replay = sorted((self.root / "base" / "images").glob("*.png"))[: config.replay]
+        self.replay = self.data.images("base")[: config.replay]
         self.trained: dict[tuple[int, ...], dict] = {}
 
     def _rng(self, strategy: str) -> np.random.Generator:
@@ -269,55 +308,56 @@ class _Seed:
         if chosen not in self.trained:
             logger.info("seed %s: %s, %d images: fine-tuning", self.seed, strategy, budget)
             began = time.monotonic()
-            weights = _fine_tune(self.base, self.root, [self.pool[i] for i in chosen], self.replay, self.settings,
+            weights = _fine_tune(self.base, self.data, [self.pool[i] for i in chosen], self.replay, self.settings,
                                  self.work / f"ft{len(self.trained)}")
             self.timings["fine_tuning"] += time.monotonic() - began
             self.trained[chosen] = self.test(weights)
         classes = np.concatenate([self.pool_truth[i].classes for i in chosen]) if chosen else np.zeros(0)
         return {"seed": self.seed, "strategy": strategy, "budget": budget, "images": len(chosen),
-                "boxes": int(len(classes)), "new_boxes": int(np.isin(classes, self.config.data.new_classes).sum()),
+                "boxes": int(len(classes)), "new_boxes": int(np.isin(classes, self.data.new_classes).sum()),
                 "selected": [self.pool[i].stem for i in chosen], **self.trained[chosen]}
 
 
-def _fine_tune(base: ModelSource, root: Path, chosen: list[Path], replay: list[Path], settings: Settings,
+def _fine_tune(base: ModelSource, data: SeedData, chosen: list[Path], replay: list[Path], settings: Settings,
                work: Path) -> ModelSource:
     work.mkdir(parents=True, exist_ok=True)
     write_image_list(work / "train.txt", (p.resolve() for p in [*chosen, *replay]))
-    write_image_list(work / "val.txt", (p.resolve() for p in sorted((root / "val" / "images").glob("*"))))
-    data = write_data_yaml(work / "data.yaml", work, CLASS_NAMES, train="train.txt", val="val.txt")
-    weights = fine_tune(base, data, settings, work, on_epoch=lambda e: None)
+    write_image_list(work / "val.txt", (p.resolve() for p in data.images("val")))
+    data_yaml = write_data_yaml(work / "data.yaml", work, data.class_names, train="train.txt", val="val.txt")
+    weights = fine_tune(base, data_yaml, settings, work, on_epoch=lambda e: None)
     return ModelSource(str(weights), work.name, is_config=False)
 
 
 class Evaluation:
     """Scores a model on the fixed test set (all detections down to conf 0.001, class-aware NMS, as mAP needs)."""
 
-    def __init__(self, root: Path, config: BenchConfig, settings: Settings):
-        self.images = sorted((root / "test" / "images").glob("*.png"))
-        self.arrays = [cv2.imread(str(p)) for p in self.images]
-        self.truths = [_labels(root / "test" / "labels" / f"{p.stem}.txt", config.data.image_size)
-                       for p in self.images]
-        self.new = set(config.data.new_classes)
+    def __init__(self, data: SeedData, settings: Settings):
+        self.class_names = data.class_names
+        self.arrays = [cv2.imread(str(p)) for p in data.images("test")]
+        self.truths = [_labels(label_path(p), image) for p, image in zip(data.images("test"), self.arrays)]
+        self.new = set(data.new_classes)
         self.settings = dataclasses.replace(settings, score_conf=0.001, display_conf=0.001, score_max_det=300,
                                             agnostic_nms=False)
 
     def __call__(self, model: ModelSource) -> dict:
         detector = Detector(model, self.settings)
-        to_digit = {i: CLASS_NAMES.index(name) for i, name in detector.names.items()}
-        predictions = [ImageBoxes(d.boxes, np.array([to_digit[int(c)] for c in d.class_ids], dtype=np.int64),
+        to_class = {i: self.class_names.index(name) for i, name in detector.names.items()}
+        predictions = [ImageBoxes(d.boxes, np.array([to_class[int(c)] for c in d.class_ids], dtype=np.int64),
                                   d.confidences) for d in detector.detect(self.arrays)]
-        result = evaluate(predictions, self.truths, num_classes=len(CLASS_NAMES))
+        result = evaluate(predictions, self.truths, num_classes=len(self.class_names))
         new = [ap for c, ap in result["ap50_95"].items() if c in self.new]
         known = [ap for c, ap in result["ap50_95"].items() if c not in self.new]
         return {"map50_95": result["map50_95"], "map50": result["map50"],
-                "ap50_95_per_class": {CLASS_NAMES[c]: ap for c, ap in result["ap50_95"].items()},
+                "ap50_95_per_class": {self.class_names[c]: ap for c, ap in result["ap50_95"].items()},
                 "new_ap50_95": float(np.mean(new)) if new else 0.0,
                 "known_ap50_95": float(np.mean(known)) if known else 0.0}
 
 
-def _labels(path: Path, size: int = 1) -> ImageBoxes:
+def _labels(path: Path, image: np.ndarray) -> ImageBoxes:
+    """Ground truth of an image in its pixels."""
     rows = read_labels(path)
-    cx, cy, w, h = (rows[:, k] * size for k in range(1, 5))
+    height, width = image.shape[:2]
+    cx, cy, w, h = rows[:, 1] * width, rows[:, 2] * height, rows[:, 3] * width, rows[:, 4] * height
     return ImageBoxes(np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1), rows[:, 0].astype(int))
 
 
