@@ -3,6 +3,7 @@
 
     worker [--burst]       run the RQ worker that trains (one job at a time; --burst: exit when the queue is empty)
     env                    the settings of .env (ENV_FILE) that the environment lacks, as shell exports
+    fetch-model            fetch the weights MODEL_PATH names (a release name or URL) into WEIGHTS_DIR now
     ready [--timeout S] [--pid P]
                            wait until the backend on HOST:PORT answers, then print one line saying what it uses
     status --project ID    the project's training queue, progress, served version and last failure (JSON)
@@ -44,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         return _label_studio_command(args, settings)
     if args.command == "ready":
         return _ready(settings, args.timeout, args.pid)
+    if args.command == "fetch-model":
+        return _fetch_model(settings)
 
     import redis
 
@@ -74,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run the training worker")
     worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")
     commands.add_parser("env", help="print the settings of .env (ENV_FILE) the environment lacks, as shell exports")
+    commands.add_parser("fetch-model", help="fetch the weights MODEL_PATH names into WEIGHTS_DIR (e.g. at image build)")
     ready = commands.add_parser("ready", help="wait until the backend on HOST:PORT answers, then say so in one line")
     ready.add_argument("--timeout", type=float, default=300, help="seconds to wait (default 300)")
     ready.add_argument("--pid", type=int, help="the server's process: stop waiting if it exits")
@@ -121,8 +125,26 @@ def _ready(settings, timeout: float, pid: int | None = None) -> int:
     origin = os.environ.get("REDIS_ORIGIN")
     redis = redis_address(settings.redis_url) + (f" ({origin})" if origin else "")
     label_studio = settings.label_studio_url or "not set (LABEL_STUDIO_URL): no training, no /data/... images"
-    print(f"ready: backend {listening} | base model {resolve_model_source(settings.model_path).version} | "
-          f"Redis {redis} | Label Studio {label_studio}", flush=True)
+    base = resolve_model_source(settings)
+    model = base.version + (f" (fallback: {base.fallback})" if base.fallback else "")
+    print(f"ready: backend {listening} | base model {model} | Redis {redis} | Label Studio {label_studio}", flush=True)
+    return 0
+
+
+def _fetch_model(settings) -> int:
+    """Fetch (or find) the weights MODEL_PATH names; fails, unlike a server start, when the default cannot be
+    fetched."""
+    from ale_backend.model_source import ModelNotFoundError, resolve_model_source
+
+    try:
+        source = resolve_model_source(settings)
+    except ModelNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if source.fallback:
+        print(f"error: {source.fallback}", file=sys.stderr)
+        return 1
+    print(f"{source.version}: {source.path}")
     return 0
 
 

@@ -177,7 +177,7 @@ def get_detector(settings: Settings, source: ModelSource | None = None) -> Detec
     The cache key includes the weights file's size and modification time, so replaced weights load anew. The most
     recently used few detectors are kept (one process may serve several projects, each with its own version).
     """
-    source = source or resolve_model_source(settings.model_path)
+    source = source or resolve_model_source(settings)
     key = (source, _stat_key(source), settings)
     with _detectors_lock:
         detector = _detectors.get(key)

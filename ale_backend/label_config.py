@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
+
 logger = logging.getLogger(__name__)
 
 
@@ -54,6 +56,18 @@ class LabelMap:
     """Labels that no model class maps to: classes the model has yet to learn."""
     unmapped_classes: tuple[str, ...]
     """Model class names without a label (their detections are not shown)."""
+
+    def project_class_scores(self, class_scores: np.ndarray) -> np.ndarray:
+        """The columns of an ``(N, C)`` class-score matrix whose model class has a project label, in class order;
+        one column of zeros when none has (every box then is no class the project knows).
+
+        ALE counts every box the model finds, whatever its class, but a box's certainty only by the project's
+        classes: a COCO model's confident "bird" on a puffin, in a project whose labels have no "bird", is a puffin
+        the model does not know, and must rank as such (``unknown`` near 1), not as a recognised object.
+        """
+        scores = np.asarray(class_scores, dtype=np.float64)
+        columns = sorted(self.class_to_label)
+        return scores[:, columns] if columns else np.zeros((len(scores), 1))
 
 
 @lru_cache(maxsize=64)

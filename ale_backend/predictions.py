@@ -13,8 +13,10 @@ is a :class:`TaskPrediction`; Label Studio's JSON is made from it at the edge (:
   (Label Studio stores only the three keys above).
 
 The image score is computed over all detections at or above ``SCORE_CONF`` (after NMS with ``SCORE_IOU`` and
-``SCORE_MAX_DET``), whatever their class: it measures the model's uncertainty, including on objects it can only
-call by a wrong name, which is how new classes show up. A task whose image cannot be read gets no regions, the
+``SCORE_MAX_DET``), whatever their class, on the class scores of the model classes that have a project label
+(:meth:`~ale_backend.label_config.LabelMap.project_class_scores`): it measures the model's uncertainty about the
+project's classes, including on objects it can only call by a wrong name or by a class the project does not have,
+which is how new classes show up. A task whose image cannot be read gets no regions, the
 priority :data:`ale_backend.scoring.UNREADABLE_PRIORITY` (served last) and an ``error`` with the reason.
 """
 
@@ -144,7 +146,7 @@ def predict_tasks(
     for i, task in enumerate(tasks):
         task_id = task.get("id")
         if i in detections:
-            task_score = _score(task_id, urls[i], detections[i], settings, project)
+            task_score = _score(task_id, urls[i], detections[i], settings, project, label_map)
             prediction = TaskPrediction(task_id, task_score, detector.version,
                                         regions(detections[i].above(display_conf), label_map),
                                         (detections[i].width, detections[i].height))
@@ -184,13 +186,14 @@ def regions(detections: Detections, label_map: LabelMap) -> tuple[Region, ...]:
     return tuple(out)
 
 
-def _score(task_id: Any, url: str, detections: Detections, settings: Settings, project: int | None) -> TaskScore:
+def _score(task_id: Any, url: str, detections: Detections, settings: Settings, project: int | None,
+           label_map: LabelMap) -> TaskScore:
     scored = detections.above(settings.score_conf)
     # Seeded by the task (and project): a task keeps its random number and tie-break across requests.
     task_key = task_id if isinstance(task_id, int) and task_id >= 0 else zlib.crc32(str(url).encode())
     rng = np.random.default_rng([settings.random_seed, project or 0, task_key])
     tie_break = float(rng.random())
-    value = score_image(scored.class_scores, settings.strategy, rng)
+    value = score_image(label_map.project_class_scores(scored.class_scores), settings.strategy, rng)
     return TaskScore(task_id, settings.strategy, value, len(scored), priority(value, tie_break))
 
 

@@ -149,4 +149,4 @@ def served_source(settings: Settings, project: Any) -> ModelSource:
         version = registry.current(pid)
         if version is not None:
             return ModelSource(str(registry.weights(pid, version)), version, is_config=False)
-    return resolve_model_source(settings.model_path)
+    return resolve_model_source(settings)

@@ -86,7 +86,7 @@ class ALEManager(LabelStudioMLManager):
         settings = cls.init_kwargs["settings"]
         pid = project_id(project)
         trained = [info.version for info in Registry(settings.model_dir).versions(pid)] if pid is not None else []
-        return [resolve_model_source(settings.model_path).version, *trained]
+        return [resolve_model_source(settings).version, *trained]
 
 
 def create_app(settings: Settings | None = None, warm_up: bool = True) -> Flask:
@@ -96,7 +96,7 @@ def create_app(settings: Settings | None = None, warm_up: bool = True) -> Flask:
     """
     settings = settings or get_settings()
     logs.configure(settings)
-    resolve_model_source(settings.model_path)  # fail at start-up on a missing weights file
+    resolve_model_source(settings)  # at start-up: fetch named weights, fail on missing ones, say any fallback
     ModelDir(settings.model_dir).claim(settings.label_studio_url)  # fail at start-up on another instance's MODEL_DIR
     if not isinstance(ls_api._manager, ALEManager):
         ls_api._manager = ALEManager()

@@ -20,6 +20,7 @@ from rq.job import Job, JobStatus
 from ale_backend.jobs import BUMP, PENDING, WAITING, Names, describe, enqueue_training, read_json, redis_address
 from ale_backend.label_studio import project_id
 from ale_backend.lock import record_dead_job
+from ale_backend.model_source import ModelNotFoundError, resolve_model_source
 from ale_backend.registry import Registry
 from ale_backend.settings import Settings
 
@@ -121,6 +122,7 @@ class TrainingQueue:
             "project": project,
             "label_studio": {"url": self.settings.label_studio_url or None, "instance": names.instance},
             "current_version": Registry(self.settings.model_dir).current(project),
+            "base_model": _base_model(self.settings),
             "new_annotations": int(self.redis.get(key(project, "new")) or 0),
             "min_new_annotations": int(self.redis.get(key(project, "min-new")) or self.settings.min_new_annotations),
             "running": None,
@@ -142,3 +144,12 @@ class TrainingQueue:
                 out["last_failure"] = {"job": previous["id"], "at": previous.get("ended_at"),
                                        "error": previous.get("error") or "the training job died"}
         return out
+
+
+def _base_model(settings: Settings) -> dict[str, Any]:
+    """The base model's version, and why it is not what ``MODEL_PATH`` names when the default could not be fetched."""
+    try:
+        source = resolve_model_source(settings)
+    except ModelNotFoundError as exc:
+        return {"version": None, "error": str(exc)}
+    return {"version": source.version, "fallback": source.fallback}

@@ -46,7 +46,7 @@ def test_setup_reports_the_model_version_without_loading_the_model(served, monke
                                            "access_token": ""})
     elapsed = time.perf_counter() - started
     assert response.status_code == 200
-    assert response.json["model_version"] == resolve_model_source(app_settings.model_path).version
+    assert response.json["model_version"] == resolve_model_source(app_settings).version
     assert not detector_module._detectors
     assert elapsed < 3.0  # Label Studio's /setup read timeout
 
@@ -60,7 +60,7 @@ def test_predictions_are_valid_for_label_studio_and_ordered_by_ale(served, sampl
     assert len(results) == len(tasks)
 
     interface = LabelInterface(LABEL_CONFIG)
-    version = resolve_model_source(app_settings.model_path).version
+    version = resolve_model_source(app_settings).version
     regions = 0
     for prediction in results:
         assert prediction["model_version"] == version
@@ -115,6 +115,36 @@ def test_labels_are_mapped_and_unlabelled_classes_dropped(served, sample_images)
     assert labels <= {"Circle"}
 
 
+def test_ale_counts_every_box_and_only_the_project_classes_certainty(served, sample_images):
+    """The tiny model knows circle, square and triangle; the project has Circle and box (square), not triangle."""
+    import cv2
+
+    from ale_backend.detector import get_detector
+    from ale_backend.scoring import score_image
+
+    client, app_settings = served
+    tasks = upload_tasks(sample_images)
+    results = predict(client, tasks).json["results"]
+    detector = get_detector(app_settings)
+    expected = []
+    for path in sample_images[:len(tasks)]:
+        found = detector.detect([cv2.imread(str(path))])[0].above(app_settings.score_conf)
+        columns = [i for i, name in detector.names.items() if name in ("circle", "square")]
+        expected.append((score_image(found.class_scores[:, columns], "ale-unknown-mean"), len(found)))
+    assert [p["ale"]["value"] for p in results] == pytest.approx([v for v, _ in expected], rel=1e-4)  # batch vs one
+    assert [p["ale"]["detections"] for p in results] == [n for _, n in expected]
+    # a triangle counts as a box the project has no class for: with it, no image scores as if it were known
+    all_columns = [score_image(detector.detect([cv2.imread(str(p))])[0].above(app_settings.score_conf).class_scores,
+                               "ale-unknown-mean") for p in sample_images[:len(tasks)]]
+    assert sum(a > b + 1e-9 for a, b in zip([v for v, _ in expected], all_columns)) >= 1
+    # a project none of whose labels the model has: every box fully unknown, ALE = sqrt(N)
+    species = LABEL_CONFIG.replace('<Label value="Circle"/>', "").replace(
+        '<Label value="box" predicted_values="square"/>', '<Label value="Mite"/>')
+    unknown = predict(client, tasks, species).json["results"]
+    assert [p["ale"]["value"] for p in unknown] == pytest.approx([n ** 0.5 for _, n in expected])
+    assert all(p["result"] == [] for p in unknown)  # nothing shown: no class maps to a label
+
+
 def test_the_controls_model_score_threshold_sets_what_is_shown_not_what_is_scored(served, sample_images):
     client, app_settings = served
     tasks = upload_tasks(sample_images)
@@ -162,6 +192,6 @@ def test_setup_refuses_a_config_without_rectangle_labels(served):
 
 def test_versions_answers_get_and_post(served):
     client, app_settings = served
-    version = resolve_model_source(app_settings.model_path).version
+    version = resolve_model_source(app_settings).version
     assert client.get("/versions").json["versions"] == [version]
     assert client.post("/versions", json={"project": "1.1"}).json["versions"] == [version]

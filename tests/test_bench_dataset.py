@@ -112,8 +112,9 @@ def test_a_label_studio_export_gets_a_fixed_test_share(tmp_path):
     assert not set(sources(first, "test")) & set(sources(first, "pool"))
 
 
-@pytest.mark.parametrize("new, message", [(("hexagon",), "no class 'hexagon' in the data set; its classes are: circle, square"),
-                                          ((), "name the new classes")])
+@pytest.mark.parametrize("new, message", [
+    (("hexagon",), "no class 'hexagon' in the data set; its classes are: circle, square"),
+    ((), "name the new classes")])
 def test_a_new_class_the_data_does_not_have_is_refused(dataset, tmp_path, new, message):
     with pytest.raises(ValueError, match=message):
         YoloDataset(YoloDatasetConfig(data=str(dataset), new_classes=new), tmp_path)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ale_backend.detector import get_detector
-from ale_backend.model_source import ModelNotFoundError, resolve_model_source
+from ale_backend.model_source import ModelNotFoundError, local_model_source, resolve_model_source
 from ale_backend.ultralytics_setup import ultralytics_module
 
 
@@ -85,12 +85,12 @@ def test_untrained_configs_are_deterministic_across_loads(settings, images):
     ("missing.pt", "weights file not found"),
     ("yolov5n.pt", "rename the file"),
 ])
-def test_model_paths_that_would_need_a_download_are_refused(tmp_path, name, reason):
+def test_local_model_paths_that_cannot_be_loaded_are_refused(tmp_path, name, reason):
     path = tmp_path / name
     if name == "yolov5n.pt":
         path.write_bytes(b"x")
     with pytest.raises(ModelNotFoundError, match=reason):
-        resolve_model_source(str(path))
+        local_model_source(str(path))
 
 
 def test_unknown_model_config_is_refused(settings):
@@ -108,7 +108,7 @@ def test_inference_computes_on_the_configured_cpu_threads(settings, images, thre
 
     before = torch.get_num_threads()
     try:
-        Detector(resolve_model_source(settings.model_path), dataclasses.replace(settings, torch_threads=threads)
+        Detector(resolve_model_source(settings), dataclasses.replace(settings, torch_threads=threads)
                  ).detect(images[:1])
         assert torch.get_num_threads() == (threads or cpu_cores())
     finally:

@@ -110,3 +110,17 @@ def test_the_configuration_table_gives_the_settings_defaults():
         empty = shown.startswith("*(") and shown.endswith(")*")  # *(none)*, *(auto)*, *(DEVICE)*: what unset means
         assert shown == f"`{default}`" or (not default and empty), (variable, shown)
     assert len(rows) >= len(environment_variables()) - 2
+
+
+def test_the_image_can_carry_the_pretrained_weights_the_stacks_share():
+    assert "ARG PRETRAINED=yolov5nu.pt" in DOCKERFILE  # the default base model, fetched at build time
+    fetch = r'^RUN if \[ -n "\$PRETRAINED" \]; then \\\n\s+MODEL_PATH="\$PRETRAINED" .*-m ale_backend fetch-model'
+    assert re.search(fetch, DOCKERFILE, re.MULTILINE)
+    shown = subprocess.run([sys.executable, "-m", "ale_backend", "fetch-model", "--help"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    weights_dir = re.search(r"WEIGHTS_DIR=(\S+)", DOCKERFILE).group(1)
+    for stack in (COMPOSE, BACKEND_ONLY):
+        for name in ("backend", "worker"):
+            mounts = [v for v in stack["services"][name]["volumes"] if v.split(":")[1] == weights_dir]
+            assert mounts and mounts[0].split(":")[0] in stack["volumes"], (name, mounts)

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from ale_backend.label_config import LabelConfigError, map_labels, parse_label_config
@@ -16,6 +17,17 @@ def test_maps_by_name_ignoring_case_and_by_predicted_values():
     assert dict(label_map.class_to_label) == {0: "Circle", 1: "box"}
     assert label_map.unmapped_classes == ("triangle",)
     assert label_map.new_labels == ("Springtail",)
+
+
+def test_only_the_project_classes_columns_count_for_certainty():
+    coco_like = {0: "person", 1: "bird", 2: "cat"}
+    scores = np.array([[0.05, 0.9, 0.1], [0.8, 0.02, 0.3]])
+    with_bird = parse_label_config(LABEL_CONFIG.replace('<Label value="Circle"/>', '<Label value="Bird"/>'))
+    np.testing.assert_array_equal(map_labels(coco_like, with_bird).project_class_scores(scores), [[0.9], [0.02]])
+    species_only = parse_label_config(LABEL_CONFIG)  # no model class has a label: every box is unknown
+    none = map_labels(coco_like, species_only).project_class_scores(scores)
+    np.testing.assert_array_equal(none, np.zeros((2, 1)))
+    assert map_labels(coco_like, species_only).project_class_scores(np.zeros((0, 3))).shape == (0, 1)
 
 
 def test_first_label_wins_when_two_claim_a_class():

@@ -26,7 +26,7 @@ def pool(settings, label_studio, tmp_path):
 
 def test_every_readable_unlabelled_task_gets_one_prediction_and_the_project_switches(pool, label_studio):
     app_settings, expected = pool
-    version = resolve_model_source(app_settings.model_path).version
+    version = resolve_model_source(app_settings).version
     result = rescore_project(31, app_settings, page_size=3)
     imported = label_studio.predictions[31]
     assert sorted(p["task"] for p in imported) == sorted(expected)
@@ -46,7 +46,7 @@ def test_old_prediction_versions_are_deleted_beyond_the_newest(pool, label_studi
                                     for v in ("v-old", "v-older-but-newer", "v-newest")]
     result = rescore_project(31, app_settings, keep=3)
     versions = {p["model_version"] for p in label_studio.predictions[31]}
-    assert versions == {resolve_model_source(app_settings.model_path).version, "v-newest", "v-older-but-newer"}
+    assert versions == {resolve_model_source(app_settings).version, "v-newest", "v-older-but-newer"}
     assert result["deleted_versions"] == ["v-old"]
 
 

@@ -1,6 +1,7 @@
 """ALE formulas against values computed by hand (natural log, sigmoid vectors normalised to sum 1)."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -163,3 +164,15 @@ def test_priority_decreases_with_the_score_and_stays_in_unit_interval():
     assert 1 / priority(2.5) - 1 == pytest.approx(2.5)
     with pytest.raises(ValueError):
         priority(-0.1)
+
+
+def test_the_tie_break_and_the_cap_move_a_score_by_at_most_what_the_docs_say():
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "ale.md").read_text()
+    assert "up to two parts in a\nmillion" in docs and "at most one part in a million" in docs
+    for ale in (0.0, 1e-9, 0.3, 5.0):
+        for tie in (0.0, 0.5, 0.999999):
+            moved = abs(priority(ale, tie) - 1 / (1 + ale)) / (1 / (1 + ale))
+            assert moved <= 2e-6
+            if ale > 1e-3:
+                assert moved <= 1e-6 + 1e-12  # only the tie-break
+    assert abs(priority(0.0, 0.999999) - 1.0) > 1.5e-6  # the cap and the tie-break together: the bound is needed

@@ -8,7 +8,7 @@ from ale_backend.settings import Settings, SettingsError, environment_variables
 def test_defaults_are_the_documented_ones():
     s = Settings.from_env({})
     assert s.strategy == "ale-unknown-mean" and s.score_conf == 0.1
-    assert s.model_path == "yolov5nu.yaml"
+    assert s.model_path == Settings().model_path == "yolov5nu.pt" and s.model_downloads and not s.model_sha256
     assert s.model_dir == Path("data/models").resolve()
     assert s.agnostic_nms is True
     assert environment_variables()["ALE_STRATEGY"] == "ale-unknown-mean"
@@ -31,6 +31,17 @@ def test_every_bad_value_is_reported_with_its_variable():
                      "LOG_LEVEL"):
         assert variable in message
     assert "ale-entropy-sum" in message  # the valid strategies are listed
+
+
+def test_download_settings_are_checked():
+    s = Settings.from_env({"MODEL_SHA256": "AB" * 32, "MODEL_DOWNLOADS": "off", "MODEL_DOWNLOAD_URL": "https://m/r/",
+                           "WEIGHTS_DIR": "/tmp/w"})
+    assert (s.model_sha256, s.model_downloads, s.model_download_url, s.weights_dir) == (
+        "ab" * 32, False, "https://m/r", Path("/tmp/w"))
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({"MODEL_SHA256": "abc", "MODEL_DOWNLOAD_URL": "ftp://m", "MODEL_MAX_MB": "0"})
+    for variable in ("MODEL_SHA256='abc': expected 64 hex digits", "MODEL_DOWNLOAD_URL", "MODEL_MAX_MB"):
+        assert variable in str(info.value)
 
 
 def test_training_recipe_and_thread_settings_are_parsed():

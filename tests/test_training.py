@@ -19,6 +19,7 @@ import numpy as np
 import psutil
 import pytest
 import redis
+import torch
 import yaml
 from rq import Queue
 from rq.registry import StartedJobRegistry
@@ -177,7 +178,7 @@ def test_a_burst_of_events_makes_one_waiting_job_and_a_killed_worker_leaves_no_v
     registry = Registry(app_settings.model_dir)
     assert registry.current(21) is None and registry.versions(21) == []
     served = client.post("/setup", json={"project": "21.1", "schema": LABEL_CONFIG}).json["model_version"]
-    assert served == resolve_model_source(app_settings.model_path).version
+    assert served == resolve_model_source(app_settings).version
 
 
 def test_killing_the_worker_stops_its_job_and_the_status_says_so_within_seconds(backend, label_studio, start_worker):
@@ -330,13 +331,44 @@ def test_the_training_recipe_reaches_ultralytics(dataset, settings, tmp_path):
                                  train_mosaic=0.25, train_lr0=0.003, train_freeze=10, train_keep_best=False,
                                  train_workers=1, train_optimizer="Adam", train_device="cpu")
     epochs: list[int] = []
-    weights = fine_tune(resolve_model_source(settings.model_path), dataset / "data.yaml", recipe, tmp_path,
+    weights = fine_tune(resolve_model_source(settings), dataset / "data.yaml", recipe, tmp_path,
                         on_epoch=epochs.append)
     args = yaml.safe_load((tmp_path / "train" / "args.yaml").read_text())
     assert (args["fliplr"], args["mosaic"], args["lr0"], args["optimizer"]) == (0.0, 0.25, 0.003, "Adam")
     assert args["warmup_epochs"] == 0  # fine-tuning trained weights: no warm-up
     assert (args["freeze"], args["val"], args["workers"]) == (10, False, 1)
     assert epochs == [1] and weights.is_file()
+
+
+def test_a_fine_tune_keeps_the_rows_of_the_classes_the_project_maps_and_starts_its_new_ones(dataset, settings,
+                                                                                          tmp_path):
+    """A model with other classes than the project's (as a COCO model is): the first fine-tune's model has the
+    project's classes, the mapped ones under the model's class names with their trained head rows carried over."""
+    from ale_backend.dataset import class_names_for
+    from ale_backend.detector import load_model
+    from ale_backend.label_config import map_labels, parse_label_config
+    from ale_backend.yolo_files import write_data_yaml
+
+    parent = resolve_model_source(settings)
+    parent_names = dict(load_model(parent, settings).names)  # circle, square, triangle
+    config = parse_label_config(LABEL_CONFIG)  # Circle, box (predicted_values square), Springtail
+    names = class_names_for(config, map_labels(parent_names, config).class_to_label, parent_names)
+    assert names == ["circle", "square", "Springtail"]
+    data = write_data_yaml(tmp_path / "data.yaml", dataset, names, train="train/images", val="val/images")
+    recipe = dataclasses.replace(settings, train_epochs=1, train_imgsz=96, train_lr0=1e-12, train_keep_best=False,
+                                 train_device="cpu")  # the weights move by nothing measurable
+    child = fine_tune(parent, data, recipe, tmp_path / "run", on_epoch=lambda e: None)
+
+    def class_rows(model):  # the last conv of each level's classification branch: one output row per class
+        return [branch[-1].weight.detach().flatten(1) for branch in model.model.model[-1].cv3]
+
+    before, after = class_rows(load_model(parent, settings)), class_rows(load_model(
+        dataclasses.replace(parent, path=str(child), version="child"), settings))
+    assert dict(load_model(dataclasses.replace(parent, path=str(child), version="child"), settings).names) == \
+        dict(enumerate(names))
+    for old, new in zip(before, after):
+        assert torch.allclose(new[:2], old[:2], atol=1e-6)  # circle and square: carried over by name
+        assert not torch.allclose(new[2], old[2], atol=1e-3)  # Springtail: a fresh row, not the triangle's
 
 
 @pytest.mark.parametrize("workers, amp, cuda, expected", [
