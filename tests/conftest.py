@@ -23,6 +23,7 @@ from testkit.label_studio_stand_in import FakeLabelStudio, make_jwt
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ["ENV_FILE"] = os.devnull  # the commands the tests start must not read a developer's .env
+os.environ["MODEL_DOWNLOADS"] = "false"  # nor fetch weights: the tests of downloads say so and use a local server
 CACHE = ROOT / ".cache" / "test-model"
 TRAIN = {"epochs": 40, "imgsz": 160, "batch": 16, "seed": 0, "mosaic": 0.0}  # no mosaic: converges in 40 epochs
 COUNTS = {"train": 96, "val": 16}
