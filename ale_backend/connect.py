@@ -5,8 +5,10 @@ Each step checks what exists first, so running it again changes nothing:
 1. the project's labelling config must have ``<RectangleLabels>`` on an ``<Image>``;
 2. the backend is registered as the project's ML backend (with basic auth when ``BASIC_AUTH_USER`` /
    ``BASIC_AUTH_PASS`` are set);
-3. the project has a webhook to ``<backend>/webhook`` for every event, carrying an ``Authorization`` header when
-   basic auth is on (Label Studio creates the webhook itself when it can, but sends no basic auth on webhooks);
+3. the project has a webhook to ``<backend>/webhook`` for every event (annotations start training rounds;
+   ``TASKS_CREATED`` gets new tasks scored as they arrive), carrying an ``Authorization`` header when basic auth is
+   on (Label Studio creates the webhook itself when it can, but sends no basic auth on webhooks); a webhook limited
+   to some events gets the ones the backend needs added;
 4. ``sampling`` is "Uncertainty sampling", so *Label All Tasks* serves the lowest prediction score first, i.e. the
    highest ALE. (The open-source settings page shows that option greyed out, and saving its General form may reset
    it: run ``connect`` again after saving that form.);
@@ -27,7 +29,10 @@ from urllib.parse import urlsplit
 
 from ale_backend.label_config import LabelConfigError, parse_label_config
 from ale_backend.label_studio import LabelStudioClient, LabelStudioError
+from ale_backend.training_queue import ARRIVAL_EVENTS, COUNTING_EVENTS
 
+WEBHOOK_ACTIONS = COUNTING_EVENTS | ARRIVAL_EVENTS
+"""The Label Studio events the backend acts on (START_TRAINING comes through the ML backend, not a webhook)."""
 VIEW_TITLE = "ALE priority"
 SAMPLING = "Uncertainty sampling"
 BACKEND_TITLE = "ALE active learning"
@@ -95,6 +100,12 @@ def _webhook(client: LabelStudioClient, project: int, backend_url: str, basic_au
             "headers": headers, "is_active": True})
         log(f"webhook {hook_url}: created")
         return "webhook"
+    missing = sorted(WEBHOOK_ACTIONS - set(hook.get("actions") or [])) if not hook.get("send_for_all_actions") else []
+    if missing:
+        _call(client, "add the backend's events to the webhook", "PATCH", f"/api/webhooks/{hook['id']}/",
+              json={"actions": sorted(set(hook.get("actions") or []) | WEBHOOK_ACTIONS)})
+        log(f"webhook {hook_url}: now sent for {', '.join(missing)}")
+        return "webhook events"
     if headers and (hook.get("headers") or {}).get("Authorization") != headers["Authorization"]:
         _call(client, "add basic auth to the webhook", "PATCH", f"/api/webhooks/{hook['id']}/",
               json={"headers": {**(hook.get("headers") or {}), **headers}})

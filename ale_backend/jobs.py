@@ -1,17 +1,26 @@
-"""The two jobs of the training queue, as both sides of Redis see them: their ids, keys, protocol and state.
+"""The jobs of the worker, as both sides of Redis see them: their ids, keys, protocol and state.
 
-A project's **training job** has the id ``ale-train-<instance>-p<project>-g<generation>``: the web side
-(:mod:`ale_backend.training_queue`) makes sure one is waiting once enough annotations came in, and the worker
-(:mod:`ale_backend.worker`) runs it. The **generation** protocol keeps at most one waiting job per project: a job
-that starts moves the project to the next generation (:data:`CLAIM`), so the events after it make a new job, while
-the events before it fold into it (it reads all annotations when it starts). A **re-scoring job**
-(``ale-rescore-<instance>-p<project>-<version>``) scores the project's pool with its served version.
+Two queues, each served by its own process of the worker (:mod:`ale_backend.worker`), so that scoring never waits
+for a training round:
+
+* the **training queue** (``TRAIN_QUEUE-<instance>``): a project's **training job** has the id
+  ``ale-train-<instance>-p<project>-g<generation>``: the web side (:mod:`ale_backend.training_queue`) makes sure one
+  is waiting once enough annotations came in. The **generation** protocol keeps at most one waiting job per project:
+  a job that starts moves the project to the next generation (:data:`CLAIM`), so the events after it make a new
+  job, while the events before it fold into it (it reads all annotations when it starts);
+* the **scoring queue** (``TRAIN_QUEUE-<instance>-scoring``): a **re-scoring job**
+  (``ale-rescore-<instance>-p<project>-<version>``) scores the project's pool with its served version; an
+  **arrivals job** (``ale-arrivals-<instance>-p<project>-<n>``) scores the tasks Label Studio created since the last
+  one took them (their ids wait in the set ``:arrived``; a job takes them all when it starts, :data:`TAKE`, so an
+  import of 10,000 tasks is one job, or a few). One process runs them one at a time: a re-scoring and the scoring of
+  new tasks never overlap.
 
 Redis keys, per project (:meth:`Names.key`): ``ale:<instance>:p<id>:generation``, ``:new``, ``:min-new`` (the
-threshold the web side counts against), ``:running``, ``:alive``, ``:lock``, ``:last-result`` (the last job of
-either kind), ``:last-training``, ``:last-failure``. ``<instance>`` names the Label Studio (:attr:`Settings.instance`):
-keys, job ids and the queue (``TRAIN_QUEUE-<instance>``) of two Label Studio instances sharing one Redis stay apart,
-and a worker only takes the jobs of the instance whose annotations it can read.
+threshold the web side counts against), ``:running``, ``:alive``, ``:lock`` (the training job's), ``:scoring`` (the
+scoring job running), ``:arrived``, ``:arrivals-job`` (the last arrivals job queued), ``:arrivals-count``,
+``:last-result`` (the last job of any kind), ``:last-training``, ``:last-failure``. ``<instance>`` names the Label
+Studio (:attr:`Settings.instance`): keys, job ids and queues of two Label Studio instances sharing one Redis stay
+apart, and a worker only takes the jobs of the instance whose annotations it can read.
 """
 
 from __future__ import annotations
@@ -47,6 +56,8 @@ none): ARGV[1] is that job's Redis key less the generation number."""
 CLAIM = BUMP + " redis.call('SET', KEYS[2], ARGV[2]) return redis.call('GETSET', KEYS[3], 0)"
 """A starting training job: bump its generation, mark itself running (KEYS[2]), take and reset the count of new
 annotations (KEYS[3])."""
+TAKE = "local ids = redis.call('SMEMBERS', KEYS[1]) redis.call('DEL', KEYS[1]) return ids"
+"""A starting arrivals job: take every waiting task id (KEYS[1]) at once."""
 
 
 class Names:
@@ -55,6 +66,7 @@ class Names:
     def __init__(self, settings: Settings):
         self.instance = settings.instance
         self.queue = f"{settings.queue_name}-{self.instance}"
+        self.scoring_queue = f"{self.queue}-scoring"
 
     def key(self, project: int, name: str) -> str:
         return f"ale:{self.instance}:p{int(project)}:{name}"
@@ -69,6 +81,9 @@ class Names:
     def rescoring_job(self, project: int, version: str | None) -> str:
         return f"ale-rescore-{self.instance}-p{int(project)}-{version or uuid.uuid4().hex[:8]}"
 
+    def arrivals_job(self, project: int, number: int) -> str:
+        return f"ale-arrivals-{self.instance}-p{int(project)}-{int(number)}"
+
 
 def enqueue_training(queue: Queue, names: Names, project: int, generation: int, timeout: int) -> str:
     """Queue the project's training job of ``generation``; raises RQ's ``DuplicateJobError`` if it exists."""
@@ -82,8 +97,8 @@ def enqueue_training(queue: Queue, names: Names, project: int, generation: int, 
 
 
 def enqueue_rescoring(queue: Queue, names: Names, project: int, version: str | None, timeout: int) -> str | None:
-    """Queue a re-scoring of the project's pool: once per ``version``, or a new one each call when it is None.
-    Returns the job id, None when that version's job exists."""
+    """Queue a re-scoring of the project's pool on the scoring queue (``queue``): once per ``version``, or a new one
+    each call when it is None. Returns the job id, None when that version's job exists."""
     jid = names.rescoring_job(project, version)
     try:
         queue.enqueue_call("ale_backend.worker.run_rescoring_job", args=(project,), job_id=jid,
@@ -93,6 +108,14 @@ def enqueue_rescoring(queue: Queue, names: Names, project: int, version: str | N
     except DuplicateJobError:
         return None
     return jid
+
+
+def enqueue_arrivals(queue: Queue, jid: str, project: int, timeout: int) -> None:
+    """Queue an arrivals job (the scoring of new tasks) on the scoring queue (``queue``)."""
+    queue.enqueue_call("ale_backend.worker.run_arrivals_job", args=(project,), job_id=jid, unique=True,
+                       timeout=timeout, result_ttl=RESULT_TTL, failure_ttl=RESULT_TTL,
+                       description=f"score new tasks of project {project}",
+                       meta={"project": project, "stage": "queued"})
 
 
 def describe(jid: str, connection: redis.Redis) -> dict[str, Any] | None:

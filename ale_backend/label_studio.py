@@ -35,6 +35,15 @@ UNLABELED = {"conjunction": "and", "items": [
 """Data Manager filter: tasks without annotations (the pool to score)."""
 
 
+def unlabeled_between(first: int, last: int) -> dict:
+    """Data Manager filter: tasks without annotations whose id lies in ``[first, last]`` (the tasks of an import)."""
+    return {"conjunction": "and", "items": [
+        *UNLABELED["items"],
+        {"filter": "filter:tasks:id", "operator": "greater_or_equal", "type": "Number", "value": int(first)},
+        {"filter": "filter:tasks:id", "operator": "less_or_equal", "type": "Number", "value": int(last)},
+    ]}
+
+
 class LabelStudioError(RuntimeError):
     """Label Studio cannot be reached with the configured URL and key; the message says what to fix."""
 

@@ -16,6 +16,11 @@ when every unlabelled task carries a prediction of the project's current ``model
    project on its previous version.
 
 Tasks whose image cannot be read get no prediction; they are listed once per round in the log and the result.
+
+:func:`score_arrivals` scores the tasks of an import (ids from Label Studio's ``TASKS_CREATED`` webhook) the same
+way, without deleting or switching anything: their predictions join the project's current version, so they take
+their place in the ALE order. When the project's ``model_version`` in Label Studio is not the served version (never
+scored, or a re-scoring failed), scoring only the new tasks would not order them: the whole pool is re-scored then.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from ale_backend.detector import get_detector
 from ale_backend.image_cache import ImageCache
 from ale_backend.images import ImageLoadError, decode_image, get_image_loader, image_size, task_image_url
 from ale_backend.label_config import parse_label_config
-from ale_backend.label_studio import UNLABELED, LabelStudioClient, LabelStudioError
+from ale_backend.label_studio import UNLABELED, LabelStudioClient, LabelStudioError, unlabeled_between
 from ale_backend.predictions import predict_tasks
 from ale_backend.registry import Registry, served_source
 from ale_backend.settings import Settings
@@ -52,7 +57,8 @@ def rescore_project(
     started = time.perf_counter()
     run = _Rescoring(project, settings, client or LabelStudioClient(settings.label_studio_url,
                                                                     settings.label_studio_api_key))
-    scored, unreadable, seconds = run.score_pool(page_size, report)
+    tasks = run.client.tasks(project, filters=UNLABELED, page_size=page_size)
+    scored, unreadable, seconds = run.score_pool(tasks, page_size, report, replace=True)
     if not scored and unreadable:
         task, reason = unreadable[0]
         raise RescoringError(
@@ -72,24 +78,62 @@ def rescore_project(
             "seconds": {**{k: round(v, 2) for k, v in seconds.items()}, "total": round(total, 2)}}
 
 
+def score_arrivals(
+    project: int,
+    task_ids: Iterable[int],
+    settings: Settings,
+    report: Callable[..., None] = lambda stage, **details: None,
+    page_size: int = 100,
+    client: LabelStudioClient | None = None,
+) -> dict[str, Any]:
+    """Score the unlabelled tasks among ``task_ids`` with the served version and import their predictions (the whole
+    pool instead when the project is not on that version: see the module docstring)."""
+    started = time.perf_counter()
+    client = client or LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
+    run = _Rescoring(project, settings, client)
+    if run.project_data.get("model_version") != run.source.version:
+        logger.info("project %s is on model version %r, not %s: re-scoring the whole pool for its new tasks",
+                    project, run.project_data.get("model_version"), run.source.version)
+        return {**rescore_project(project, settings, report, page_size, client=client), "arrived": "pool re-scored"}
+    wanted = {int(i) for i in task_ids}
+    if not wanted:
+        return {"status": "nothing to score", "model_version": run.source.version, "scored": 0}
+    listed = client.tasks(project, filters=unlabeled_between(min(wanted), max(wanted)), page_size=page_size)
+    version = run.source.version
+    tasks = (task for task in listed if task.get("id") in wanted  # and not scored by a re-scoring since
+             and not any(p.get("model_version") == version for p in task.get("predictions") or []))
+    scored, unreadable, seconds = run.score_pool(tasks, page_size, report, replace=False)
+    if unreadable:
+        logger.warning("project %s: %d new tasks have no prediction, their image could not be read: %s", project,
+                       len(unreadable), "; ".join(f"task {t}: {r}" for t, r in unreadable[:20]))
+    total = time.perf_counter() - started
+    logger.info("project %s: %d of %d new tasks scored with %s in %.1f s", project, scored, len(wanted),
+                run.source.version, total)
+    return {"status": "new tasks scored" if scored else "nothing to score", "model_version": run.source.version,
+            "scored": scored, "unreadable": unreadable[:100], "unreadable_count": len(unreadable),
+            "seconds": {**{k: round(v, 2) for k, v in seconds.items()}, "total": round(total, 2)}}
+
+
 class _Rescoring:
-    """One re-scoring of a project's pool with its served version."""
+    """One scoring of a project's tasks (its pool, or an import) with its served version."""
 
     def __init__(self, project: int, settings: Settings, client: LabelStudioClient):
         self.project, self.settings, self.client = project, settings, client
-        self.config = parse_label_config(client.project(project)["label_config"])
+        self.project_data = client.project(project)
+        self.config = parse_label_config(self.project_data["label_config"])
         self.source = served_source(settings, project)
         self.detector = get_detector(settings, self.source)
         self.loader = get_image_loader(settings)
         self.cache = ImageCache(Registry(settings.model_dir).files(project).image_cache, self.loader)
 
-    def score_pool(self, page_size: int, report: Callable[..., None]):
-        """Score every unlabelled task, a page at a time, and import the predictions: ``(scored, [(task, reason)]
-        of the unreadable, seconds per stage)``. Three stages overlap: fetching the next page, scoring this one,
-        importing the one before (at most one page in each, so memory stays flat)."""
+    def score_pool(self, tasks: Iterable[dict], page_size: int, report: Callable[..., None], replace: bool):
+        """Score ``tasks``, a page at a time, and import the predictions: ``(scored, [(task, reason)] of the
+        unreadable, seconds per stage)``. Three stages overlap: fetching the next page, scoring this one, importing
+        the one before (at most one page in each, so memory stays flat). ``replace``: delete the version's earlier
+        predictions before the first import (a full re-scoring)."""
         seconds = {"fetch": 0.0, "inference": 0.0, "import": 0.0}
         scored, unreadable = 0, []
-        pages = _pages(self.client.tasks(self.project, filters=UNLABELED, page_size=page_size), page_size)
+        pages = _pages(tasks, page_size)
         importing = None
         with ThreadPoolExecutor(self.settings.fetch_workers, thread_name_prefix="pool-fetch") as pool, \
                 ThreadPoolExecutor(1, thread_name_prefix="pool-prefetch") as prefetch, \
@@ -109,7 +153,7 @@ class _Rescoring:
                 if items:
                     if importing is not None:
                         importing.result()  # the page before: imported (or its error raised here)
-                    importing = importer.submit(self.import_page, items, first=not scored)
+                    importing = importer.submit(self.import_page, items, first=replace and not scored)
                 t3 = time.perf_counter()
                 seconds["fetch"] += t1 - t0  # time spent waiting for images, beyond what overlapped with scoring
                 seconds["inference"] += t2 - t1

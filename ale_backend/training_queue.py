@@ -1,10 +1,16 @@
-"""The web side of the training queue: Label Studio events -> training jobs, and a project's status.
+"""The web side of the worker's queues: Label Studio events -> jobs, and a project's status.
 
-An event (``/webhook``) adds to the project's count of new annotations; once it reaches ``MIN_NEW_ANNOTATIONS`` (or
-at once for ``START_TRAINING``) the project gets a training job, unless one is already waiting, in which case the
-event folds into it: a job reads all annotations when it starts, so nothing is lost. Jobs are enqueued with RQ's
-atomic ``unique=True`` under ids of the project's generation (:mod:`ale_backend.jobs`), so concurrent web processes
-cannot create two. Nothing here trains or blocks on training: the worker (:mod:`ale_backend.worker`) does.
+An annotation event (``/webhook``) adds to the project's count of new annotations; once it reaches
+``MIN_NEW_ANNOTATIONS`` (or at once for ``START_TRAINING``) the project gets a training job, unless one is already
+waiting, in which case the event folds into it: a job reads all annotations when it starts, so nothing is lost.
+Jobs are enqueued with RQ's atomic ``unique=True`` under ids of the project's generation (:mod:`ale_backend.jobs`),
+so concurrent web processes cannot create two.
+
+A ``TASKS_CREATED`` event (an import, a storage sync, tasks made through the API) adds the new tasks' ids to the
+project's waiting set and makes sure an arrivals job is waiting on the scoring queue: the events of an import fold
+into one job, which scores them with the served version, so new tasks take their place in the ALE order within
+moments, even while a round trains. (Two web processes may both queue one at the same moment; the second then finds
+nothing left to score.) Nothing here trains, scores or blocks: the worker (:mod:`ale_backend.worker`) does.
 """
 
 from __future__ import annotations
@@ -17,7 +23,17 @@ from rq import Queue
 from rq.exceptions import DuplicateJobError, NoSuchJobError
 from rq.job import Job, JobStatus
 
-from ale_backend.jobs import BUMP, PENDING, WAITING, Names, describe, enqueue_training, read_json, redis_address
+from ale_backend.jobs import (
+    BUMP,
+    PENDING,
+    WAITING,
+    Names,
+    describe,
+    enqueue_arrivals,
+    enqueue_training,
+    read_json,
+    redis_address,
+)
 from ale_backend.label_studio import project_id
 from ale_backend.lock import record_dead_job
 from ale_backend.model_source import ModelNotFoundError, resolve_model_source
@@ -31,6 +47,9 @@ FORCING_EVENTS = {"START_TRAINING"}
 "Start model training on annotation submission")."""
 COUNTING_EVENTS = {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED", "ANNOTATIONS_DELETED"}
 """Add to the count of new annotations; train once it reaches MIN_NEW_ANNOTATIONS."""
+ARRIVAL_EVENTS = {"TASKS_CREATED"}
+"""New tasks: score them (an arrivals job)."""
+HANDLED_EVENTS = FORCING_EVENTS | COUNTING_EVENTS | ARRIVAL_EVENTS
 _PENDING_STATUSES = {s.value for s in WAITING | {JobStatus.STARTED}}
 
 
@@ -48,21 +67,25 @@ class TrainingQueue:
         )
         self.names = Names(settings)
         self.queue = Queue(self.names.queue, connection=self.redis, default_timeout=settings.train_timeout)
+        self.scoring = Queue(self.names.scoring_queue, connection=self.redis, default_timeout=settings.train_timeout)
 
     def handle_event(self, event: str, payload: dict) -> tuple[int, dict]:
-        """Answer a Label Studio webhook: ``(HTTP status, JSON body)``. Never blocks on training."""
-        if event not in FORCING_EVENTS | COUNTING_EVENTS:
+        """Answer a Label Studio webhook: ``(HTTP status, JSON body)``. Never blocks on training or scoring."""
+        if event not in HANDLED_EVENTS:
             return 200, {"status": "ignored", "event": event,
-                         "reason": f"{event} does not affect training; handled: "
-                                   f"{', '.join(sorted(FORCING_EVENTS | COUNTING_EVENTS))}"}
+                         "reason": f"{event} does not affect training or scoring; handled: "
+                                   f"{', '.join(sorted(HANDLED_EVENTS))}"}
         project = project_id(payload.get("project"))
         key = self.names.key
         if project is None:
             return 400, {"error": "the event names no project (expected 'project': {'id': <integer >= 1>})"}
-        for field, kind, name in (("annotation", dict, "an object"), ("annotations", list, "a list")):
+        for field, kind, name in (("annotation", dict, "an object"), ("annotations", list, "a list"),
+                                  ("tasks", list, "a list")):
             if payload.get(field) is not None and not isinstance(payload[field], kind):
                 return 400, {"error": f"'{field}' must be {name}, got {type(payload[field]).__name__}"}
         try:
+            if event in ARRIVAL_EVENTS:
+                return self._arrived(project, event, payload.get("tasks") or [])
             if event in COUNTING_EVENTS:
                 if (payload.get("annotation") or {}).get("was_cancelled"):
                     return 200, {"status": "ignored", "event": event, "reason": "a skipped task is not an annotation"}
@@ -81,6 +104,27 @@ class TrainingQueue:
             ) from exc
         return (201 if created else 200), {"status": "queued" if created else "coalesced", "project": project,
                                            "job": job, "event": event}
+
+    def _arrived(self, project: int, event: str, tasks: list) -> tuple[int, dict]:
+        ids = sorted({t["id"] for t in tasks if isinstance(t, dict) and type(t.get("id")) is int and t["id"] >= 1})
+        if not ids:
+            return 400, {"error": "'tasks' must list the new tasks, each with its integer 'id'"}
+        key = self.names.key
+        # the ids first, then the job: a job seen waiting has not taken the ids yet, so it takes these too
+        _, waiting = (self.redis.pipeline().sadd(key(project, "arrived"), *ids).get(key(project, "arrivals-job"))
+                      .execute())
+        if waiting is not None:
+            try:
+                if Job.fetch(waiting.decode(), connection=self.redis).get_status(refresh=True) in WAITING:
+                    return 200, {"status": "coalesced", "project": project, "job": waiting.decode(), "event": event,
+                                 "tasks": len(ids)}
+            except NoSuchJobError:
+                pass
+        jid = self.names.arrivals_job(project, self.redis.incr(key(project, "arrivals-count")))
+        enqueue_arrivals(self.scoring, jid, project, self.settings.train_timeout)
+        self.redis.set(key(project, "arrivals-job"), jid)
+        logger.info("project %s: %d new tasks, scoring job %s queued", project, len(ids), jid)
+        return 201, {"status": "queued", "project": project, "job": jid, "event": event, "tasks": len(ids)}
 
     def submit(self, project: int) -> tuple[str, bool]:
         """Make sure a training job is waiting for ``project``: ``(job id, whether this call created it)``.
@@ -134,6 +178,9 @@ class TrainingQueue:
         running = self.redis.get(key(project, "running"))
         if running:
             out["running"] = describe(running.decode(), self.redis)
+        scoring = self.redis.get(key(project, "scoring"))
+        out["scoring"] = describe(scoring.decode(), self.redis) if scoring else None
+        out["new_tasks_waiting"] = int(self.redis.scard(key(project, "arrived")))
         waiting = describe(names.training_job(project, generation), self.redis)
         if waiting and waiting["status"] in _PENDING_STATUSES:
             out["waiting"] = waiting

@@ -1,13 +1,17 @@
-"""The worker side of the training queue: the jobs' bodies and the RQ worker that runs them.
+"""The worker side of the queues: the jobs' bodies and the RQ workers that run them.
 
 :func:`work` (``python -m ale_backend worker``) is the one way in: it takes the process's :class:`Settings`, checks
-``MODEL_DIR`` belongs to its Label Studio, and runs an RQ worker on that instance's queue. RQ runs each job in a work
-horse forked from the worker, which inherits those settings; a job reads them with :func:`_settings`.
+``MODEL_DIR`` belongs to its Label Studio, and runs two RQ workers for that instance: the training queue in this
+process, the scoring queue in a child process (:func:`_scoring_worker`), so that new tasks are scored while a round
+trains (see :mod:`ale_backend.jobs`). RQ runs each job in a work horse forked from its worker, which inherits those
+settings; a job reads them with :func:`_settings`.
 
 :func:`run_training_job` takes the project's lock (:mod:`ale_backend.lock`), claims its generation (new events now
 make a new waiting job; see :mod:`ale_backend.jobs`), runs :func:`ale_backend.training.train_project` and records
 the outcome; after a promoted version, or when there is nothing new to train on, it queues a re-scoring of the pool
-(:func:`run_rescoring_job`). Progress (stage, epoch) is kept in the job's meta, for the status.
+(:func:`run_rescoring_job`). :func:`run_arrivals_job` scores the tasks Label Studio created since the last one.
+Scoring jobs take no project lock (they only read the served version). Progress (stage, epoch) is kept in the job's
+meta, for the status.
 
 RQ runs each horse in a process group of its own, so stopping the worker's group would leave the horse training:
 the horse asks the kernel to kill it when the worker dies (:func:`_die_with_worker`).
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import signal
 import sys
@@ -26,7 +31,7 @@ from typing import Any
 import redis
 from rq import Queue, Worker, get_current_job
 
-from ale_backend.jobs import CLAIM, Names, enqueue_rescoring, redis_address, timestamp
+from ale_backend.jobs import CLAIM, TAKE, Names, enqueue_rescoring, redis_address, timestamp
 from ale_backend.lock import heartbeat, project_lock, record_dead_job
 from ale_backend.project_files import ModelDir
 from ale_backend.settings import Settings
@@ -37,18 +42,47 @@ _worker_settings: Settings | None = None
 
 
 def work(settings: Settings, burst: bool = False) -> None:
-    """Run an RQ worker on the training queue of ``settings``' Label Studio (forks one process per job)."""
+    """Run the RQ workers of ``settings``' Label Studio: training here, scoring in a child process (each forks one
+    work horse per job). ``burst``: one process, the training jobs and then the scoring jobs they queued, until both
+    queues are empty."""
     global _worker_settings
     ModelDir(settings.model_dir).claim(settings.label_studio_url)
     connection = redis.Redis.from_url(settings.redis_url)
     connection.ping()
     names = Names(settings)
-    logger.info("training worker for Label Studio %s (%s): queue %s at %s", settings.label_studio_url or "(none set)",
-                names.instance, names.queue, redis_address(settings.redis_url))
+    logger.info("worker for Label Studio %s (%s): queues %s and %s at %s", settings.label_studio_url or "(none set)",
+                names.instance, names.queue, names.scoring_queue, redis_address(settings.redis_url))
     _worker_settings = settings
-    Worker([Queue(names.queue, connection=connection)], connection=connection).work(
-        burst=burst, logging_level=settings.log_level
-    )
+    if burst:
+        for queue in (names.queue, names.scoring_queue):
+            _run_worker(settings, queue, burst=True)
+        return
+    scorer = multiprocessing.get_context("spawn").Process(target=_scoring_worker, args=(settings,),
+                                                          name="scoring-worker")
+    scorer.start()
+    try:
+        _run_worker(settings, names.queue)
+    finally:
+        if scorer.is_alive():
+            scorer.terminate()  # RQ's warm shutdown: a scoring job in progress finishes first
+        scorer.join()
+
+
+def _run_worker(settings: Settings, queue: str, burst: bool = False) -> None:
+    connection = redis.Redis.from_url(settings.redis_url)
+    Worker([Queue(queue, connection=connection)], connection=connection).work(
+        burst=burst, logging_level=settings.log_level)
+
+
+def _scoring_worker(settings: Settings) -> None:
+    """The child process that serves the scoring queue (dies with its parent)."""
+    global _worker_settings
+    from ale_backend import logs
+
+    _die_with_parent()
+    logs.configure(settings)
+    _worker_settings = settings
+    _run_worker(settings, Names(settings).scoring_queue)
 
 
 def _settings() -> Settings:
@@ -87,7 +121,7 @@ def run_training_job(project: int, generation: int) -> dict[str, Any]:
             outcome.update(result)
     if result.get("promoted") or nothing_new:
         # once per promoted version; with nothing new, a re-scoring of its own each time (the pool may have grown)
-        queue = Queue(names.queue, connection=connection)
+        queue = Queue(names.scoring_queue, connection=connection)
         result["rescoring_job"] = enqueue_rescoring(queue, names, project, result.get("version"),
                                                     settings.train_timeout)
     return result
@@ -97,18 +131,35 @@ def run_rescoring_job(project: int) -> dict[str, Any]:
     """The RQ job that re-scores a project's pool with its served version."""
     from ale_backend.rescoring import rescore_project
 
+    return _scoring_job(project, "rescore", lambda settings, report, connection, key: rescore_project(
+        project, settings, report))
+
+
+def run_arrivals_job(project: int) -> dict[str, Any]:
+    """The RQ job that scores the tasks Label Studio created since the last one took them."""
+    from ale_backend.rescoring import score_arrivals
+
+    def score(settings, report, connection, key):
+        ids = [int(i) for i in connection.eval(TAKE, 1, key(project, "arrived"))]
+        report("scoring new tasks", tasks=len(ids))
+        return score_arrivals(project, ids, settings, report)
+
+    return _scoring_job(project, "arrivals", score)
+
+
+def _scoring_job(project: int, kind: str, score) -> dict[str, Any]:
+    """A scoring job's bookkeeping around ``score(settings, report, connection, key)``: the ``scoring`` mark for
+    the status, the outcome recorded."""
     _die_with_worker()
     settings = _settings()
     names = Names(settings)
     connection = redis.Redis.from_url(settings.redis_url)
     job = get_current_job()
     report = _reporter(job, project)
-    jid = job.id if job else "rescore"
-    with project_lock(connection, names, project), heartbeat(connection, names, project, jid), \
-            _outcome(connection, names, project, jid, report) as outcome:
-        record_dead_job(connection, names, project)
-        connection.set(names.key(project, "running"), jid)
-        outcome.update(rescore_project(project, settings, report))
+    jid = job.id if job else kind
+    connection.set(names.key(project, "scoring"), jid)
+    with _outcome(connection, names, project, jid, report, running="scoring") as outcome:
+        outcome.update(score(settings, report, connection, names.key))
     return dict(outcome)
 
 
@@ -123,9 +174,11 @@ def _reporter(job, project: int):
 
 
 @contextmanager
-def _outcome(connection: redis.Redis, names: Names, project: int, jid: str, report, training: bool = False):
+def _outcome(connection: redis.Redis, names: Names, project: int, jid: str, report, training: bool = False,
+             running: str = "running"):
     """Record how a job ended (``last-result``, and ``last-training`` for a training job, or ``last-failure``) and
-    clear the running mark. A failure's traceback goes to the log, not to Redis (status readers get the reason)."""
+    clear its mark (``running``). A failure's traceback goes to the log, not to Redis (status readers get the
+    reason)."""
     key = names.key
     outcome: dict[str, Any] = {}
     try:
@@ -137,14 +190,26 @@ def _outcome(connection: redis.Redis, names: Names, project: int, jid: str, repo
         report("failed", error=failure["error"])
         raise
     finally:
-        connection.delete(key(project, "running"))
+        connection.delete(key(project, running))
     summary = {"job": jid, "at": timestamp(), **{k: outcome.get(k) for k in (
         "status", "reason", "version", "promoted", "metrics", "annotations", "boxes", "train_seconds", "scored",
-        "model_version", "unreadable_count") if k in outcome}}
+        "model_version", "unreadable_count", "arrived") if k in outcome}}
     connection.set(key(project, "last-result"), json.dumps(summary))
     if training:
         connection.set(key(project, "last-training"), json.dumps(summary))
     report("done", **{k: summary[k] for k in ("version", "promoted", "scored") if k in summary})
+
+
+def _die_with_parent() -> None:
+    """Be killed when the parent process dies (Linux ``PR_SET_PDEATHSIG``)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os._exit(1)
 
 
 def _die_with_worker() -> None:
@@ -153,11 +218,5 @@ def _die_with_worker() -> None:
     The horse runs in a process group of its own, so stopping the worker's group, or killing the worker, would leave
     it training (and holding the project lock) with nobody to record how it ends.
     """
-    if not sys.platform.startswith("linux") or get_current_job() is None:
-        return
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() == 1:  # the worker died before the request took effect
-        os._exit(1)
+    if get_current_job() is not None:
+        _die_with_parent()

@@ -7,7 +7,7 @@ import pytest
 
 from ale_backend.label_studio import LabelStudioError
 from ale_backend.model_source import resolve_model_source
-from ale_backend.rescoring import rescore_project
+from ale_backend.rescoring import rescore_project, score_arrivals
 from testkit.label_studio_stand_in import add_project
 
 
@@ -97,3 +97,28 @@ def test_each_image_is_decoded_once_per_rescoring_and_a_page_holds_bounded_pixel
     decoded.clear()
     rescore_project(31, app_settings, page_size=3)
     assert len(decoded) == len(expected) and {p["task"]: p["score"] for p in label_studio.predictions[31]} == scores
+
+
+def test_new_tasks_are_scored_into_the_current_version_without_touching_the_rest(pool, label_studio):
+    app_settings, unlabelled = pool
+    version = resolve_model_source(app_settings).version
+    label_studio.projects[31]["model_version"] = version  # the pool was scored with the served version
+    label_studio.predictions[31] = [{"task": 1, "result": [], "score": 0.5, "model_version": version}]
+    tasks = label_studio.projects[31]["tasks"]
+    tasks[7]["predictions"] = [{"model_version": version, "score": 0.3}]  # scored since it arrived
+    arrived = [tasks[i]["id"] for i in (2, 6, 7, 8)]  # one labelled meanwhile, one already scored
+    result = score_arrivals(31, arrived, app_settings, page_size=2)
+    assert sorted(p["task"] for p in label_studio.predictions[31]) == sorted([1, tasks[6]["id"], tasks[8]["id"]])
+    assert {p["model_version"] for p in label_studio.predictions[31]} == {version}  # nothing deleted or switched
+    assert result["status"] == "new tasks scored" and result["scored"] == 2
+    assert score_arrivals(31, [], app_settings)["status"] == "nothing to score"
+
+
+def test_new_tasks_of_a_project_on_another_version_get_the_whole_pool_scored(pool, label_studio):
+    app_settings, unlabelled = pool
+    label_studio.projects[31]["model_version"] = "an-older-version"  # its order is not this model's
+    tasks = label_studio.projects[31]["tasks"]
+    result = score_arrivals(31, [tasks[6]["id"]], app_settings)
+    assert result["arrived"] == "pool re-scored" and result["scored"] == 7
+    assert sorted(p["task"] for p in label_studio.predictions[31]) == sorted(unlabelled)
+    assert label_studio.projects[31]["model_version"] == resolve_model_source(app_settings).version

@@ -67,6 +67,14 @@ def start_worker(backend):
         stop(process)
 
 
+def work_horse(worker: subprocess.Popen) -> psutil.Process | None:
+    """The training worker's work horse (RQ forks it per job: the same command line), not its scoring worker or
+    multiprocessing's resource tracker (started by spawning)."""
+    parent = psutil.Process(worker.pid)
+    horses = [p for p in parent.children() if p.cmdline() == parent.cmdline()]
+    return horses[0] if horses else None
+
+
 def webhook(client, action, project, **extra):
     return client.post("/webhook", json={"action": action, "project": {"id": project}, **extra})
 
@@ -171,7 +179,7 @@ def test_a_burst_of_events_makes_one_waiting_job_and_a_killed_worker_leaves_no_v
     assert now["running"]["id"] == running["id"] and now["waiting"]["id"] == answers[0].json["job"]
 
     # Kill the process doing the training in the middle of it.
-    horse = wait_for(lambda: psutil.Process(worker.pid).children(), 30, "the work horse")[0]
+    horse = wait_for(lambda: work_horse(worker), 30, "the work horse")
     horse.send_signal(signal.SIGKILL)
     failure = wait_for(lambda: status(client, 21)["last_failure"], 60, "the failure to show")
     assert failure["job"] == running["id"]
@@ -184,7 +192,7 @@ def test_a_burst_of_events_makes_one_waiting_job_and_a_killed_worker_leaves_no_v
 def test_killing_the_worker_stops_its_job_and_the_status_says_so_within_seconds(backend, label_studio, start_worker):
     app_settings, client = backend
     worker, running = train_past_the_first_epoch(client, label_studio, start_worker, 23, seed=6)
-    horse = psutil.Process(worker.pid).children()[0]
+    horse = work_horse(worker)
     assert os.getpgid(horse.pid) != os.getpgid(worker.pid)  # RQ puts the horse in a process group of its own
     os.killpg(worker.pid, signal.SIGKILL)  # stop the worker the way a supervisor or a container stop would
     killed = time.monotonic()
@@ -253,6 +261,41 @@ def test_events_below_the_minimum_wait_and_others_are_ignored(backend):
         ignored.json["reason"]
     no_project = client.post("/webhook", json={"action": "START_TRAINING", "project": {}})
     assert no_project.status_code == 400 and "project" in no_project.json["error"]
+
+
+def test_the_tasks_of_an_import_fold_into_one_scoring_job(backend, redis_url):
+    app_settings, client = backend
+    connection = redis.Redis.from_url(redis_url)
+    scoring = Queue(Names(app_settings).scoring_queue, connection=connection)
+    first = webhook(client, "TASKS_CREATED", 6, tasks=[{"id": 11, "data": {}}, {"id": 12, "data": {}}])
+    assert first.status_code == 201 and first.json["status"] == "queued" and first.json["tasks"] == 2
+    for ids in ([13], [12, 14]):  # an import arrives in several events; one repeats a task
+        later = webhook(client, "TASKS_CREATED", 6, tasks=[{"id": i} for i in ids])
+        assert later.status_code == 200 and later.json == {**first.json, "status": "coalesced", "tasks": len(ids)}
+    assert scoring.count == 1 and scoring.job_ids == [first.json["job"]]
+    assert Queue(Names(app_settings).queue, connection=connection).count == 0  # training is not involved
+    assert sorted(int(i) for i in connection.smembers(Names(app_settings).key(6, "arrived"))) == [11, 12, 13, 14]
+    assert status(client, 6)["new_tasks_waiting"] == 4
+    for bad in ({"tasks": "11"}, {"tasks": []}, {"tasks": [{"id": "x"}]}):
+        refused = webhook(client, "TASKS_CREATED", 6, **bad)
+        assert refused.status_code == 400 and "tasks" in refused.json["error"]
+
+
+def test_new_tasks_are_scored_while_a_round_trains(backend, label_studio, start_worker):
+    app_settings, client = backend
+    worker, running = train_past_the_first_epoch(client, label_studio, start_worker, project=13, seed=5)
+    base_version = resolve_model_source(app_settings).version
+    label_studio.projects[13]["model_version"] = base_version  # as connect left it: the pool scored
+    new = [{"id": 13500 + i, "data": {"image": f"/data/upload/13/img000{i}.png"}, "annotations": []}
+           for i in range(3)]
+    label_studio.projects[13]["tasks"] += new
+    assert webhook(client, "TASKS_CREATED", 13, tasks=new).status_code == 201
+    scored = wait_for(lambda: (r := status(client, 13)["last_result"]) and r.get("status") == "new tasks scored"
+                      and r, 120, "the new tasks' scores")
+    assert scored["scored"] == 3 and scored["model_version"] == base_version
+    assert sorted(p["task"] for p in label_studio.predictions[13]) == [t["id"] for t in new]
+    assert status(client, 13)["running"]["id"] == running["id"]  # the round is still training
+    assert worker.poll() is None
 
 
 def test_concurrent_events_still_make_one_job(backend, redis_url):
