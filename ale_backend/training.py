@@ -96,10 +96,11 @@ def _train_round(project: int, settings: Settings, report: Report, registry: Reg
         report("training", epoch=epoch, epochs=epochs, elapsed_s=round(elapsed),
                left_s=round(elapsed / max(epoch, 1) * (epochs - epoch)))
 
-    weights = fine_tune(parent, summary.data_yaml, settings, work / "run", on_epoch=on_epoch)
+    trained = fine_tune(parent, summary.data_yaml, settings, work / "run", on_epoch=on_epoch)
     report("evaluating")
-    metrics = evaluate(weights, summary.data_yaml, settings, work / "run")
+    metrics = evaluate(trained.weights, summary.data_yaml, settings, work / "run")
     promoted, reason = promotion(metrics, parent_metrics, settings.promotion_tolerance)
+    warnings = round_warnings(metrics)
 
     report("registering")
     info = VersionInfo(
@@ -116,15 +117,18 @@ def _train_round(project: int, settings: Settings, report: Report, registry: Reg
         reason=reason,
         extra={"boxes_per_class": dict(summary.boxes_per_class), "skipped_tasks": summary.skipped[:50],
                "train_images": summary.train_images, "val_images": summary.val_images,
-               "replay_images": summary.replay_images, "epochs": epochs, "fingerprint": annotations.fingerprint},
+               "replay_images": summary.replay_images, "epochs": epochs, "epochs_run": trained.epochs,
+               "stopped_early": trained.stopped_early, "warnings": warnings, "fingerprint": annotations.fingerprint},
     )
-    registry.add(weights, info)
+    registry.add(trained.weights, info)
     pruned = registry.prune(project, settings.keep_versions)
     (logger.info if promoted else logger.warning)(
-        "project %s: version %s %s (%s) after %.0f s%s", project, info.version,
-        "serving" if promoted else "kept but NOT served", reason, info.train_seconds,
-        f"; pruned {pruned}" if pruned else "",
+        "project %s: version %s %s (%s) after %.0f s, %d of %d epochs%s%s", project, info.version,
+        "serving" if promoted else "kept but NOT served", reason, info.train_seconds, trained.epochs, epochs,
+        f" ({trained.stopped_early})" if trained.stopped_early else "", f"; pruned {pruned}" if pruned else "",
     )
+    for warning in warnings:
+        logger.warning("project %s: version %s: %s", project, info.version, warning)
     return asdict(info)
 
 
@@ -176,18 +180,47 @@ def annotations_fingerprint(tasks: list[dict]) -> str:
     return hashlib.sha256("\n".join(rows).encode()).hexdigest()
 
 
+NEARLY_NOTHING_MAP50 = 0.05
+"""A version whose validation mAP50 is below this finds almost none of the annotated objects: the round says so."""
+
+
+@dataclass(frozen=True)
+class FineTuned:
+    """What a fine-tune produced."""
+
+    weights: Path
+    epochs: int
+    """Epochs trained (fewer than ``TRAIN_EPOCHS`` when it stopped early)."""
+    stopped_early: str | None = None
+    """Why it stopped before ``TRAIN_EPOCHS``, or None."""
+
+
+def round_warnings(metrics: dict[str, float]) -> list[str]:
+    """What a round's status should warn about its new version."""
+    if metrics["map50"] < NEARLY_NOTHING_MAP50:
+        return [f"validation mAP50 {metrics['map50']:.3f}: this version finds almost none of the annotated objects; "
+                "it needs more annotations, or a pretrained base model (MODEL_PATH)"]
+    return []
+
+
 def fine_tune(parent: ModelSource, data_yaml: Path, settings: Settings, run_dir: Path,
-              on_epoch: Callable[[int], None]) -> Path:
-    """Train from ``parent`` on ``data_yaml``; returns the best weights by validation fitness, or the last epoch's
-    with ``TRAIN_KEEP_BEST=false`` (ultralytics then saves every epoch as "best" until its one final validation)."""
+              on_epoch: Callable[[int], None]) -> FineTuned:
+    """Train from ``parent`` on ``data_yaml``; gives the best weights by validation fitness, or the last epoch's
+    with ``TRAIN_KEEP_BEST=false`` (ultralytics then saves every epoch as "best" until its one final validation),
+    and whether patience stopped it early."""
     model = load_model(parent, settings)
     warmup = settings.train_warmup_epochs
     if warmup is None:
         warmup = 3 if parent.is_config else 0
 
+    reported, last_seen = [0], [False]
+
     def epoch_done(trainer) -> None:
-        if trainer.epoch < trainer.epochs:  # ultralytics calls this once more after its final validation
-            on_epoch(int(trainer.epoch) + 1)
+        if last_seen[0]:  # ultralytics calls this once more for its final validation, after the last epoch
+            return
+        last_seen[0] = bool(trainer.stop)  # set by the last epoch, whether all ran or patience stopped them
+        reported[0] = int(trainer.epoch) + 1
+        on_epoch(reported[0])
 
     model.add_callback("on_fit_epoch_end", epoch_done)
     runtime = training_runtime(settings)
@@ -201,8 +234,16 @@ def fine_tune(parent: ModelSource, data_yaml: Path, settings: Settings, run_dir:
         seed=settings.train_seed, deterministic=runtime.deterministic, amp=runtime.amp, plots=False, verbose=False,
         project=str(Path(run_dir).resolve()), name="train", exist_ok=True,  # ultralytics puts relative ones in runs/
     )
-    best = Path(model.trainer.best)
-    return best if best.is_file() else Path(model.trainer.last)
+    trainer = model.trainer
+    best = Path(trainer.best)
+    run = reported[0]
+    stopped = None
+    if run < trainer.epochs:
+        stopper = getattr(trainer, "stopper", None)
+        best_epoch = int(getattr(stopper, "best_epoch", 0))  # counted from 1 there
+        stopped = (f"stopped after epoch {run} of {trainer.epochs}: no validation improvement in "
+                   f"{settings.train_patience} epochs since epoch {best_epoch} (TRAIN_PATIENCE)")
+    return FineTuned(best if best.is_file() else Path(trainer.last), run, stopped)
 
 
 def evaluate(weights: ModelSource | Path, data_yaml: Path, settings: Settings, run_dir: Path) -> dict[str, float]:

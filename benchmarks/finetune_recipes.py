@@ -55,7 +55,8 @@ def main() -> None:
         settings = dataclasses.replace(base, train_optimizer=optimizer, train_lr0=float(lr0),
                                        train_warmup_epochs=int(warmup))
         started = time.perf_counter()
-        weights = fine_tune(parent, data, settings, work / "runs" / recipe.replace(":", "_"), on_epoch=lambda e: None)
+        weights = fine_tune(parent, data, settings, work / "runs" / recipe.replace(":", "_"),
+                            on_epoch=lambda e: None).weights
         after = evaluate(weights, data, settings, work / "runs")
         print(f"{optimizer:6} lr0 {lr0:6} warm-up {warmup}: mAP50-95 {after['map50_95']:.3f}, "
               f"mAP50 {after['map50']:.3f}, new class {after.get('map50_95/Springtail', 0.0):.3f}  "

@@ -380,7 +380,32 @@ def test_the_training_recipe_reaches_ultralytics(dataset, settings, tmp_path):
     assert (args["fliplr"], args["mosaic"], args["lr0"], args["optimizer"]) == (0.0, 0.25, 0.003, "Adam")
     assert args["warmup_epochs"] == 0  # fine-tuning trained weights: no warm-up
     assert (args["freeze"], args["val"], args["workers"]) == (10, False, 1)
-    assert epochs == [1] and weights.is_file()
+    assert epochs == [1] and weights.weights.is_file() and (weights.epochs, weights.stopped_early) == (1, None)
+
+
+def test_a_version_that_finds_almost_nothing_is_served_with_a_warning(backend, label_studio, start_worker):
+    """The untrained config after two epochs on 12 images: what a first round without a pretrained start gives."""
+    app_settings, client = backend
+    add_project(label_studio, 14, n_tasks=12, seed=9)
+    start_worker(model_path="yolov5nu.yaml", train_epochs=2)
+    assert webhook(client, "START_TRAINING", 14).status_code == 201
+    done = wait_for(lambda: status(client, 14)["last_training"], 300, "the training round")
+    assert done["promoted"] is True and done["metrics"]["map50"] < 0.05
+    assert len(done["warnings"]) == 1 and "finds almost none of the annotated objects" in done["warnings"][0]
+    assert "stopped_early" not in done  # it ran its two epochs
+    info = Registry(app_settings.model_dir).info(14, done["version"])
+    assert info.extra["warnings"] == done["warnings"] and info.extra["epochs_run"] == 2
+
+
+def test_a_round_stopped_by_patience_says_so(dataset, settings, tmp_path):
+    wrecking = dataclasses.replace(settings, train_epochs=8, train_patience=2, train_imgsz=96, train_keep_best=True,
+                                   train_optimizer="Adam", train_lr0=0.01, train_device="cpu")  # fitness only drops
+    epochs: list[int] = []
+    trained = fine_tune(resolve_model_source(settings), dataset / "data.yaml", wrecking, tmp_path,
+                        on_epoch=epochs.append)
+    assert trained.epochs == len(epochs) < 8
+    assert trained.stopped_early == (f"stopped after epoch {trained.epochs} of 8: no validation improvement in 2 "
+                                     f"epochs since epoch {trained.epochs - 2} (TRAIN_PATIENCE)")
 
 
 def test_a_fine_tune_keeps_the_rows_of_the_classes_the_project_maps_and_starts_its_new_ones(dataset, settings,
@@ -400,7 +425,7 @@ def test_a_fine_tune_keeps_the_rows_of_the_classes_the_project_maps_and_starts_i
     data = write_data_yaml(tmp_path / "data.yaml", dataset, names, train="train/images", val="val/images")
     recipe = dataclasses.replace(settings, train_epochs=1, train_imgsz=96, train_lr0=1e-12, train_keep_best=False,
                                  train_device="cpu")  # the weights move by nothing measurable
-    child = fine_tune(parent, data, recipe, tmp_path / "run", on_epoch=lambda e: None)
+    child = fine_tune(parent, data, recipe, tmp_path / "run", on_epoch=lambda e: None).weights
 
     def class_rows(model):  # the last conv of each level's classification branch: one output row per class
         return [branch[-1].weight.detach().flatten(1) for branch in model.model.model[-1].cv3]

@@ -250,7 +250,7 @@ def cached_base_model(config: BenchConfig, data: SeedData, work: Path, cache_dir
                         settings, work / "base", on_epoch=lambda e: None)
     weights.parent.mkdir(parents=True, exist_ok=True)
     partial = weights.with_suffix(".partial")
-    shutil.copyfile(trained, partial)
+    shutil.copyfile(trained.weights, partial)
     partial.replace(weights)
     return source
 
@@ -324,7 +324,7 @@ def _fine_tune(base: ModelSource, data: SeedData, chosen: list[Path], replay: li
     write_image_list(work / "train.txt", (p.resolve() for p in [*chosen, *replay]))
     write_image_list(work / "val.txt", (p.resolve() for p in data.images("val")))
     data_yaml = write_data_yaml(work / "data.yaml", work, data.class_names, train="train.txt", val="val.txt")
-    weights = fine_tune(base, data_yaml, settings, work, on_epoch=lambda e: None)
+    weights = fine_tune(base, data_yaml, settings, work, on_epoch=lambda e: None).weights
     return ModelSource(str(weights), work.name, is_config=False)
 
 
