@@ -14,7 +14,7 @@ STAMP   := $(VENV)/.installed
 LS_VENV ?= .venv-label-studio
 LS_STAMP := $(LS_VENV)/.installed
 
-.PHONY: install run test lint bench-predict bench-training bench-epoch bench-rescoring bench-gpu clean
+.PHONY: install run label-studio test lint bench-predict bench-training bench-epoch bench-rescoring bench-gpu clean
 
 install: $(STAMP)
 
@@ -37,6 +37,9 @@ $(LS_STAMP): tests/integration/requirements.txt tests/integration/constraints.tx
 	$(LS_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(LS_VENV)/bin/python -m pip install --quiet -r tests/integration/requirements.txt -c tests/integration/constraints.txt
 	touch $@
+
+# Label Studio 1.23.2 to try the backend with (README), in the integration tests' virtualenv
+label-studio: $(LS_STAMP)
 
 test: install $(LS_STAMP)
 	LABEL_STUDIO_BIN=$(abspath $(LS_VENV))/bin/label-studio $(BIN)/python -m pytest

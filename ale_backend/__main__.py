@@ -2,7 +2,8 @@
 :func:`ale_backend.settings.read_env_file`).
 
     worker [--burst]       run the RQ worker that trains (one job at a time; --burst: exit when the queue is empty)
-    env                    the settings of .env (ENV_FILE) that the environment lacks, as shell exports
+    env [--check]          the settings of .env (ENV_FILE) that the environment lacks, as shell exports (--check:
+                           validate every setting first)
     fetch-model            fetch the weights MODEL_PATH names (a release name or URL) into WEIGHTS_DIR now
     ready [--timeout S] [--pid P]
                            wait until the backend on HOST:PORT answers, then print one line saying what it uses
@@ -29,7 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "env":  # for scripts/serve: the file's settings as shell exports
         import shlex
 
-        print("".join(f"export {name}={shlex.quote(value)}\n" for name, value in read_env_file().items()), end="")
+        exports = "".join(f"export {name}={shlex.quote(value)}\n" for name, value in read_env_file().items())
+        if args.check:  # one check before make run starts anything, so that a bad setting is reported once
+            try:
+                get_settings()
+            except SettingsError as exc:
+                print(exc, file=sys.stderr)
+                return 2
+        print(exports, end="")
         return 0
     read_env_file()
     try:
@@ -50,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import redis
 
-    from ale_backend import training_queue, worker
+    from ale_backend import worker
     from ale_backend.jobs import redis_address
     from ale_backend.project_files import ModelDirTaken
 
@@ -58,10 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "worker":
             worker.work(settings, burst=args.burst)
         elif args.command == "status":
-            if not settings.label_studio_url:
-                print("note: LABEL_STUDIO_URL is not set, so this is the queue of a backend without one; give the "
-                      "status command the server's LABEL_STUDIO_URL to see its projects", file=sys.stderr)
-            print(json.dumps(training_queue.TrainingQueue(settings).status(args.project), indent=2))
+            _status(settings, args.project)
     except redis.exceptions.ConnectionError as exc:
         print(f"Redis does not answer at {redis_address(settings.redis_url)} (REDIS_URL): {exc}", file=sys.stderr)
         return 1
@@ -76,7 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     worker = commands.add_parser("worker", help="run the training worker")
     worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")
-    commands.add_parser("env", help="print the settings of .env (ENV_FILE) the environment lacks, as shell exports")
+    env = commands.add_parser("env", help="print the settings of .env (ENV_FILE) the environment lacks, as shell "
+                              "exports")
+    env.add_argument("--check", action="store_true", help="and check every setting first (exit 2 if one is bad)")
     commands.add_parser("fetch-model", help="fetch the weights MODEL_PATH names into WEIGHTS_DIR (e.g. at image build)")
     ready = commands.add_parser("ready", help="wait until the backend on HOST:PORT answers, then say so in one line")
     ready.add_argument("--timeout", type=float, default=300, help="seconds to wait (default 300)")
@@ -129,6 +136,24 @@ def _ready(settings, timeout: float, pid: int | None = None) -> int:
     model = base.version + (f" (fallback: {base.fallback})" if base.fallback else "")
     print(f"ready: backend {listening} | base model {model} | Redis {redis} | Label Studio {label_studio}", flush=True)
     return 0
+
+
+def _status(settings, project: int) -> None:
+    """The project's status as JSON on stdout; on stderr, which Redis and instance it was read from, and a warning
+    when that Redis holds nothing for this instance (another REDIS_URL or LABEL_STUDIO_URL than the server's)."""
+    from ale_backend.jobs import redis_address
+    from ale_backend.training_queue import TrainingQueue
+
+    queue = TrainingQueue(settings)
+    status = queue.status(project)
+    print(f"read from Redis {redis_address(settings.redis_url)} (REDIS_URL), Label Studio "
+          f"{settings.label_studio_url or '(none: LABEL_STUDIO_URL is not set)'} ({queue.names.instance})",
+          file=sys.stderr)
+    if next(queue.redis.scan_iter(match=f"ale:{queue.names.instance}:*", count=1000), None) is None:
+        print(f"warning: this Redis holds nothing for {queue.names.instance}: no event or job of any of its projects "
+              "yet, or the server uses another REDIS_URL or LABEL_STUDIO_URL; give this command the server's",
+              file=sys.stderr)
+    print(json.dumps(status, indent=2))
 
 
 def _fetch_model(settings) -> int:

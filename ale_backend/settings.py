@@ -147,7 +147,11 @@ def _optimizer(raw: str) -> str:
 
 
 def _host_list(raw: str) -> tuple[str, ...]:
-    return tuple(sorted({h.strip().lower() for h in raw.split(",") if h.strip()}))
+    hosts = {h.strip().lower() for h in raw.split(",") if h.strip()}
+    bad = sorted(h for h in hosts if not re.fullmatch(r"(\[[0-9a-f:.]+\]|[a-z0-9_.-]+)(:\d{1,5})?", h))
+    if bad:
+        raise ValueError(f"expected host or host:port, without a scheme or a path (e.g. 127.0.0.1:8765): {bad}")
+    return tuple(sorted(hosts))
 
 
 def _optional_dir(raw: str) -> Path | None:

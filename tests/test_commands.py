@@ -2,11 +2,15 @@
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
+import pytest
+import redis
 import requests
 
 from testkit.label_studio_stand_in import LABEL_CONFIG
@@ -122,3 +126,41 @@ def test_make_run_stops_at_once_when_the_backend_cannot_start(redis_url, tmp_pat
     assert served.returncode != 0 and time.monotonic() - started < 60  # not the ready line's 300 s
     output = served.stdout + served.stderr
     assert "missing.pt" in output and "the backend stopped before it answered" in output
+
+
+def test_make_run_reports_a_bad_setting_once_and_starts_nothing(redis_url, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "MODEL_", "HOST"))}
+    env.update({"VENV": str(VENV_BIN.parent), "PORT": str(free_port()), "REDIS_URL": redis_url, "SCORE_CONF": "2",
+                "MODEL_DIR": str(tmp_path / "models")})
+    served = subprocess.run([str(ROOT / "scripts" / "serve")], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    output = served.stdout + served.stderr
+    assert served.returncode == 2 and output.count("SCORE_CONF='2'") == 1, output
+    assert "rq.worker" not in output and "gunicorn" not in output.lower()
+
+
+def test_ctrl_c_stops_the_worker_and_the_server_before_the_redis_make_run_started(trained_weights, tmp_path):
+    port, redis_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "MODEL_", "HOST"))}
+    env.update({"VENV": str(VENV_BIN.parent), "PORT": str(port), "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+                "MODEL_PATH": str(trained_weights), "MODEL_DIR": str(tmp_path / "models"), "DEVICE": "cpu"})
+    process = subprocess.Popen([str(ROOT / "scripts" / "serve")], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("ready:") or len(lines) > 2000:
+                break
+        assert lines[-1].startswith("ready:") and "(started here" in lines[-1], lines
+        (server,) = [p for p in psutil.Process(process.pid).children() if p.name() == "redis-server"]
+        assert os.getpgid(server.pid) != os.getpgid(process.pid)  # Ctrl-C does not reach it: it is stopped last
+        os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+        rest, _ = process.communicate(timeout=60)
+    finally:
+        stop(process)
+    output = "".join(lines) + rest
+    assert "does not answer" not in output and "Connection refused" not in output, output[-3000:]
+    assert "warm shut down requested" in output  # the worker was told to stop, and stopped cleanly
+    with pytest.raises(redis.exceptions.ConnectionError):  # and the Redis it started is gone
+        redis.Redis(port=redis_port, socket_connect_timeout=1).ping()

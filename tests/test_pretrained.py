@@ -128,6 +128,7 @@ def test_status_and_the_ready_line_say_why_the_default_was_not_fetched(tmp_path,
     shown = subprocess.run([sys.executable, "-m", "ale_backend", "status", "--project", "3"], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0, shown.stderr
+    assert "warning: this Redis holds nothing for ls-" in shown.stderr  # nothing happened for this instance yet
     base = json.loads(shown.stdout)["base_model"]
     assert base["version"] == "yolov5nu-untrained"
     assert base["fallback"].startswith("yolov5nu.pt could not be fetched: could not reach")

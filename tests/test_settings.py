@@ -88,3 +88,14 @@ def test_settings_handed_to_another_process_read_back_the_same(tmp_path):
         assert all(isinstance(value, str) for value in env.values())
         assert Settings.from_env(env) == settings
     assert unusual.to_env()["TRAIN_AMP"] == "false" and Settings().to_env()["TRAIN_AMP"] == ""  # unset stays auto
+
+
+@pytest.mark.parametrize("value", ["http://127.0.0.1:8765/", "127.0.0.1:8765/images", "minio:9000,https://x"])
+def test_the_image_host_allowlist_takes_hosts_not_urls(value):
+    with pytest.raises(SettingsError, match="IMAGE_HOST_ALLOWLIST.*without a scheme or a path"):
+        Settings.from_env({"IMAGE_HOST_ALLOWLIST": value})
+
+
+def test_the_image_host_allowlist_takes_hosts_and_ports():
+    allowed = Settings.from_env({"IMAGE_HOST_ALLOWLIST": "MinIO:9000, 127.0.0.1:8765,[::1]:80,files.lan"})
+    assert allowed.image_host_allowlist == ("127.0.0.1:8765", "[::1]:80", "files.lan", "minio:9000")

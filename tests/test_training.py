@@ -251,6 +251,11 @@ def test_events_below_the_minimum_wait_and_others_are_ignored(backend):
     cli = subprocess.run([sys.executable, "-m", "ale_backend", "status", "--project", "4"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=60)
     assert cli.returncode == 0, cli.stderr
+    from ale_backend.jobs import redis_address
+
+    where = f"read from Redis {redis_address(app_settings.redis_url)} (REDIS_URL), Label Studio "
+    assert where + app_settings.label_studio_url in cli.stderr
+    assert "holds nothing" not in cli.stderr
     shown = json.loads(cli.stdout)
     assert shown["waiting"]["id"] == third.json["job"] and shown["new_annotations"] == 3
     assert shown["min_new_annotations"] == 3
