@@ -1,7 +1,7 @@
 """The annotator's queue in a real Label Studio 1.23.2 follows ALE, before and after a retraining.
 
 The tests run in file order and share one project: connect -> first scoring -> annotations -> retraining and
-re-scoring -> a personal access token.
+re-scoring -> an import scored as it arrives -> a personal access token.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from tests.integration.conftest import all_tasks, assert_queue_follows_ale, grou
 
 N_TASKS = 24
 N_ANNOTATED = 8
+N_IMPORTED = 6
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +94,33 @@ def test_annotations_retrain_and_rescore_the_queue(live_label_studio, live_backe
     assert next_task(ls, project_id) not in annotated
 
 
+def test_tasks_imported_after_connect_are_scored_without_a_manual_step(live_label_studio, live_backend, project):
+    """TASKS_CREATED: the new tasks get predictions of the project's version, and the queue still follows ALE."""
+    ls, project_id = live_label_studio, project[0]
+    version = ls.api("GET", f"/api/projects/{project_id}/")["model_version"]
+    before = {t["id"] for t in all_tasks(ls, project_id)}
+    rng = np.random.default_rng(77)
+    files = []
+    for i in range(N_IMPORTED):
+        sample = synthetic.shapes_image(rng, 160, max_objects=3)
+        ok, png = cv2.imencode(".png", sample.image)
+        files.append((f"file{i}", (f"late{i:03d}.png", io.BytesIO(png.tobytes()), "image/png")))
+    ls.api("POST", f"/api/projects/{project_id}/import", files=files)
+    new = [t for t in all_tasks(ls, project_id) if t["id"] not in before]
+    assert len(new) == N_IMPORTED
+
+    def scored():
+        tasks = [t for t in all_tasks(ls, project_id) if t["id"] not in before]
+        return all(any(p["model_version"] == version for p in t["predictions"]) for t in tasks)
+
+    deadline = time.monotonic() + 180
+    while not scored():
+        assert time.monotonic() < deadline, live_backend.cli("status", "--project", str(project_id)).stdout
+        time.sleep(1)
+    assert ls.api("GET", f"/api/projects/{project_id}/")["model_version"] == version  # nothing switched
+    assert assert_queue_follows_ale(ls, live_backend, project_id) == version
+
+
 def test_a_personal_access_token_works_like_a_legacy_token(live_label_studio, live_backend, project):
     ls, project_id = live_label_studio, project[0]
     ls.api("POST", "/api/jwt/settings", json={"api_tokens_enabled": True, "legacy_api_tokens_enabled": True})
@@ -104,4 +132,4 @@ def test_a_personal_access_token_works_like_a_legacy_token(live_label_studio, li
                               "--api-key", pat, env={"MODEL_DIR": str(fresh)})
     assert result.returncode == 0, result.stderr + result.stdout
     assert "changed: nothing" in result.stdout
-    assert f"scored {N_TASKS - N_ANNOTATED} unlabelled tasks" in result.stdout  # images fetched with the PAT
+    assert f"scored {N_TASKS + N_IMPORTED - N_ANNOTATED} unlabelled tasks" in result.stdout  # images fetched with it
