@@ -13,11 +13,13 @@ It changes what is shown, not what is scored.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import threading
 import xml.etree.ElementTree as ET
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 
@@ -70,11 +72,39 @@ class LabelMap:
         return scores[:, columns] if columns else np.zeros((len(scores), 1))
 
 
-@lru_cache(maxsize=64)
+MAX_CONFIG_BYTES = 1024 * 1024
+"""Largest labelling config read (Label Studio's own run to a few kilobytes; one of 20 MB is an attack)."""
+_CACHED_CONFIGS = 64
+_parsed: OrderedDict[str, LabelConfig] = OrderedDict()
+_parsed_lock = threading.Lock()
+
+
 def parse_label_config(config: str) -> LabelConfig:
-    """Find the first ``<RectangleLabels>`` whose ``toName`` is an ``<Image>`` and read its labels."""
+    """Find the first ``<RectangleLabels>`` whose ``toName`` is an ``<Image>`` and read its labels.
+
+    Parsed configs are kept (Label Studio sends the config with every request) by the SHA-256 of their text: the
+    cache holds the small parsed result, never the text. A config over :data:`MAX_CONFIG_BYTES` is refused.
+    """
     if not isinstance(config, str) or not config.strip():
         raise LabelConfigError("the project has no labelling config")
+    size = len(config.encode("utf-8", "surrogatepass"))
+    if size > MAX_CONFIG_BYTES:
+        raise LabelConfigError(f"the labelling config is {size} bytes, over the {MAX_CONFIG_BYTES} this backend reads")
+    key = hashlib.sha256(config.encode("utf-8", "surrogatepass")).hexdigest()
+    with _parsed_lock:
+        parsed = _parsed.get(key)
+        if parsed is not None:
+            _parsed.move_to_end(key)
+            return parsed
+    parsed = _parse(config)
+    with _parsed_lock:
+        _parsed[key] = parsed
+        while len(_parsed) > _CACHED_CONFIGS:
+            _parsed.popitem(last=False)
+    return parsed
+
+
+def _parse(config: str) -> LabelConfig:
     try:
         root = ET.fromstring(config)
     except ET.ParseError as exc:

@@ -18,7 +18,9 @@ label-studio-ml provides the routes Label Studio calls (``/health``, ``/setup``,
   project) and answers at once: 201 queued, 200 coalesced / pending / ignored, 400 for an event without a project,
   503 with the reason when Redis is down (``/predict`` does not need Redis).
 * **Metrics and limits.** ``/metrics`` answers in Prometheus' text format (:mod:`ale_backend.metrics`; 1.0.9's is
-  an empty JSON object); request bodies over ``MAX_REQUEST_MB`` get 413.
+  an empty JSON object); request bodies over ``MAX_REQUEST_MB`` get 413, counted on the bytes read whatever the
+  framing (a chunked body has no Content-Length), before 1.0.9's own ``before_request`` reads every body to log it;
+  JSON nested deeper than 64 levels gets 400.
 * **Versions per project.** ``/versions`` (GET, which Label Studio calls, and POST) lists the project's registry
   versions; ``/status?project=<id>`` shows the training queue and the served version.
 * **Undeclared dependencies.** label-studio-ml imports ``redis`` and ``rq`` without declaring them: both are pinned
@@ -28,6 +30,7 @@ label-studio-ml provides the routes Label Studio calls (``/health``, ``/setup``,
 from __future__ import annotations
 
 import hmac
+import io
 import logging
 import threading
 
@@ -102,7 +105,8 @@ def create_app(settings: Settings | None = None, warm_up: bool = True) -> Flask:
         ls_api._manager = ALEManager()
     app = ls_api.init_app(model_class=ALEModel, model_dir=str(settings.model_dir), settings=settings)
     if not app.config.get("ALE_EXTENDED"):
-        app.before_request(_check_request)
+        # first: label-studio-ml's own before_request reads the whole body (to log it at DEBUG) before anything
+        app.before_request_funcs.setdefault(None, []).insert(0, _check_request)
         app.after_request(_hide_tracebacks)
         app.add_url_rule("/versions", "versions_get", _versions, methods=["GET"])
         app.add_url_rule("/status", "status", _status, methods=["GET"])
@@ -123,6 +127,8 @@ def _check_request():
     limit = current_app.config["MAX_CONTENT_LENGTH"]
     if request.content_length is not None and request.content_length > limit:
         return _error(413, f"request body of {request.content_length} bytes is over MAX_REQUEST_MB ({limit} bytes)")
+    if not _body_within(limit):
+        return _error(413, f"request body over MAX_REQUEST_MB ({limit} bytes)")
     if settings.basic_auth_user:
         auth = request.authorization
         if auth is None or not (_same(auth.username, settings.basic_auth_user)
@@ -130,13 +136,21 @@ def _check_request():
             response = _error(401, "basic authentication required (BASIC_AUTH_USER / BASIC_AUTH_PASS)")
             response.headers["WWW-Authenticate"] = 'Basic realm="ALE backend"'
             return response
+    if request.args.get("project") is not None and project_id(request.args["project"]) is None:
+        return _error(400, "'project' must be Label Studio's project id, e.g. ?project=3")
     if request.method != "POST":
         return None
     if not request.is_json:
         return _error(415, "send a JSON body with Content-Type: application/json")
-    payload = request.get_json(silent=True)
+    try:
+        payload = request.get_json(silent=True)
+    except RecursionError:  # the decoder recurses per level: a few KB of brackets exhaust the stack
+        payload = None
+    if payload is not None and _depth_over(payload, MAX_JSON_DEPTH):
+        return _error(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels")
     if not isinstance(payload, dict):
-        return _error(400, "the request body must be a JSON object")
+        return _error(400, "the request body must be a JSON object, nested at most "
+                           f"{MAX_JSON_DEPTH} levels deep")
     for field, kind, meaning in _REQUIRED_FIELDS.get(request.path, ()):
         value = payload.get(field)
         if not isinstance(value, kind) or not value:
@@ -155,6 +169,48 @@ def _check_request():
         except LabelConfigError as exc:
             return _error(400, f"unusable labelling config: {exc}")
     return None
+
+
+MAX_JSON_DEPTH = 64
+"""Deepest nesting of a request's JSON (Label Studio's own are under ten levels)."""
+
+
+def _body_within(limit: int) -> bool:
+    """Read the request body now, up to ``limit`` bytes, whatever its framing: a chunked body has no Content-Length
+    to check, and the WSGI server hands it over unbounded. False when there is more; otherwise the body is kept
+    for the views (``request.get_data``)."""
+    if request.method not in ("POST", "PUT", "PATCH"):
+        return True
+    stream = request.environ.get("wsgi.input")
+    if stream is None:
+        return True
+    chunks, size = [], 0
+    while size <= limit:
+        chunk = stream.read(min(1 << 20, limit + 1 - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    if size > limit:
+        return False
+    data = b"".join(chunks)
+    request.environ["wsgi.input"] = io.BytesIO(data)
+    request.environ["CONTENT_LENGTH"] = str(len(data))  # now framed by its length, as if sent so
+    request.environ.pop("wsgi.input_terminated", None)
+    request.environ.pop("HTTP_TRANSFER_ENCODING", None)
+    return True
+
+
+def _depth_over(value, limit: int) -> bool:
+    """Whether JSON ``value`` nests deeper than ``limit`` (iterative: deep input cannot exhaust the stack)."""
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            pending.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
 
 
 def _same(given: str | None, expected: str) -> bool:

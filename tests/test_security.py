@@ -157,3 +157,90 @@ def test_an_unexpected_error_answers_500_without_a_traceback(secured, monkeypatc
                            headers=auth())
     assert response.status_code == 500
     assert response.json == {"error": "internal error; the backend's log has the details"}
+
+
+@pytest.fixture()
+def gunicorn_backend(trained_weights, tmp_path):
+    """The backend under gunicorn, as deployed (chunked bodies reach it as gunicorn frames them), 1 MB limit."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from testkit.stack import free_port, stop, wait_until_up
+    from tests.conftest import ROOT
+
+    port = free_port()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "BASIC_AUTH"))},
+           "MODEL_PATH": str(trained_weights), "MODEL_DIR": str(tmp_path / "models"), "DEVICE": "cpu",
+           "MAX_REQUEST_MB": "1", "HOST": "127.0.0.1", "PORT": str(port), "WORKERS": "1"}
+    process = subprocess.Popen([str(Path(sys.executable).parent / "gunicorn"), "_wsgi:app"], cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/health", process, 60, tmp_path / "none.log")
+        yield port
+    finally:
+        stop(process)
+
+
+def chunked_post(port: int, path: str, body: bytes) -> int:
+    """POST ``body`` with ``Transfer-Encoding: chunked`` (no Content-Length); the status the server answers."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+        connection.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n".encode())
+        try:
+            for start in range(0, len(body), 65536):
+                chunk = body[start:start + 65536]
+                connection.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+            connection.sendall(b"0\r\n\r\n")
+        except OSError:  # the server answered and closed before the whole body was sent
+            pass
+        answer = b""
+        while b"\r\n" not in answer:
+            data = connection.recv(4096)
+            if not data:
+                break
+            answer += data
+    return int(answer.split(b" ", 2)[1])
+
+
+def test_a_chunked_body_is_held_to_the_limit_like_any_other(gunicorn_backend):
+    import json
+
+    setup = json.dumps({"project": "1.1", "schema": LABEL_CONFIG}).encode()
+    assert chunked_post(gunicorn_backend, "/setup", setup) == 200  # chunked within the limit: read as usual
+    tasks = [{"id": i, "data": {"image": "x" * 1000}} for i in range(2000)]  # 2 MB against 1 MB
+    big = json.dumps({"project": "1.1", "label_config": LABEL_CONFIG, "tasks": tasks}).encode()
+    assert chunked_post(gunicorn_backend, "/predict", big) == 413
+    assert chunked_post(gunicorn_backend, "/webhook", big) == 413
+
+
+def test_deeply_nested_json_gets_a_400_with_a_reason(secured):
+    client, _ = secured
+    deep = '{"action": "X", "project": {"id": 1}, "x": ' + "[" * 1000 + "]" * 1000 + "}"
+    for path in ("/webhook", "/predict", "/setup"):
+        response = client.post(path, data=deep, content_type="application/json", headers=auth())
+        assert response.status_code == 400 and "nest" in response.json["error"], (path, response.data[:200])
+
+
+@pytest.mark.parametrize("path", ["/versions?project=%C2%B2", "/status?project=0", "/versions?project=x"])
+def test_a_bad_project_in_the_query_gets_a_400(secured, path):
+    client, _ = secured
+    response = client.get(path, headers=auth())
+    assert response.status_code == 400 and "project" in response.json["error"]
+
+
+def test_the_config_cache_keeps_parsed_configs_by_digest_and_refuses_huge_ones(secured):
+    from ale_backend import label_config
+
+    client, _ = secured
+    for i in range(5):  # distinct configs, each with a long comment
+        config = LABEL_CONFIG.replace("<View>", f"<View><!-- {i} {'x' * 3000} -->")
+        label_config.parse_label_config(config)
+    assert all(len(key) == 64 for key in label_config._parsed)
+    assert all(not isinstance(v, str) and "xxx" not in repr(v) for v in label_config._parsed.values())
+    huge = LABEL_CONFIG.replace("<View>", f"<View><!-- {'x' * (label_config.MAX_CONFIG_BYTES + 1)} -->")
+    with pytest.raises(label_config.LabelConfigError, match="over the 1048576 this backend reads"):
+        label_config.parse_label_config(huge)
