@@ -73,42 +73,125 @@ class DatasetSummary:
 
 def pick_annotation(task: Mapping) -> Mapping | None:
     """The annotation to train on: ground truth first, else the latest non-cancelled one."""
-    usable = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
+    annotations = task.get("annotations") or []
+    if not isinstance(annotations, list):
+        raise _Unusable("its annotations are not a list")
+    usable = [a for a in annotations if isinstance(a, Mapping) and not a.get("was_cancelled")]
     if not usable:
         return None
     return max(usable, key=lambda a: (bool(a.get("ground_truth")), str(a.get("updated_at") or ""),
                                       str(a.get("created_at") or ""), a.get("id") or 0))
 
 
-def examples_from_tasks(tasks: Iterable[Mapping], config: LabelConfig) -> list[Example]:
-    """Training examples from Label Studio tasks (``fields=all``); tasks without a usable annotation are skipped."""
-    examples = []
+class Skips:
+    """What a round left out of its annotations, by reason: a count and the first task ids of each."""
+
+    KEPT_IDS = 20
+
+    def __init__(self) -> None:
+        self.counts: Counter = Counter()
+        self.tasks: dict[str, list] = {}
+
+    def add(self, reason: str, task_id) -> None:
+        self.counts[reason] += 1
+        ids = self.tasks.setdefault(reason, [])
+        if len(ids) < self.KEPT_IDS:
+            ids.append(task_id)
+
+    def as_dict(self) -> dict[str, dict]:
+        """``{reason: {"count": n, "tasks": [first ids]}}``, most frequent first (for the status and the report)."""
+        return {reason: {"count": n, "tasks": self.tasks[reason]} for reason, n in self.counts.most_common()}
+
+    def total(self, prefix: str = "") -> int:
+        return sum(n for reason, n in self.counts.items() if reason.startswith(prefix))
+
+
+TASK_SKIPPED = "task skipped: "
+"""Prefix of the reasons that leave a whole task out (the others drop one region of a task that is kept)."""
+
+
+class _Unusable(ValueError):
+    """A task or region that cannot be trained on; the message is the reason, by kind (counted as such)."""
+
+
+def examples_from_tasks(tasks: Iterable, config: LabelConfig, skips: Skips | None = None) -> list[Example]:
+    """Training examples from Label Studio tasks (``fields=all``).
+
+    Every task and region is checked, since whatever Label Studio (or a script writing to its API) stores reaches
+    this round: a task that cannot be used (no integer id, a repeated id, an annotation or region that is not what
+    Label Studio writes, coordinates that are not finite numbers) is left out, a region of another control, type or
+    label is dropped, and each is counted by reason in ``skips`` with its task id; the rest is trained on. A task
+    whose only annotations were skipped in Label Studio is not a training example (not counted either).
+    """
+    skips = skips if skips is not None else Skips()
+    examples, seen = [], set()
     for task in tasks:
-        annotation = pick_annotation(task)
-        if annotation is None:
-            continue
-        boxes = []
-        for region in annotation.get("result") or []:
-            if region.get("type") != "rectanglelabels" or region.get("from_name") != config.from_name:
+        task_id = task.get("id") if isinstance(task, Mapping) else None
+        try:
+            if not isinstance(task, Mapping) or type(task_id) is not int or task_id < 1:
+                raise _Unusable("its id is not a positive integer")
+            if task_id in seen:
+                raise _Unusable("its id repeats another task's")
+            seen.add(task_id)
+            annotation = pick_annotation(task)
+            if annotation is None:
                 continue
-            value = region.get("value") or {}
-            labels = value.get("rectanglelabels") or []
-            if not labels or labels[0] not in config.aliases:
-                continue
-            box = rectangle_to_yolo(value)
-            if box is not None:
-                boxes.append(Box(labels[0], *box))
-        examples.append(Example(int(task["id"]), task_image_url(task, config.image_key), tuple(boxes)))
+            dropped: list[str] = []
+            boxes = _boxes(annotation, config, dropped.append)
+            examples.append(Example(task_id, task_image_url(task, config.image_key), tuple(boxes)))
+            for reason in dropped:  # only for a task that is kept
+                skips.add(reason, task_id)
+        except _Unusable as exc:
+            named = task_id if task_id is None or isinstance(task_id, (int, str)) else repr(task_id)[:40]
+            skips.add(f"{TASK_SKIPPED}{exc}", named[:40] if isinstance(named, str) else named)
+    if skips.counts:
+        logger.warning("annotations left out: %s", "; ".join(
+            f"{reason} ({n}x, tasks {skips.tasks[reason][:5]})" for reason, n in skips.counts.most_common()))
     return examples
 
 
+def _boxes(annotation: Mapping, config: LabelConfig, drop) -> list[Box]:
+    """The annotation's boxes for this config's control; raises :class:`_Unusable` for a malformed one."""
+    result = annotation.get("result") or []
+    if not isinstance(result, list):
+        raise _Unusable("its annotation's result is not a list")
+    boxes = []
+    for region in result:
+        if not isinstance(region, Mapping) or not isinstance(region.get("value", {}), Mapping):
+            raise _Unusable("a region (or its value) is not an object")
+        if region.get("from_name") != config.from_name:
+            drop(f"region of another control dropped ({str(region.get('from_name'))[:40]})")
+            continue
+        if region.get("type") != "rectanglelabels":
+            drop(f"region of another type dropped ({str(region.get('type'))[:40]})")
+            continue
+        value = region.get("value") or {}
+        labels = value.get("rectanglelabels")
+        if not isinstance(labels, list) or not labels or not all(isinstance(label, str) for label in labels):
+            raise _Unusable("a rectangle's labels are not a list of names")
+        if labels[0] not in config.aliases:
+            drop(f"label not in the labelling config dropped ({labels[0][:40]})")
+            continue
+        box = rectangle_to_yolo(value)
+        if box is None:
+            drop("rectangle of no area inside the image dropped")
+            continue
+        boxes.append(Box(labels[0], *box))
+    return boxes
+
+
 def rectangle_to_yolo(value: Mapping) -> tuple[float, float, float, float] | None:
-    """Label Studio rectangle (percent, rotated about its top-left corner) -> YOLO (cx, cy, w, h) in [0, 1]."""
-    try:
-        x, y, w, h = (float(value[k]) for k in ("x", "y", "width", "height"))
-    except (KeyError, TypeError, ValueError):
-        return None
-    angle = math.radians(float(value.get("rotation") or 0.0))
+    """Label Studio rectangle (percent, rotated about its top-left corner) -> YOLO (cx, cy, w, h) in [0, 1]; None
+    when nothing of it lies inside the image. Raises :class:`ValueError` when a coordinate or the rotation is not a
+    finite number."""
+    numbers = []
+    for key in ("x", "y", "width", "height", "rotation"):
+        raw = value.get(key, 0.0 if key == "rotation" else None)
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw):
+            raise _Unusable(f"a rectangle's {key} is not a finite number")
+        numbers.append(float(raw))
+    x, y, w, h, rotation = numbers
+    angle = math.radians(rotation)
     cos, sin = math.cos(angle), math.sin(angle)
     corners = [(x + dx * cos - dy * sin, y + dx * sin + dy * cos) for dx, dy in ((0, 0), (w, 0), (w, h), (0, h))]
     x1 = min(max(min(c[0] for c in corners), 0.0), 100.0)

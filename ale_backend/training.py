@@ -30,8 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from ale_backend.dataset import (
+    TASK_SKIPPED,
     DatasetSummary,
     Example,
+    Skips,
     class_names_for,
     examples_from_tasks,
     remapped_validation_set,
@@ -74,6 +76,8 @@ class _Annotations:
     examples: list[Example]
     parent: ModelSource
     fingerprint: str
+    skips: Skips
+    """What was left out, by reason (the tasks whose image cannot be read are added when the dataset is written)."""
 
 
 def _train_round(project: int, settings: Settings, report: Report, registry: Registry, work: Path) -> dict[str, Any]:
@@ -115,7 +119,8 @@ def _train_round(project: int, settings: Settings, report: Report, registry: Reg
         train_seconds=round(time.monotonic() - started, 1),
         promoted=promoted,
         reason=reason,
-        extra={"boxes_per_class": dict(summary.boxes_per_class), "skipped_tasks": summary.skipped[:50],
+        extra={"boxes_per_class": dict(summary.boxes_per_class), "skipped": annotations.skips.as_dict(),
+               "skipped_tasks": summary.skipped[:50],
                "train_images": summary.train_images, "val_images": summary.val_images,
                "replay_images": summary.replay_images, "epochs": epochs, "epochs_run": trained.epochs,
                "stopped_early": trained.stopped_early, "warnings": warnings, "fingerprint": annotations.fingerprint},
@@ -138,16 +143,18 @@ def _read_annotations(project: int, settings: Settings, registry: Registry, repo
     report("fetching annotations")
     client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
     config = parse_label_config(client.project(project)["label_config"])
-    tasks = [t for t in client.tasks(project, filters=ANNOTATED) if t.get("annotations")]
-    examples = examples_from_tasks(tasks, config)
+    tasks = [t for t in client.tasks(project, filters=ANNOTATED) if not isinstance(t, dict) or t.get("annotations")]
+    skips = Skips()
+    examples = examples_from_tasks(tasks, config, skips)
     if not examples:
-        raise NothingToTrain(f"project {project} has no annotation to train on (skipped tasks do not count)")
+        left_out = f"; left out: {skips.as_dict()}" if skips.counts else ""
+        raise NothingToTrain(f"project {project} has no annotation to train on (skipped tasks do not count){left_out}")
     parent = served_source(settings, project)
     fingerprint = annotations_fingerprint(tasks)
     if parent.version in {i.version for i in registry.versions(project)} and \
             registry.info(project, parent.version).extra.get("fingerprint") == fingerprint:
         raise NothingToTrain(f"no annotation changed since {parent.version} was trained")
-    return _Annotations(config, examples, parent, fingerprint)
+    return _Annotations(config, examples, parent, fingerprint, skips)
 
 
 def _write_round_dataset(project: int, settings: Settings, registry: Registry, annotations: _Annotations,
@@ -161,12 +168,14 @@ def _write_round_dataset(project: int, settings: Settings, registry: Registry, a
     cache = ImageCache(registry.files(project).image_cache, get_image_loader(settings))
     summary = write_dataset(annotations.examples, class_names, label_to_class, cache, work / "dataset",
                             settings.train_val_percent, settings.base_dataset)
+    for task, _reason in summary.skipped:  # the reason itself (per URL) is in the log and skipped_tasks
+        annotations.skips.add(f"{TASK_SKIPPED}its image is not usable", task)
     logger.info(
         "project %s: training %s on %d tasks (%d train / %d validation images, %d replayed), %d boxes %s; "
         "new classes %s; %d tasks skipped", project, annotations.parent.version,
         len(annotations.examples) - len(summary.skipped), summary.train_images, summary.val_images,
         summary.replay_images, summary.boxes, dict(summary.boxes_per_class), list(label_map.new_labels),
-        len(summary.skipped),
+        annotations.skips.total(TASK_SKIPPED),
     )
     return summary
 
@@ -175,8 +184,9 @@ def annotations_fingerprint(tasks: list[dict]) -> str:
     """Identifies the set of annotations a round trains on (task, annotation id and last update of each)."""
     import hashlib
 
-    rows = sorted(f"{t['id']}:{a.get('id')}:{a.get('updated_at')}:{a.get('was_cancelled')}:{a.get('ground_truth')}"
-                  for t in tasks for a in t.get("annotations") or [])
+    rows = sorted(f"{t.get('id')}:{a.get('id')}:{a.get('updated_at')}:{a.get('was_cancelled')}:{a.get('ground_truth')}"
+                  for t in tasks if isinstance(t, dict) and isinstance(t.get("annotations"), list)
+                  for a in t["annotations"] if isinstance(a, dict))
     return hashlib.sha256("\n".join(rows).encode()).hexdigest()
 
 

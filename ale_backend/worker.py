@@ -194,7 +194,8 @@ def _outcome(connection: redis.Redis, names: Names, project: int, jid: str, repo
     summary = {"job": jid, "at": timestamp(), **{k: outcome.get(k) for k in (
         "status", "reason", "version", "promoted", "metrics", "annotations", "boxes", "train_seconds", "scored",
         "model_version", "unreadable_count", "arrived") if k in outcome},
-        **{k: outcome["extra"][k] for k in ("stopped_early", "warnings") if (outcome.get("extra") or {}).get(k)}}
+        **{k: outcome["extra"][k] for k in ("stopped_early", "warnings", "skipped")
+           if (outcome.get("extra") or {}).get(k)}}
     connection.set(key(project, "last-result"), json.dumps(summary))
     if training:
         connection.set(key(project, "last-training"), json.dumps(summary))

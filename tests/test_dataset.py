@@ -4,7 +4,9 @@ import pytest
 import yaml
 
 from ale_backend.dataset import (
+    TASK_SKIPPED,
     Example,
+    Skips,
     class_names_for,
     examples_from_tasks,
     is_validation,
@@ -52,13 +54,64 @@ def test_examples_keep_this_controls_boxes_and_skip_skipped_tasks():
     assert examples[1].boxes == () and examples[2].boxes == ()  # negatives: nothing of this project's labels
 
 
+def poisoned_tasks():
+    """A good task and, one per task, what the hardening review sent (ids 2 to 13)."""
+    def with_region(task_id, **value_changes):
+        task = {"id": task_id, "data": {"image": f"{task_id}.png"}, "annotations": [annotation(task_id, "t")]}
+        task["annotations"][0]["result"][0]["value"].update(value_changes)
+        return task
+
+    good = with_region(1)
+    region = good["annotations"][0]["result"][0]
+    return [
+        good,
+        with_region(2, rotation=float("inf")),  # 1e400 in JSON
+        with_region(3, rotation="abc"),
+        with_region(4, x=float("nan")),
+        {"id": 5, "data": {"image": "5.png"}, "annotations": [{"id": 5, "result": ["a string"]}]},
+        {"id": 6, "data": {"image": "6.png"}, "annotations": [{"id": 6, "result": [{**region, "value": "text"}]}]},
+        {"id": 7, "data": {"image": "7.png"}, "annotations": [{"id": 7, "result": {"not": "a list"}}]},
+        {"id": 8, "data": {"image": "8.png"}, "annotations": [None, annotation(8, "t")]},  # null: the other counts
+        with_region(9, rectanglelabels=[["Circle"]]),
+        {"id": "abc", "data": {"image": "x.png"}, "annotations": [annotation(10, "t")]},
+        with_region(1),  # the id of task 1 again
+        {"id": 11, "data": {"image": "11.png"}, "annotations": [annotation(11, "t"), "junk"]},
+        {"id": 12, "data": {"image": "12.png"}, "annotations": [{"id": 12, "result": [
+            region, {**region, "type": "polygonlabels"}, {"from_name": "class", "type": "choices", "value": {}},
+            {**region, "value": {**region["value"], "rectanglelabels": ["Removed"]}}]}]},
+        "not a task",
+    ]
+
+
+def test_what_cannot_be_trained_on_is_left_out_and_counted_by_reason_and_the_rest_is_kept():
+    skips = Skips()
+    examples = examples_from_tasks(poisoned_tasks(), parse_label_config(LABEL_CONFIG), skips)
+    assert [e.task_id for e in examples] == [1, 8, 11, 12]
+    assert all(math.isfinite(v) for e in examples for b in e.boxes for v in (b.cx, b.cy, b.w, b.h))
+    assert len(examples[-1].boxes) == 1  # task 12 keeps its one usable rectangle
+    assert skips.as_dict() == {
+        "task skipped: a rectangle's rotation is not a finite number": {"count": 2, "tasks": [2, 3]},
+        "task skipped: its id is not a positive integer": {"count": 2, "tasks": ["abc", None]},
+        "task skipped: a rectangle's x is not a finite number": {"count": 1, "tasks": [4]},
+        "task skipped: a region (or its value) is not an object": {"count": 2, "tasks": [5, 6]},
+        "task skipped: its annotation's result is not a list": {"count": 1, "tasks": [7]},
+        "task skipped: a rectangle's labels are not a list of names": {"count": 1, "tasks": [9]},
+        "task skipped: its id repeats another task's": {"count": 1, "tasks": [1]},
+        "region of another type dropped (polygonlabels)": {"count": 1, "tasks": [12]},
+        "region of another control dropped (class)": {"count": 1, "tasks": [12]},
+        "label not in the labelling config dropped (Removed)": {"count": 1, "tasks": [12]},
+    }
+    assert skips.total(TASK_SKIPPED) == 10
+
+
 def test_rotated_rectangles_become_their_bounding_box():
     assert rectangle_to_yolo({"x": 10, "y": 20, "width": 30, "height": 40}) == pytest.approx((0.25, 0.4, 0.3, 0.4))
     # rotated 90 degrees about the top-left corner (10, 20): spans x 10-40 -> -30..10, y 20..50
     cx, cy, w, h = rectangle_to_yolo({"x": 10, "y": 20, "width": 30, "height": 40, "rotation": 90})
     assert (cx, cy, w, h) == pytest.approx((0.05, 0.35, 0.1, 0.3))  # clipped at the left edge
     assert rectangle_to_yolo({"x": 120, "y": 0, "width": 5, "height": 5}) is None
-    assert rectangle_to_yolo({"x": 1}) is None
+    with pytest.raises(ValueError, match="y is not a finite number"):
+        rectangle_to_yolo({"x": 1})
     assert math.isfinite(rectangle_to_yolo({"x": 0, "y": 0, "width": 10, "height": 10, "rotation": 45})[0])
 
 
@@ -79,7 +132,7 @@ def test_known_labels_keep_the_model_class_name():
 def test_dataset_files_skip_broken_images_and_relabel_for_another_model(tmp_path, sample_images):
     config = parse_label_config(LABEL_CONFIG)
     tasks = [{"id": i, "data": {"image": str(p)}, "annotations": [annotation(i, "t", label="Springtail")]}
-             for i, p in enumerate(sample_images[:10])]
+             for i, p in enumerate(sample_images[:10], start=1)]
     tasks.append({"id": 99, "data": {"image": str(tmp_path / "missing.png")}, "annotations": [annotation(9, "t")]})
     examples = examples_from_tasks(tasks, config)
     cache = ImageCache(tmp_path / "cache", ImageLoader(None, local_roots=[tmp_path, sample_images[0].parent]))
@@ -90,7 +143,7 @@ def test_dataset_files_skip_broken_images_and_relabel_for_another_model(tmp_path
     assert summary.boxes == 10 and summary.boxes_per_class == {"Springtail": 10}
     data = yaml.safe_load(summary.data_yaml.read_text())
     assert data["names"] == {0: "circle", 1: "square", 2: "Springtail"}
-    label = (tmp_path / "ds" / "labels" / "task0.txt").read_text().split()
+    label = (tmp_path / "ds" / "labels" / "task1.txt").read_text().split()
     assert label[0] == "2" and float(label[1]) == pytest.approx(0.25)
     assert len(list((tmp_path / "cache").iterdir())) == 10  # cached once...
     write_dataset(examples, ["circle", "square", "Springtail"], {"Circle": 0, "box": 1, "Springtail": 2},

@@ -388,6 +388,25 @@ def test_the_training_recipe_reaches_ultralytics(dataset, settings, tmp_path):
     assert epochs == [1] and weights.weights.is_file() and (weights.epochs, weights.stopped_early) == (1, None)
 
 
+def test_a_poisoned_annotation_is_left_out_and_the_round_trains_on_the_rest(backend, label_studio, start_worker):
+    app_settings, client = backend
+    add_project(label_studio, 15, n_tasks=10, seed=12)
+    tasks = label_studio.projects[15]["tasks"]
+    tasks[2]["annotations"][0]["result"][0]["value"]["rotation"] = float("inf")  # Label Studio sends 1e400
+    tasks[5]["annotations"][0]["result"][0]["value"]["x"] = float("nan")
+    tasks.append(dict(tasks[1]))  # the same task id twice
+    start_worker(train_epochs=1)
+    assert webhook(client, "START_TRAINING", 15).status_code == 201
+    done = wait_for(lambda: status(client, 15)["last_training"], 300, "the training round")
+    assert done["version"] and done["annotations"] == 8, done  # a round, on the 8 usable tasks
+    assert done["skipped"] == {
+        "task skipped: a rectangle's rotation is not a finite number": {"count": 1, "tasks": [tasks[2]["id"]]},
+        "task skipped: a rectangle's x is not a finite number": {"count": 1, "tasks": [tasks[5]["id"]]},
+        "task skipped: its id repeats another task's": {"count": 1, "tasks": [tasks[1]["id"]]},
+    }
+    assert Registry(app_settings.model_dir).info(15, done["version"]).extra["skipped"] == done["skipped"]
+
+
 def test_a_version_that_finds_almost_nothing_is_served_with_a_warning(backend, label_studio, start_worker):
     """The untrained config after two epochs on 12 images: what a first round without a pretrained start gives."""
     app_settings, client = backend
