@@ -41,7 +41,8 @@ class FakeLabelStudio:
 
     It accepts ``Authorization: Token <legacy_token>`` or ``Bearer <access token>``, where the access token comes from
     ``POST /api/token/refresh/ {"refresh": <PAT>}`` as Label Studio 1.23 does it. Files are served from ``root``
-    under ``/data/upload/...``, ``/data/local-files/?d=...`` and ``/public/...`` (the last one without auth);
+    under ``/data/upload/...``, ``/data/local-files/?d=...``, ``/tasks/<id>/resolve/?fileuri=<base64 of
+    s3://bucket/<path>>`` and ``/public/...`` (the last one without auth);
     ``/together/...`` answers only when ``barrier.parties`` requests wait at once (proof of concurrent fetching);
     ``/redirect?to=<url>`` answers 302 to that URL; ``/drip?every=<seconds>`` sends a 1000-byte body one byte at a time.
     ``projects`` maps a project id to ``{"label_config": ..., "tasks": [...]}``, served by ``/api/projects/<id>/``
@@ -161,6 +162,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             relative = unquote(parts.path[len("/data/upload/"):])
         elif parts.path == "/data/local-files/":
             relative = parse_qs(parts.query).get("d", [""])[0]
+        elif parts.path.startswith("/tasks/") and parts.path.endswith("/resolve/"):  # a storage file: its key
+            import base64
+
+            uri = base64.urlsafe_b64decode(parse_qs(parts.query)["fileuri"][0]).decode()
+            relative = urlsplit(uri).path.lstrip("/")
         else:
             return self._send(404, b"not found", "text/plain")
         path = (self.stand_in.root / relative).resolve()

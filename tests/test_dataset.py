@@ -182,3 +182,79 @@ def test_the_base_dataset_is_replayed_with_classes_renumbered(tmp_path, sample_i
                 # base "square" (0) is now 2, base "circle" (1) is now 0; coordinates unchanged
                 assert {"0": "2", "1": "0"}[before.split()[0]] == after.split()[0]
                 assert before.split()[1:] == after.split()[1:]
+
+
+@pytest.fixture()
+def cache_over(image_server, sample_images):
+    """A project's image cache reading the stand-in Label Studio, whose folder 1/ serves the sample images."""
+    from ale_backend.label_studio import LabelStudioClient
+
+    loader = ImageLoader(LabelStudioClient(image_server.url, image_server.legacy_token))
+    return lambda folder: ImageCache(folder, loader)
+
+
+@pytest.mark.parametrize("form", ["local-files", "storage link"])
+def test_a_task_whose_image_changed_gets_the_new_one(cache_over, tmp_path, sample_images, form):
+    import base64
+
+    def url(name):
+        if form == "local-files":
+            return f"/data/local-files/?d=1/{name}"
+        return f"/tasks/7/resolve/?fileuri={base64.urlsafe_b64encode(f's3://bucket/1/{name}'.encode()).decode()}"
+
+    cache = cache_over(tmp_path / "cache")
+    first, second = sample_images[0], sample_images[5]
+    assert cache.get(7, url(first.name)).read_bytes() == first.read_bytes()
+    assert cache.get(7, url(second.name)).read_bytes() == second.read_bytes()  # not the old image again
+
+
+def test_a_presigned_urls_signature_does_not_make_a_new_download(cache_over, tmp_path, image_server, sample_images):
+    cache = cache_over(tmp_path / "cache")
+    base = f"{image_server.url}/public/1/{sample_images[0].name}"
+    cache.get(3, base + "?X-Amz-Date=20261202T000000Z&X-Amz-Signature=aaa&versionId=2")
+    before = len(image_server.requests)
+    cache.get(3, base + "?X-Amz-Date=20261202T010000Z&X-Amz-Signature=bbb&versionId=2")
+    assert len(image_server.requests) == before  # the same file, from the cache
+    cache.get(3, base + "?X-Amz-Date=20261202T010000Z&X-Amz-Signature=bbb&versionId=3")
+    assert len(image_server.requests) == before + 1  # another version of the object: another file
+
+
+def test_a_write_that_fails_half_way_leaves_nothing_a_lookup_would_take(cache_over, tmp_path, sample_images,
+                                                                        monkeypatch):
+    import errno
+    from pathlib import Path
+
+    cache = cache_over(tmp_path / "cache")
+    url = f"/data/local-files/?d=1/{sample_images[0].name}"
+    real_write = Path.write_bytes
+
+    def disk_full(self, data):
+        real_write(self, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        cache.get(4, url)
+    monkeypatch.undo()
+    assert list((tmp_path / "cache").iterdir()) == []  # the partial file went with the failure
+    assert cache.get(4, url).read_bytes() == sample_images[0].read_bytes()  # the next round downloads it whole
+
+
+def test_leftovers_of_a_killed_writer_are_never_taken_and_are_removed_when_old(cache_over, tmp_path, sample_images):
+    import os
+
+    from ale_backend.image_cache import cache_key
+
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    url = f"/data/local-files/?d=1/{sample_images[0].name}"
+    key = cache_key(4, url)
+    (folder / f"{key}.part123").write_bytes(b"truncated")  # the name an earlier release wrote
+    old = folder / f".{key}.123.deadbeef.partial"
+    old.write_bytes(b"truncated")
+    os.utime(old, (1, 1))
+    recent = folder / f".{key}.456.cafebabe.partial"  # another process may still be writing it
+    recent.write_bytes(b"half")
+    cache = cache_over(folder)
+    assert not old.exists() and recent.exists()
+    assert cache.get(4, url).read_bytes() == sample_images[0].read_bytes()
