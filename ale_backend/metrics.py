@@ -44,14 +44,19 @@ class _StateCollector:
                                  labels=["project", "version"])
         seconds = GaugeMetricFamily("ale_last_training_seconds", "Training time of the served version",
                                     labels=["project"])
+        problems = GaugeMetricFamily("ale_serving_problem", "1 when a project's current version cannot be served "
+                                     "and another model stands in (the reason in the log and /status)",
+                                     labels=["project"])
         registry = Registry(self.settings.model_dir)
         for project in registry.model_dir.project_ids():
-            version = registry.current(project)
-            if version:
-                info.add_metric([str(project), version], 1)
-                seconds.add_metric([str(project)], registry.info(project, version).train_seconds)
+            serving = registry.serving(project)
+            problems.add_metric([str(project)], 1 if serving.problem else 0)
+            if serving.version:
+                info.add_metric([str(project), serving.version], 1)
+                seconds.add_metric([str(project)], registry.info(project, serving.version).train_seconds)
         yield info
         yield seconds
+        yield problems
         try:
             import redis
             from rq import Queue

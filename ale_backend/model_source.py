@@ -91,10 +91,11 @@ def local_model_source(model_path: str) -> ModelSource:
     if not path.is_file():
         raise ModelNotFoundError(f"MODEL_PATH={model_path!r}: weights file not found (give a path, a model config, "
                                  "the name of ultralytics' released weights such as yolov5nu.pt, or a URL)")
-    return ModelSource(str(path.resolve()), f"{path.stem}-{_file_digest(path)[:10]}", False)
+    return ModelSource(str(path.resolve()), f"{path.stem}-{file_digest(path)[:10]}", False)
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
+    """A file's SHA-256, computed once per path, size and modification time."""
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     digest = _digests.get(key)

@@ -165,7 +165,7 @@ class TrainingQueue:
         out: dict[str, Any] = {
             "project": project,
             "label_studio": {"url": self.settings.label_studio_url or None, "instance": names.instance},
-            "current_version": Registry(self.settings.model_dir).current(project),
+            **_serving(self.settings, project),
             "base_model": _base_model(self.settings),
             "new_annotations": int(self.redis.get(key(project, "new")) or 0),
             "min_new_annotations": int(self.redis.get(key(project, "min-new")) or self.settings.min_new_annotations),
@@ -191,6 +191,12 @@ class TrainingQueue:
                 out["last_failure"] = {"job": previous["id"], "at": previous.get("ended_at"),
                                        "error": previous.get("error") or "the training job died"}
         return out
+
+
+def _serving(settings: Settings, project: int) -> dict[str, Any]:
+    """The served version (None: the base model) and why it is not the one ``current`` names, if it is not."""
+    serving = Registry(settings.model_dir).serving(project)
+    return {"current_version": serving.version, "serving_problem": serving.problem}
 
 
 def _base_model(settings: Settings) -> dict[str, Any]:

@@ -15,11 +15,11 @@ from testkit.label_studio_stand_in import LABEL_CONFIG
 
 
 @pytest.fixture()
-def served(settings, image_server, tmp_path):
+def served(settings, image_server, redis_url, tmp_path):
     """The app with the trained model, reading Label Studio images from the local image server."""
     app_settings = dataclasses.replace(
         settings, model_dir=tmp_path / "models", label_studio_url=image_server.url,
-        label_studio_api_key=image_server.legacy_token,
+        label_studio_api_key=image_server.legacy_token, redis_url=redis_url,
     )
     return create_app(app_settings, warm_up=False).test_client(), app_settings
 
@@ -195,3 +195,26 @@ def test_versions_answers_get_and_post(served):
     version = resolve_model_source(app_settings).version
     assert client.get("/versions").json["versions"] == [version]
     assert client.post("/versions", json={"project": "1.1"}).json["versions"] == [version]
+
+
+def test_a_damaged_served_version_gives_way_and_every_route_says_why(served, sample_images, trained_weights):
+    from ale_backend.registry import Registry, VersionInfo
+
+    client, app_settings = served
+    registry = Registry(app_settings.model_dir)
+    record = dict(project=1, parent="base", class_names=["circle", "square", "triangle"], metrics={}, annotations=1,
+                  boxes=1, train_seconds=1.0, promoted=True)
+    registry.add(trained_weights, VersionInfo(version="p1-v1-a", created_at="2026-12-01T10:00:00+00:00", **record))
+    registry.add(trained_weights, VersionInfo(version="p1-v2-b", created_at="2026-12-01T11:00:00+00:00", **record))
+    weights = registry.weights(1, "p1-v2-b")
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated on disk
+    setup = client.post("/setup", json={"project": "1.1", "schema": LABEL_CONFIG})
+    assert setup.status_code == 200 and setup.json["model_version"] == "p1-v1-a"
+    response = predict(client, upload_tasks(sample_images, 2))
+    assert response.status_code == 200 and {p["model_version"] for p in response.json["results"]} == {"p1-v1-a"}
+    shown = client.get("/status?project=1").json
+    assert shown["current_version"] == "p1-v1-a"
+    assert shown["serving_problem"].startswith("version p1-v2-b's weights are ") and "serving p1-v1-a" in \
+        shown["serving_problem"]
+    assert 'ale_serving_problem{project="1"} 1.0' in client.get("/metrics").get_data(as_text=True)
+    assert [v for v in client.get("/versions?project=1").json["versions"]][1:] == ["p1-v1-a", "p1-v2-b"]

@@ -74,3 +74,59 @@ def test_a_dangling_pointer_serves_the_base_model(tmp_path, weights):
                                              (None, None), ("x.1", None), ({}, None)])
 def test_project_references_from_label_studio(value, expected):
     assert project_id(value) == expected
+
+
+def test_the_registered_weights_are_recorded_and_checked_before_they_are_served(tmp_path, weights):
+    registry = Registry(tmp_path)
+    registry.add(weights, info("p3-v1-a"))
+    recorded = registry.info(3, "p3-v1-a")
+    assert recorded.weights_size == 7 and len(recorded.weights_sha256) == 64
+    registry.add(weights, info("p3-v2-b", promoted=False, created="2026-11-26T11:00:00+00:00"))
+    registry.weights(3, "p3-v2-b").write_bytes(b"weighTs")  # same size, other bytes
+    with pytest.raises(ValueError, match="p3-v2-b's weights are not the file registered"):
+        registry.set_current(3, "p3-v2-b")
+    assert registry.current(3) == "p3-v1-a"
+
+
+def test_a_damaged_current_version_gives_way_to_the_newest_good_one_with_the_reason(tmp_path, weights):
+    registry = Registry(tmp_path)
+    registry.add(weights, info("p3-v1-a"))
+    registry.add(weights, info("p3-v2-b", created="2026-11-26T11:00:00+00:00"))
+    registry.add(weights, info("p3-v3-c", promoted=False, created="2026-11-26T12:00:00+00:00"))  # never served
+    registry.weights(3, "p3-v2-b").write_bytes(b"wei")  # truncated
+    serving = registry.serving(3)
+    assert serving.version == "p3-v1-a"
+    assert serving.problem == "version p3-v2-b's weights are 3 bytes, 7 were registered; serving p3-v1-a instead"
+    registry.weights(3, "p3-v1-a").unlink()
+    assert registry.serving(3) == (registry.serving(3).__class__(None, "version p3-v2-b's weights are 3 bytes, 7 "
+                                                                      "were registered; serving the base model "
+                                                                      "instead"))
+
+
+@pytest.mark.parametrize("pointer, reason", [
+    ("directory", "'current' cannot be read (IsADirectoryError)"),
+    ("../../10/versions/p10-v1-a", "'current' names '../../10/versions/p10-v1-a', not a version of project 14"),
+    ("p14-v9-gone", "'current' names 'p14-v9-gone', which project 14 does not have"),
+])
+def test_a_current_pointer_that_is_not_a_version_of_the_project_serves_the_base_model(tmp_path, weights, pointer,
+                                                                                       reason):
+    registry = Registry(tmp_path)
+    registry.add(weights, info("p10-v1-a", project=10))  # another project's weights, one path away
+    current = registry.files(14).current
+    current.parent.mkdir(parents=True, exist_ok=True)
+    if pointer == "directory":
+        current.mkdir()
+    else:
+        current.write_text(pointer + "\n")
+    assert registry.serving(14).version is None and registry.serving(14).problem == f"{reason}; serving the base " \
+                                                                                    "model instead"
+
+
+def test_a_version_whose_record_cannot_be_read_is_left_out_of_the_list(tmp_path, weights):
+    registry = Registry(tmp_path)
+    registry.add(weights, info("p3-v1-a"))
+    registry.add(weights, info("p3-v2-b", created="2026-11-26T11:00:00+00:00"))
+    path = registry.version_dir(3, "p3-v2-b") / "version.json"
+    path.write_text(path.read_text()[:40])  # truncated
+    assert [i.version for i in registry.versions(3)] == ["p3-v1-a"]
+    assert registry.serving(3).version == "p3-v1-a" and "p3-v2-b's record cannot be read" in registry.serving(3).problem
