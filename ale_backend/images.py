@@ -15,8 +15,10 @@ Task data comes from whoever can create tasks, so the loader refuses to be used 
 (server-side request forgery): an http(s) URL whose host resolves to a loopback, private, link-local or otherwise
 reserved address is refused, unless it is Label Studio's own host or listed in ``IMAGE_HOST_ALLOWLIST``; every
 redirect is checked the same way; other schemes (``file://``, ``ftp://``...) are refused; a local path must lie
-under ``LOCAL_FILES_ROOT`` (or the backend's own cache under ``MODEL_DIR``). The check resolves the host once before
-connecting, so a DNS answer that changes between the check and the connection is not caught.
+under ``LOCAL_FILES_ROOT`` (or the backend's own cache under ``MODEL_DIR``). The check is made where the connection
+is made (:class:`_CheckedAdapter`): the host is resolved once, every address it resolves to is checked, and the
+connection goes to one of those addresses, so a DNS answer that changes between a check and the connection (DNS
+rebinding) cannot lead it elsewhere; a check before the request gives the clear reason first.
 
 Images are decoded with OpenCV to BGR ``uint8`` arrays (EXIF orientation applied, as browsers show them), after
 their width and height are read from the file's header (Pillow, without decoding): an image of more than
@@ -146,6 +148,9 @@ class ImageLoader:
         session = getattr(self._local, "session", None)
         if session is None:
             session = self._local.session = requests.Session()
+            adapter = _CheckedAdapter(self)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
         return session
 
     def check_url(self, url: str) -> None:
@@ -153,23 +158,33 @@ class ImageLoader:
         parts = urlsplit(url)
         if parts.scheme not in {"http", "https"} or not parts.hostname:
             raise ImageLoadError(f"{_short(url)}: refused: only http(s) URLs are fetched")
-        if self._label_studio is not None and self._label_studio.owns(url):
-            return
-        host = parts.hostname.lower()
-        if host in self._allowed_hosts or (parts.port and f"{host}:{parts.port}" in self._allowed_hosts):
-            return
+        self.checked_addresses(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), url)
+
+    def checked_addresses(self, host: str, port: int, url: str | None = None) -> list[tuple] | None:
+        """The addresses (``getaddrinfo`` entries) a connection to ``host:port`` may use: None for Label Studio's
+        host and the allowlist (any address); else every address the host resolves to, each public, or
+        :class:`ImageLoadError`."""
+        host = host.lower().strip("[]")
+        netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if self._label_studio is not None and any(self._label_studio.owns(f"{scheme}://{netloc}/")
+                                                  for scheme in ("http", "https")):
+            return None
+        if host in self._allowed_hosts or f"{host}:{port}" in self._allowed_hosts or \
+                f"[{host}]:{port}" in self._allowed_hosts:
+            return None
+        shown = _short(url) if url else f"{host}:{port}"
         try:
-            infos = socket.getaddrinfo(host, parts.port or (443 if parts.scheme == "https" else 80),
-                                       proto=socket.IPPROTO_TCP)
+            infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
         except socket.gaierror as exc:
-            raise ImageLoadError(f"{_short(url)}: host {host!r} does not resolve ({exc})") from exc
+            raise ImageLoadError(f"{shown}: host {host!r} does not resolve ({exc})") from exc
         for info in infos:
             address = ipaddress.ip_address(info[4][0].split("%")[0])
             if not address.is_global or address.is_multicast:
                 raise ImageLoadError(
-                    f"{_short(url)}: refused: {host} resolves to the non-public address {address}; only Label "
+                    f"{shown}: refused: {host} resolves to the non-public address {address}; only Label "
                     "Studio's host and IMAGE_HOST_ALLOWLIST may be private"
                 )
+        return infos
 
     def _download(self, url: str) -> bytes:
         session = self._session()
@@ -189,6 +204,9 @@ class ImageLoader:
                 response = session.get(url, headers=headers, timeout=_left(deadline, url, self._timeout),
                                        stream=True, allow_redirects=False)
             except requests.RequestException as exc:
+                refused = _refusal(exc)
+                if refused is not None:  # the check made at the connection
+                    raise refused from exc
                 raise ImageLoadError(f"{_short(url)}: {type(exc).__name__}: {exc}") from exc
             if response.is_redirect and response.headers.get("Location"):
                 response.close()
@@ -233,6 +251,79 @@ class ImageLoader:
             raise ImageLoadError(f"{path}: is a directory") from exc
         except PermissionError as exc:
             raise ImageLoadError(f"{path}: permission denied") from exc
+
+
+class _Refused(OSError):
+    """Raised where a connection is made to an address the loader refuses; carries the :class:`ImageLoadError`."""
+
+    def __init__(self, error: ImageLoadError):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _refusal(exc: BaseException) -> ImageLoadError | None:
+    """The loader's refusal behind a connection error that requests and urllib3 wrapped, if that is what it is."""
+    seen, pending = set(), [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, _Refused):
+            return current.error
+        pending += [current.__cause__, current.__context__, getattr(current, "reason", None),
+                    *[a for a in getattr(current, "args", ()) if isinstance(a, BaseException)]]
+    return None
+
+
+def _checked_connection(base: type, loader: ImageLoader) -> type:
+    """``base`` (urllib3's HTTP or HTTPS connection) connecting only to the addresses ``loader`` checked."""
+
+    class CheckedConnection(base):
+        def _new_conn(self):
+            try:
+                infos = loader.checked_addresses(self._dns_host, self.port)
+            except ImageLoadError as exc:
+                raise _Refused(exc) from None
+            if infos is None:  # Label Studio's host or the allowlist: any address
+                return super()._new_conn()
+            errors = []
+            for family, kind, proto, _, address in infos:
+                sock = socket.socket(family, kind, proto)
+                try:
+                    for option in self.socket_options or ():
+                        sock.setsockopt(*option)
+                    if isinstance(self.timeout, (int, float)):  # else urllib3's "default" marker
+                        sock.settimeout(self.timeout)
+                    if self.source_address:
+                        sock.bind(self.source_address)
+                    sock.connect(address)  # an address that was checked, not a new lookup
+                    return sock
+                except OSError as exc:
+                    sock.close()
+                    errors.append(exc)
+            raise errors[-1] if errors else OSError(f"no address for {self._dns_host}")
+
+    return CheckedConnection
+
+
+class _CheckedAdapter(requests.adapters.HTTPAdapter):
+    """requests' transport, with urllib3 connections that check the addresses they connect to."""
+
+    def __init__(self, loader: ImageLoader):
+        self._loader = loader
+        super().__init__()
+
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        from urllib3.connection import HTTPConnection, HTTPSConnection
+        from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+        http = type("CheckedHTTPPool", (HTTPConnectionPool,),
+                    {"ConnectionCls": _checked_connection(HTTPConnection, self._loader)})
+        https = type("CheckedHTTPSPool", (HTTPSConnectionPool,),
+                     {"ConnectionCls": _checked_connection(HTTPSConnection, self._loader)})
+        self.poolmanager.pool_classes_by_scheme = {"http": http, "https": https}
 
 
 def decode_image(data: bytes, name: str = "image", max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
