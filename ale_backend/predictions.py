@@ -33,7 +33,14 @@ from typing import Any
 import numpy as np
 
 from ale_backend.detector import Detections, Detector
-from ale_backend.images import ImageLoader, ImageLoadError, task_image_url
+from ale_backend.images import (
+    ImageLoader,
+    ImageLoadError,
+    InferenceImage,
+    fit,
+    return_memory,
+    task_image_url,
+)
 from ale_backend.label_config import LabelConfig, LabelMap, map_labels
 from ale_backend.scoring import UNREADABLE_PRIORITY, priority, score_image
 from ale_backend.settings import Settings
@@ -128,44 +135,64 @@ def predict_tasks(
 
     ``project`` seeds the tie-break between equal scores, so each project gets its own order among them.
     ``images``: tasks' images already decoded (BGR), by position; the loader fetches those that are None.
+    Tasks go through a batch at a time (``max(INFERENCE_BATCH, FETCH_WORKERS)``), each image shrunk to ``IMGSZ``
+    as soon as it is decoded and the batch let go before the next: memory is the same for 1 task or 1,000.
     """
     started = time.perf_counter()
     label_map = map_labels(detector.names, config)
     urls = [task_image_url(task, config.image_key) for task in tasks]
     if images is not None and len(images) != len(tasks):
         raise ValueError(f"{len(images)} images for {len(tasks)} tasks")
-    loaded: list[np.ndarray | ImageLoadError | None] = list(images) if images is not None else [None] * len(tasks)
-    missing = [i for i, image in enumerate(loaded) if image is None]
-    for i, image in zip(missing, loader.load_many([urls[i] for i in missing])):
-        loaded[i] = image
-    readable = [i for i, item in enumerate(loaded) if not isinstance(item, ImageLoadError)]
     display_conf = settings.display_conf if config.score_threshold is None else config.score_threshold
-    detections = dict(zip(readable, detector.detect([loaded[i] for i in readable], conf=display_conf)))
-
-    predictions = []
-    for i, task in enumerate(tasks):
-        task_id = task.get("id")
-        if i in detections:
-            task_score = _score(task_id, urls[i], detections[i], settings, project, label_map)
-            prediction = TaskPrediction(task_id, task_score, detector.version,
-                                        regions(detections[i].above(display_conf), label_map),
-                                        (detections[i].width, detections[i].height))
-        else:
-            reason = str(loaded[i])
-            logger.warning("task %s: image not usable, served last: %s", task_id, reason,
-                           extra={"project": project, "task": task_id, "model_version": detector.version})
-            task_score = TaskScore(task_id, settings.strategy, None, 0, UNREADABLE_PRIORITY, reason)
-            prediction = TaskPrediction(task_id, task_score, detector.version)
-        logger.debug("task %s: %s=%s N=%d score=%.6f", task_id, task_score.strategy, task_score.value,
-                     task_score.detections, task_score.priority,
-                     extra={"project": project, "task": task_id, "model_version": detector.version})
-        predictions.append(prediction)
+    predictions, unreadable = [], 0
+    # a batch at a time: fetched, shrunk to the model's size as each is decoded, detected, then let go
+    step = max(settings.inference_batch, settings.fetch_workers, 1)
+    for start in range(0, len(tasks), step):
+        batch = range(start, min(start + step, len(tasks)))
+        loaded = _inference_images([urls[i] for i in batch], None if images is None else [images[i] for i in batch],
+                                   loader, settings.imgsz)
+        readable = [k for k, item in enumerate(loaded) if not isinstance(item, ImageLoadError)]
+        found = dict(zip(readable, detector.detect([loaded[k].pixels for k in readable], conf=display_conf)))
+        for k, i in enumerate(batch):
+            task_id = tasks[i].get("id")
+            if k in found:
+                task_score = _score(task_id, urls[i], found[k], settings, project, label_map)
+                prediction = TaskPrediction(task_id, task_score, detector.version,
+                                            regions(found[k].above(display_conf), label_map),
+                                            (loaded[k].width, loaded[k].height))
+            else:
+                unreadable += 1
+                reason = str(loaded[k])
+                logger.warning("task %s: image not usable, served last: %s", task_id, reason,
+                               extra={"project": project, "task": task_id, "model_version": detector.version})
+                task_score = TaskScore(task_id, settings.strategy, None, 0, UNREADABLE_PRIORITY, reason)
+                prediction = TaskPrediction(task_id, task_score, detector.version)
+            logger.debug("task %s: %s=%s N=%d score=%.6f", task_id, task_score.strategy, task_score.value,
+                         task_score.detections, task_score.priority,
+                         extra={"project": project, "task": task_id, "model_version": detector.version})
+            predictions.append(prediction)
+        del loaded, found
+    return_memory()
     logger.info(
         "predicted %d tasks (%d unreadable) with %s, strategy %s, in %.2f s",
-        len(tasks), len(tasks) - len(readable), detector.version, settings.strategy, time.perf_counter() - started,
+        len(tasks), unreadable, detector.version, settings.strategy, time.perf_counter() - started,
         extra={"project": project, "model_version": detector.version},
     )
     return predictions
+
+
+def _inference_images(urls: list[str], given: list | None, loader: ImageLoader,
+                      max_side: int) -> list[InferenceImage | ImageLoadError]:
+    """A batch's images at the model's size: the given decoded ones shrunk, the others fetched (by position)."""
+    loaded: list = [None] * len(urls)
+    for k, image in enumerate(given or []):
+        if image is not None:
+            loaded[k] = image if isinstance(image, ImageLoadError) else InferenceImage(
+                fit(image, max_side), image.shape[1], image.shape[0])
+    missing = [k for k, item in enumerate(loaded) if item is None]
+    for k, item in zip(missing, loader.load_for_inference([urls[k] for k in missing], max_side)):
+        loaded[k] = item
+    return loaded
 
 
 def regions(detections: Detections, label_map: LabelMap) -> tuple[Region, ...]:

@@ -218,3 +218,30 @@ def test_a_damaged_served_version_gives_way_and_every_route_says_why(served, sam
         shown["serving_problem"]
     assert 'ale_serving_problem{project="1"} 1.0' in client.get("/metrics").get_data(as_text=True)
     assert [v for v in client.get("/versions?project=1").json["versions"]][1:] == ["p1-v1-a", "p1-v2-b"]
+
+
+def test_a_large_non_square_image_is_shrunk_and_its_regions_keep_its_own_proportions(served, image_server,
+                                                                                      sample_images):
+    """The image is 4 times the model's size and twice as wide as high: the regions (percent of the original) are
+    those of a detection on the full image, and the size sent to Label Studio is the original's."""
+    import cv2
+
+    from ale_backend.detector import get_detector
+
+    client, app_settings = served
+    small = cv2.imread(str(sample_images[0]))
+    wide = cv2.resize(cv2.copyMakeBorder(small, 0, 0, 0, 160, cv2.BORDER_REPLICATE), (1280, 640),
+                      interpolation=cv2.INTER_NEAREST)
+    cv2.imwrite(str(image_server.root / "1" / "wide.png"), wide)
+    (prediction,) = predict(client, [{"id": 5, "data": {"image": "/data/upload/1/wide.png"}}]).json["results"]
+    full = get_detector(app_settings).detect([wide])[0].above(app_settings.display_conf)
+    regions = prediction["result"]
+    assert regions and len(regions) == len(full)
+    for region, box in zip(sorted(regions, key=lambda r: r["value"]["x"]), sorted(full.boxes, key=lambda b: b[0])):
+        assert (region["original_width"], region["original_height"]) == (1280, 640)
+        value = region["value"]
+        assert value["x"] == pytest.approx(100 * box[0] / 1280, abs=1.0)
+        assert value["y"] == pytest.approx(100 * box[1] / 640, abs=1.0)
+        assert value["width"] == pytest.approx(100 * (box[2] - box[0]) / 1280, abs=1.0)
+        assert value["height"] == pytest.approx(100 * (box[3] - box[1]) / 640, abs=1.0)
+    assert all(r["value"]["x"] + r["value"]["width"] <= 50.5 for r in regions)  # the shapes are in the left half

@@ -4,6 +4,7 @@ import base64
 import threading
 import time
 
+import cv2
 import numpy as np
 import pytest
 
@@ -280,3 +281,36 @@ def test_other_task_urls_are_kept_and_a_missing_one_is_empty():
     assert task_image_url({"id": 3, "data": {"image": 5}}, "image") == ""
     assert task_image_url({"id": 3, "data": {}}, "image") == ""
     assert task_image_url({"id": 3}, "image") == ""
+
+
+def test_images_for_inference_are_shrunk_as_decoded_within_a_pixel_budget(tmp_path, monkeypatch):
+    import threading
+
+    from ale_backend import images
+
+    root = tmp_path / "big"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):  # 1000 x 600 each: 0.6 million pixels
+        cv2.imwrite(str(root / f"{i}.png"), rng.integers(0, 255, (600, 1000, 3), dtype=np.uint8))
+    in_flight, peak, lock = [0], [0], threading.Lock()
+    real_decode = images.decode_image
+
+    def counting(data, name, max_pixels):
+        with lock:
+            in_flight[0] += 600_000
+            peak[0] = max(peak[0], in_flight[0])
+        try:
+            image = real_decode(data, name, max_pixels)
+            threading.Event().wait(0.05)  # held a moment, as a large image would be
+            return image
+        finally:
+            with lock:
+                in_flight[0] -= 600_000
+
+    monkeypatch.setattr(images, "decode_image", counting)
+    monkeypatch.setattr(images, "DECODED_PIXELS_IN_FLIGHT", 1_500_000)  # two at a time
+    loader = ImageLoader(None, workers=8, local_roots=[root])
+    loaded = loader.load_for_inference([str(root / f"{i}.png") for i in range(12)], max_side=160)
+    assert peak[0] <= 1_500_000 and peak[0] >= 1_200_000  # bounded, and still concurrent
+    assert all((item.width, item.height) == (1000, 600) and item.pixels.shape == (96, 160, 3) for item in loaded)
