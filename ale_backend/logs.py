@@ -5,7 +5,8 @@ line with ``time``, ``level``, ``logger``, ``message`` and, when the code attach
 ``model_version`` (``logger.info(..., extra={"project": 3, "model_version": v})``).
 
 Every handler redacts the configured secrets (``LABEL_STUDIO_API_KEY``, ``BASIC_AUTH_PASS`` and its basic-auth
-header) and any ``Authorization`` header value, whoever logs them: label-studio-ml 1.0.9 logs request headers and
+header), any ``Authorization`` header value and the signature of a presigned URL, whoever logs them (urllib3 logs
+each request line at DEBUG): label-studio-ml 1.0.9 logs request headers and
 bodies at DEBUG, so its request logger is also kept at INFO or above.
 """
 
@@ -21,6 +22,10 @@ FIELDS = ("project", "task", "model_version")
 _AUTHORIZATION = re.compile(
     r"((?:Authorization|access_token)['\"]?\s*[:=]\s*['\"]?)(Token|Bearer|Basic)?\s*[^\s'\",}]+", re.IGNORECASE
 )
+_SIGNED_QUERY = re.compile(
+    r"([?&](?:X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|X-Goog-Signature|X-Goog-Credential|Signature"
+    r"|sig|AWSAccessKeyId|GoogleAccessId)=)[^&\s'\"]+", re.IGNORECASE)
+"""The secret parts of a presigned URL's query (S3, GCS, Azure SAS), which urllib3 logs with the request line."""
 
 
 class RedactSecrets(logging.Filter):
@@ -34,6 +39,7 @@ class RedactSecrets(logging.Filter):
         message = record.getMessage()
         cleaned = _AUTHORIZATION.sub(lambda m: m.group(1) + (m.group(2) + " " if m.group(2) else "") + "***",
                                      message)
+        cleaned = _SIGNED_QUERY.sub(r"\1***", cleaned)
         for secret in self.secrets:
             cleaned = cleaned.replace(secret, "***")
         if cleaned != message:

@@ -130,6 +130,27 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return None
+        if parts.path == "/loop":  # redirects to itself, for ever
+            self.send_response(302)
+            self.send_header("Location", "/loop")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return None
+        if parts.path == "/declared":  # announces a length, sends nothing
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", parse_qs(parts.query)["bytes"][0])
+            self.end_headers()
+            return None
+        if parts.path.startswith("/unsized/"):  # a file without Content-Length: its end is the connection's
+            path = (self.stand_in.root / unquote(parts.path[len("/unsized/"):])).resolve()
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(path.read_bytes())
+            self.close_connection = True
+            return None
         if parts.path == "/drip":  # a 1000-byte body, one byte every `every` seconds
             every = float(parse_qs(parts.query)["every"][0])
             self.send_response(200)

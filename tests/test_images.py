@@ -314,3 +314,57 @@ def test_images_for_inference_are_shrunk_as_decoded_within_a_pixel_budget(tmp_pa
     loaded = loader.load_for_inference([str(root / f"{i}.png") for i in range(12)], max_side=160)
     assert peak[0] <= 1_500_000 and peak[0] >= 1_200_000  # bounded, and still concurrent
     assert all((item.width, item.height) == (1000, 600) and item.pixels.shape == (96, 160, 3) for item in loaded)
+
+
+def test_the_size_limit_holds_whether_the_server_declares_the_size_or_not(image_server, sample_images):
+    size = sample_images[0].stat().st_size
+    loader = loader_for(image_server, image_server.legacy_token, max_bytes=size - 1)
+    with pytest.raises(ImageLoadError, match=f"larger than the {size - 1} byte limit"):  # counted as it streams
+        loader.load(f"{image_server.url}/unsized/1/{sample_images[0].name}")
+    with pytest.raises(ImageLoadError, match=f"{size} bytes is over the {size - 1} byte limit"):  # declared
+        loader.load(f"{image_server.url}/declared?bytes={size}")
+    roomy = loader_for(image_server, image_server.legacy_token, max_bytes=size)
+    assert roomy.load(f"{image_server.url}/unsized/1/{sample_images[0].name}").shape == (160, 160, 3)
+
+
+def test_a_redirect_loop_ends(image_server):
+    loader = loader_for(image_server, image_server.legacy_token)
+    with pytest.raises(ImageLoadError, match="more than 5 redirects"):
+        loader.load(f"{image_server.url}/loop")
+    assert sum(1 for path, _ in image_server.requests if path == "/loop") == 6
+
+
+@pytest.mark.parametrize("addresses", [["93.184.216.34", "10.0.0.7"], ["93.184.216.34", "100.100.100.200"],
+                                       ["2606:2800:220:1::1", "fd00::1"]])
+def test_every_address_a_host_resolves_to_is_checked(image_server, monkeypatch, addresses):
+    """A public first answer does not cover a private second one; nor does a shared or unique-local address pass
+    for public (100.64.0.0/10 holds cloud metadata services)."""
+    import socket
+
+    real = socket.getaddrinfo
+
+    def answers(host, port, *args, **kwargs):
+        if host != "mixed.example":
+            return real(host, port, *args, **kwargs)
+        return [(socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "",
+                 (a, port)) for a in addresses]
+
+    monkeypatch.setattr(socket, "getaddrinfo", answers)
+    with pytest.raises(ImageLoadError, match=f"non-public address {addresses[1]}"):
+        loader_for(image_server, image_server.legacy_token).check_url("http://mixed.example/x.png")
+
+
+def test_a_signed_urls_query_stays_out_of_errors_and_logs(image_server, caplog):
+    from ale_backend.logs import RedactSecrets
+
+    loader = loader_for(image_server, image_server.legacy_token, timeout=2)
+    signed = "http://10.9.8.7/bucket/x.png?X-Amz-Signature=secret-signature&X-Amz-Credential=AKIA"
+    with caplog.at_level("DEBUG"):
+        (error,) = loader.load_many([signed])
+        with pytest.raises(ImageLoadError) as raised:
+            loader.load(f"{image_server.url}/missing.png?X-Amz-Signature=secret-signature")
+    assert "secret-signature" in caplog.text  # urllib3 logs the request line at DEBUG...
+    redact = RedactSecrets([])
+    logged = [r.getMessage() for r in caplog.records if redact.filter(r)]  # ...which the backend's handler cleans
+    for text in (str(error), str(raised.value), *logged):
+        assert "secret-signature" not in text and "AKIA" not in text
