@@ -1,7 +1,6 @@
 """The backend's HTTP API through Flask's test client, with the real model and a real image server."""
 
 import dataclasses
-import time
 from collections import OrderedDict
 
 import pytest
@@ -41,14 +40,11 @@ def test_health_answers(served):
 def test_setup_reports_the_model_version_without_loading_the_model(served, monkeypatch):
     client, app_settings = served
     monkeypatch.setattr(detector_module, "_detectors", OrderedDict())  # nothing loaded in this process
-    started = time.perf_counter()
     response = client.post("/setup", json={"project": "1.1700000000", "schema": LABEL_CONFIG, "hostname": "",
                                            "access_token": ""})
-    elapsed = time.perf_counter() - started
     assert response.status_code == 200
     assert response.json["model_version"] == resolve_model_source(app_settings).version
-    assert not detector_module._detectors
-    assert elapsed < 3.0  # Label Studio's /setup read timeout
+    assert not detector_module._detectors  # what keeps it within Label Studio's 3 s (speed: docs/speed.md)
 
 
 def test_predictions_are_valid_for_label_studio_and_ordered_by_ale(served, sample_images):

@@ -166,12 +166,14 @@ def test_no_usable_image_is_an_error(tmp_path):
 def test_the_base_dataset_is_replayed_with_classes_renumbered(tmp_path, sample_images):
     base = tmp_path / "base"
     synthetic.write_yolo_dataset(base, {"train": 4}, seed=2, size=64, classes=("square", "circle"))
+    spec = base / "data.yaml"  # the base data names its classes in other cases than the project
+    spec.write_text(spec.read_text().replace("square", "Square").replace("circle", "CIRCLE"))
     examples = [Example(1, str(sample_images[0]), ())]
     cache = ImageCache(tmp_path / "cache", ImageLoader(None, local_roots=[tmp_path, sample_images[0].parent]))
     names = ["circle", "Springtail"]
     summary = write_dataset(examples, names, {"Circle": 0, "Springtail": 1}, cache, tmp_path / "ds", 0,
                             base_dataset=base / "data.yaml")
-    assert summary.replay_images == 4 and summary.class_names == ["circle", "Springtail", "square"]
+    assert summary.replay_images == 4 and summary.class_names == ["circle", "Springtail", "Square"]
     train = (tmp_path / "ds" / "train.txt").read_text().split()
     assert len(train) == 5
     for i in range(4):
@@ -258,3 +260,18 @@ def test_leftovers_of_a_killed_writer_are_never_taken_and_are_removed_when_old(c
     cache = cache_over(folder)
     assert not old.exists() and recent.exists()
     assert cache.get(4, url).read_bytes() == sample_images[0].read_bytes()
+
+
+def test_two_model_classes_meeting_one_label_train_under_the_first_ones_name():
+    config = parse_label_config(LABEL_CONFIG.replace('predicted_values="square"', 'predicted_values="square,rect"'))
+    names = {0: "circle", 1: "rect", 2: "square"}
+    assert class_names_for(config, map_labels(names, config).class_to_label, names) == ["circle", "rect",
+                                                                                       "Springtail"]
+
+
+def test_without_a_validation_split_the_round_validates_on_what_it_trains_on(tmp_path, sample_images):
+    cache = ImageCache(tmp_path / "cache", ImageLoader(None, local_roots=[sample_images[0].parent]))
+    examples = [Example(i, str(p), ()) for i, p in enumerate(sample_images[:3], start=1)]
+    summary = write_dataset(examples, ["circle"], {"Circle": 0}, cache, tmp_path / "ds", val_percent=0)
+    assert summary.train_images == summary.val_images == 3
+    assert (tmp_path / "ds" / "train.txt").read_text() == (tmp_path / "ds" / "val.txt").read_text()

@@ -77,3 +77,26 @@ def test_model_score_threshold_is_read_from_the_control(raw, expected):
 def test_a_bad_model_score_threshold_is_refused_with_its_value(raw):
     with pytest.raises(LabelConfigError, match=f"model_score_threshold='{raw}'.*from 0 to 1"):
         parse_label_config(LABEL_CONFIG.replace('toName="image"', f'toName="image" model_score_threshold="{raw}"'))
+
+
+def test_an_image_named_without_a_data_key_is_refused():
+    with pytest.raises(LabelConfigError, match=r'needs value="\$<task data key>", got \'image_url\''):
+        parse_label_config(LABEL_CONFIG.replace('value="$image"', 'value="image_url"'))
+
+
+def test_a_repeated_label_is_read_once():
+    config = parse_label_config(LABEL_CONFIG.replace('<Label value="Springtail"/>',
+                                                     '<Label value="Springtail"/><Label value="Springtail"/>'))
+    assert config.labels == ("Circle", "box", "Springtail")
+
+
+def test_to_name_naming_several_objects_takes_the_first_image():
+    config = parse_label_config(LABEL_CONFIG.replace('toName="image"', 'toName="image,caption"'))
+    assert (config.to_name, config.labels) == ("image", ("Circle", "box", "Springtail"))
+
+
+def test_model_class_names_and_predicted_values_meet_labels_whatever_their_case():
+    config = parse_label_config(LABEL_CONFIG.replace('predicted_values="square"', 'predicted_values="Square,RECT"'))
+    label_map = map_labels({0: "CIRCLE", 1: "square", 2: "Rect", 3: "Triangle"}, config)
+    assert dict(label_map.class_to_label) == {0: "Circle", 1: "box", 2: "box"}
+    assert label_map.unmapped_classes == ("Triangle",)

@@ -130,3 +130,13 @@ def test_a_version_whose_record_cannot_be_read_is_left_out_of_the_list(tmp_path,
     path.write_text(path.read_text()[:40])  # truncated
     assert [i.version for i in registry.versions(3)] == ["p3-v1-a"]
     assert registry.serving(3).version == "p3-v1-a" and "p3-v2-b's record cannot be read" in registry.serving(3).problem
+
+
+def test_version_numbers_keep_counting_after_pruning_and_pruning_follows_creation_time(tmp_path, weights):
+    registry = Registry(tmp_path)
+    for n in range(1, 12):  # v1 ... v11, created in that order: by name v10 and v11 sort before v2
+        registry.add(weights, info(f"p3-v{n}-x", promoted=(n == 11), created=f"2026-11-26T10:{n:02d}:00+00:00"))
+    assert [i.version for i in registry.versions(3)][-3:] == ["p3-v9-x", "p3-v10-x", "p3-v11-x"]
+    removed = registry.prune(3, keep=3)
+    assert removed == [f"p3-v{n}-x" for n in range(1, 9)]  # the oldest, not the first by name
+    assert registry.new_version_name(3).startswith("p3-v12-")  # not len + 1 = v4, a name already used

@@ -176,3 +176,11 @@ def test_the_tie_break_and_the_cap_move_a_score_by_at_most_what_the_docs_say():
             if ale > 1e-3:
                 assert moved <= 1e-6 + 1e-12  # only the tie-break
     assert abs(priority(0.0, 0.999999) - 1.0) > 1.5e-6  # the cap and the tie-break together: the bound is needed
+
+
+
+@pytest.mark.parametrize("score, tie_break", [(float("nan"), 0.0), (-0.1, 0.0), (1.0, 1.0), (1.0, -0.01),
+                                               (1.0, float("nan"))])
+def test_a_score_that_is_no_number_or_a_tie_break_out_of_range_is_refused(score, tie_break):
+    with pytest.raises(ValueError):
+        priority(score, tie_break)
