@@ -20,6 +20,24 @@ from tests.conftest import ROOT
 VENV_BIN = Path(sys.executable).parent
 
 
+def serve_env(**values: str) -> dict[str, str]:
+    """The environment of ``scripts/serve`` (what ``make run`` runs): none of the caller's backend settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "MODEL_", "HOST"))}
+    return {**env, "VENV": str(VENV_BIN.parent), **values}
+
+
+def start_serve(env: dict[str, str], cwd: Path) -> tuple[subprocess.Popen, list[str]]:
+    """``scripts/serve`` started in a session of its own, and its output up to its ready line."""
+    process = subprocess.Popen([str(ROOT / "scripts" / "serve")], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith("ready:") or len(lines) > 2000:
+            break
+    return process, lines
+
+
 def run(args, env=None, **kwargs):
     base = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "MODEL_", "BASIC_AUTH"))}
     return subprocess.run(args, cwd=ROOT, env={**base, **(env or {})}, capture_output=True, text=True, timeout=180,
@@ -93,17 +111,10 @@ def test_make_run_reads_an_env_file_and_prints_one_ready_line(trained_weights, r
                         "LABEL_STUDIO_URL=\nLOG_LEVEL=WARNING\nLABEL_STUDIO_URL=http://ls.example.org:8080\n"
                         "BASIC_AUTH_USER=ops\nBASIC_AUTH_PASS=s3cret\n")  # /health wants it too
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "MODEL_", "HOST"))}
-    env.update({"VENV": str(VENV_BIN.parent), "PORT": str(port), "REDIS_URL": redis_url, "ENV_FILE": str(env_file),
-                "LOG_LEVEL": "INFO"})  # the environment wins over the file
-    process = subprocess.Popen([str(ROOT / "scripts" / "serve")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines = []
+    env = serve_env(PORT=str(port), REDIS_URL=redis_url, ENV_FILE=str(env_file),
+                    LOG_LEVEL="INFO")  # the environment wins over the file
+    process, lines = start_serve(env, ROOT)
     try:
-        for line in process.stdout:
-            lines.append(line)
-            if line.startswith("ready:") or len(lines) > 2000:
-                break
         ready = lines[-1]
         assert ready.startswith(f"ready: backend http://127.0.0.1:{port} (all interfaces) | base model shapes-"), lines
         assert f"Redis 127.0.0.1:{redis_url.rsplit(':', 1)[1].split('/')[0]} (found)" in ready
@@ -117,9 +128,8 @@ def test_make_run_reads_an_env_file_and_prints_one_ready_line(trained_weights, r
 
 
 def test_make_run_stops_at_once_when_the_backend_cannot_start(redis_url, tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "MODEL_", "HOST"))}
-    env.update({"VENV": str(VENV_BIN.parent), "PORT": str(free_port()), "REDIS_URL": redis_url,
-                "MODEL_PATH": str(tmp_path / "missing.pt"), "MODEL_DIR": str(tmp_path / "models")})
+    env = serve_env(PORT=str(free_port()), REDIS_URL=redis_url, MODEL_PATH=str(tmp_path / "missing.pt"),
+                    MODEL_DIR=str(tmp_path / "models"))
     started = time.monotonic()
     served = subprocess.run([str(ROOT / "scripts" / "serve")], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=120)
@@ -129,9 +139,7 @@ def test_make_run_stops_at_once_when_the_backend_cannot_start(redis_url, tmp_pat
 
 
 def test_make_run_reports_a_bad_setting_once_and_starts_nothing(redis_url, tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "MODEL_", "HOST"))}
-    env.update({"VENV": str(VENV_BIN.parent), "PORT": str(free_port()), "REDIS_URL": redis_url, "SCORE_CONF": "2",
-                "MODEL_DIR": str(tmp_path / "models")})
+    env = serve_env(PORT=str(free_port()), REDIS_URL=redis_url, SCORE_CONF="2", MODEL_DIR=str(tmp_path / "models"))
     served = subprocess.run([str(ROOT / "scripts" / "serve")], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=120)
     output = served.stdout + served.stderr
@@ -140,18 +148,11 @@ def test_make_run_reports_a_bad_setting_once_and_starts_nothing(redis_url, tmp_p
 
 
 def test_ctrl_c_stops_the_worker_and_the_server_before_the_redis_make_run_started(trained_weights, tmp_path):
-    port, redis_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "MODEL_", "HOST"))}
-    env.update({"VENV": str(VENV_BIN.parent), "PORT": str(port), "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-                "MODEL_PATH": str(trained_weights), "MODEL_DIR": str(tmp_path / "models"), "DEVICE": "cpu"})
-    process = subprocess.Popen([str(ROOT / "scripts" / "serve")], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines = []
+    redis_port = free_port()
+    env = serve_env(PORT=str(free_port()), REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
+                    MODEL_PATH=str(trained_weights), MODEL_DIR=str(tmp_path / "models"), DEVICE="cpu")
+    process, lines = start_serve(env, tmp_path)
     try:
-        for line in process.stdout:
-            lines.append(line)
-            if line.startswith("ready:") or len(lines) > 2000:
-                break
         assert lines[-1].startswith("ready:") and "(started here" in lines[-1], lines
         (server,) = [p for p in psutil.Process(process.pid).children() if p.name() == "redis-server"]
         assert os.getpgid(server.pid) != os.getpgid(process.pid)  # Ctrl-C does not reach it: it is stopped last
