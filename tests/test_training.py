@@ -286,6 +286,23 @@ def test_the_tasks_of_an_import_fold_into_one_scoring_job(backend, redis_url):
         assert refused.status_code == 400 and "tasks" in refused.json["error"]
 
 
+def test_new_tasks_are_left_to_a_re_scoring_that_is_already_waiting(backend, label_studio, monkeypatch):
+    from ale_backend import worker
+    from ale_backend.jobs import enqueue_rescoring
+
+    app_settings, client = backend
+    add_project(label_studio, 18, n_tasks=4, seed=4)
+    version = resolve_model_source(app_settings).version
+    names = Names(app_settings)
+    connection = redis.Redis.from_url(app_settings.redis_url)
+    waiting = enqueue_rescoring(Queue(names.scoring_queue, connection=connection), names, 18, version, 60)
+    assert webhook(client, "TASKS_CREATED", 18, tasks=[{"id": 18900}]).status_code == 201
+    monkeypatch.setattr(worker, "_worker_settings", app_settings)  # the job's body, run here instead of a worker
+    result = worker.run_arrivals_job(18)
+    assert result["status"] == "left to the waiting re-scoring" and result["rescoring_job"] == waiting
+    assert label_studio.predictions.get(18) is None and connection.scard(names.key(18, "arrived")) == 0
+
+
 def test_new_tasks_are_scored_while_a_round_trains(backend, label_studio, start_worker):
     app_settings, client = backend
     worker, running = train_past_the_first_epoch(client, label_studio, start_worker, project=13, seed=5)
