@@ -220,6 +220,8 @@ def _base_settings(config: BenchConfig, seed: int, work: Path) -> Settings:
 
 
 BASE_CONFIG = "yolov5nu.yaml"
+TRAINING_CODE = hashlib.sha256(Path(training.__file__).read_bytes()).hexdigest()
+"""The training code this process runs (read at import: an edit during a long run does not change its keys)."""
 
 
 def base_model_key(config: BenchConfig, data: SeedData) -> str:
@@ -232,7 +234,7 @@ def base_model_key(config: BenchConfig, data: SeedData) -> str:
     device = "cpu" if config.device == "cpu" or not torch.cuda.is_available() else "cuda"
     described = {"data": data.base_digest(), "recipe": recipe, "imgsz": config.imgsz, "model": BASE_CONFIG,
                  "device": device, "torch": version("torch"), "ultralytics": version("ultralytics-opencv-headless"),
-                 "code": hashlib.sha256(Path(training.__file__).read_bytes()).hexdigest()}
+                 "code": TRAINING_CODE}
     return hashlib.sha256(json.dumps(_jsonable(described), sort_keys=True, default=str).encode()).hexdigest()
 
 
