@@ -25,7 +25,6 @@ _YAML_SUFFIXES = (".yaml", ".yml")
 # ultralytics silently renames these to their "u" variant and downloads it: refuse them instead.
 _RENAMED_BY_ULTRALYTICS = re.compile(r"^yolov[35][nsmlx]6?\.pt$")
 
-_digests: dict[tuple, str] = {}
 _fallbacks: dict[tuple, str] = {}
 _fallbacks_lock = threading.Lock()
 
@@ -91,14 +90,5 @@ def local_model_source(model_path: str) -> ModelSource:
     if not path.is_file():
         raise ModelNotFoundError(f"MODEL_PATH={model_path!r}: weights file not found (give a path, a model config, "
                                  "the name of ultralytics' released weights such as yolov5nu.pt, or a URL)")
-    return ModelSource(str(path.resolve()), f"{path.stem}-{file_digest(path)[:10]}", False)
+    return ModelSource(str(path.resolve()), f"{path.stem}-{file_sha256(path)[:10]}", False)
 
-
-def file_digest(path: Path) -> str:
-    """A file's SHA-256, computed once per path, size and modification time."""
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    digest = _digests.get(key)
-    if digest is None:
-        digest = _digests[key] = file_sha256(path)
-    return digest

@@ -157,12 +157,23 @@ def _check_pin(path: Path, settings: Settings, url: str | None = None) -> None:
                               f"({settings.model_sha256})" + ("" if url else "; remove the file to fetch it again"))
 
 
+_digests: dict[tuple, str] = {}
+
+
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """A file's SHA-256, computed once per path, size and modification time (weights are checked on every
+    request: their digest is not recomputed each time)."""
+    path = Path(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    known = _digests.get(key)
+    if known is None:
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        known = _digests[key] = digest.hexdigest()
+    return known
 
 
 def _offline_advice(url: str) -> str:

@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from ale_backend.label_studio import project_id
-from ale_backend.model_source import ModelSource, file_digest, resolve_model_source
+from ale_backend.model_source import ModelSource, resolve_model_source
+from ale_backend.pretrained import file_sha256
 from ale_backend.project_files import ModelDir, ProjectFiles
 from ale_backend.settings import Settings
 
@@ -131,7 +132,7 @@ class Registry:
             return f"version {version}'s record cannot be read ({type(exc).__name__})"
         if info.weights_size is not None and size != info.weights_size:
             return f"version {version}'s weights are {size} bytes, {info.weights_size} were registered"
-        if info.weights_sha256 and file_digest(weights) != info.weights_sha256:
+        if info.weights_sha256 and file_sha256(weights) != info.weights_sha256:
             return f"version {version}'s weights are not the file registered (SHA-256 differs)"
         if not info.weights_sha256 and not _is_archive(weights):
             return f"version {version}'s weights are not a PyTorch archive (truncated?)"
@@ -175,8 +176,8 @@ class Registry:
         versions.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=versions))
         shutil.copyfile(weights, staging / WEIGHTS)
-        digest = file_digest(Path(weights))
-        if file_digest(staging / WEIGHTS) != digest:  # checked before it can be promoted
+        digest = file_sha256(Path(weights))
+        if file_sha256(staging / WEIGHTS) != digest:  # checked before it can be promoted
             shutil.rmtree(staging, ignore_errors=True)
             raise OSError(f"the copy of {weights} into the registry differs from it (disk full?)")
         info = replace(info, weights_size=(staging / WEIGHTS).stat().st_size, weights_sha256=digest)
