@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -100,7 +100,8 @@ def _train_round(project: int, settings: Settings, report: Report, registry: Reg
         report("training", epoch=epoch, epochs=epochs, elapsed_s=round(elapsed),
                left_s=round(elapsed / max(epoch, 1) * (epochs - epoch)))
 
-    trained = fine_tune(parent, summary.data_yaml, settings, work / "run", on_epoch=on_epoch)
+    recipe, patience = round_patience(settings, summary.val_images)
+    trained = fine_tune(parent, summary.data_yaml, recipe, work / "run", on_epoch=on_epoch)
     report("evaluating")
     metrics = evaluate(trained.weights, summary.data_yaml, settings, work / "run")
     promoted, reason = promotion(metrics, parent_metrics, settings.promotion_tolerance)
@@ -123,7 +124,8 @@ def _train_round(project: int, settings: Settings, report: Report, registry: Reg
                "skipped_tasks": summary.skipped[:50],
                "train_images": summary.train_images, "val_images": summary.val_images,
                "replay_images": summary.replay_images, "epochs": epochs, "epochs_run": trained.epochs,
-               "stopped_early": trained.stopped_early, "warnings": warnings, "fingerprint": annotations.fingerprint},
+               "patience": patience, "stopped_early": trained.stopped_early, "warnings": warnings,
+               "fingerprint": annotations.fingerprint},
     )
     registry.add(trained.weights, info)
     pruned = registry.prune(project, settings.keep_versions)
@@ -188,6 +190,21 @@ def annotations_fingerprint(tasks: list[dict]) -> str:
                   for t in tasks if isinstance(t, dict) and isinstance(t.get("annotations"), list)
                   for a in t["annotations"] if isinstance(a, dict))
     return hashlib.sha256("\n".join(rows).encode()).hexdigest()
+
+
+MIN_VALIDATION_FOR_PATIENCE = 20
+"""Validation images a round needs before ``TRAIN_PATIENCE`` may stop it early. On fewer, the fitness patience
+watches is noise (measured with ``benchmarks/patience.py``, docs/training-recipe.md: on the 4 validation images of a
+23-image round it was 0 for 13 epochs in two seeds of four, and rose while the test mAP fell in another)."""
+
+
+def round_patience(settings: Settings, val_images: int) -> tuple[Settings, str]:
+    """The round's settings with patience off when its validation split is too small to judge improvement, and what
+    the round's record says of it."""
+    if val_images < MIN_VALIDATION_FOR_PATIENCE:
+        return (replace(settings, train_patience=settings.train_epochs + 1),
+                f"off: {val_images} validation images (fewer than {MIN_VALIDATION_FOR_PATIENCE})")
+    return settings, str(settings.train_patience)
 
 
 NEARLY_NOTHING_MAP50 = 0.05

@@ -466,6 +466,18 @@ def test_a_version_that_finds_almost_nothing_is_served_with_a_warning(backend, l
     assert info.extra["warnings"] == done["warnings"] and info.extra["epochs_run"] == 2
 
 
+def test_a_round_with_a_handful_of_validation_images_is_not_stopped_by_patience(backend, label_studio,
+                                                                              start_worker):
+    app_settings, client = backend
+    add_project(label_studio, 19, n_tasks=12, seed=10)
+    start_worker(train_epochs=4, train_patience=1)  # patience 1 would stop at the first epoch without progress
+    assert webhook(client, "START_TRAINING", 19).status_code == 201
+    done = wait_for(lambda: status(client, 19)["last_training"], 300, "the training round")
+    info = Registry(app_settings.model_dir).info(19, done["version"])
+    assert info.extra["epochs_run"] == 4 and "stopped_early" not in done
+    assert info.extra["patience"] == f"off: {info.extra['val_images']} validation images (fewer than 20)"
+
+
 def test_a_round_stopped_by_patience_says_so(dataset, settings, tmp_path):
     wrecking = dataclasses.replace(settings, train_epochs=8, train_patience=2, train_imgsz=96, train_keep_best=True,
                                    train_optimizer="Adam", train_lr0=0.01, train_device="cpu")  # fitness only drops

@@ -77,7 +77,8 @@ def write(results: dict, out_dir: Path, command: str = "") -> list[Path]:
     report = out_dir / "report.md"
     report.write_text("\n".join(lines))
     base_means = {k: float(np.mean(r.base_values(k))) for k in ("map50_95", "new_ap50_95")}
-    plot = _plot(results["runs"], r, base_means, out_dir / "budget_curves.png")
+    fixed_test = results.get("data", {}).get("source") == "YOLO dataset"
+    plot = _plot(results["runs"], r, base_means, out_dir / "budget_curves.png", fixed_test)
     return [report, plot]
 
 
@@ -237,7 +238,7 @@ def _paper_table(r: _Runs) -> list[str]:
     return lines
 
 
-def _plot(runs, r: _Runs, base_means: dict, path: Path) -> Path:
+def _plot(runs, r: _Runs, base_means: dict, path: Path, fixed_test: bool = False) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -267,8 +268,8 @@ def _plot(runs, r: _Runs, base_means: dict, path: Path) -> Path:
         axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    figure.suptitle(f"mean +- std over {len(r.seeds)} seeds (the bands include the seeds' different test sets; "
-                    "report.md has the paired differences)")
+    spread = "one test set for every seed" if fixed_test else "the bands include the seeds' different test sets"
+    figure.suptitle(f"mean +- std over {len(r.seeds)} seeds ({spread}; report.md has the paired differences)")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
