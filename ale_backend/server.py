@@ -182,11 +182,14 @@ def _body_within(limit: int) -> bool:
     if request.method not in ("POST", "PUT", "PATCH"):
         return True
     stream = request.environ.get("wsgi.input")
-    if stream is None:
-        return True
+    declared = request.content_length
+    if stream is None or declared is None and not request.environ.get("wsgi.input_terminated"):
+        return True  # no length and no terminated stream: WSGI servers give no body (Werkzeug reads none)
+    # with a length (already within the limit), exactly that many bytes: a raw socket would wait for more
+    wanted = declared if declared is not None else limit + 1
     chunks, size = [], 0
-    while size <= limit:
-        chunk = stream.read(min(1 << 20, limit + 1 - size))
+    while size < wanted:
+        chunk = stream.read(min(1 << 20, wanted - size))
         if not chunk:
             break
         chunks.append(chunk)

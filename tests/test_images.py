@@ -365,7 +365,7 @@ def test_a_signed_urls_query_stays_out_of_errors_and_logs(image_server, caplog):
         (error,) = loader.load_many([signed])
         with pytest.raises(ImageLoadError) as raised:
             loader.load(f"{image_server.url}/missing.png?X-Amz-Signature=secret-signature")
-    assert "secret-signature" in caplog.text  # urllib3 logs the request line at DEBUG...
+    assert any("X-Amz-Signature=" in r.getMessage() for r in caplog.records)  # urllib3 logs the request line...
     redact = RedactSecrets([])
     logged = [r.getMessage() for r in caplog.records if redact.filter(r)]  # ...which the backend's handler cleans
     for text in (str(error), str(raised.value), *logged):
