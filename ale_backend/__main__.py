@@ -149,7 +149,7 @@ def _status(settings, project: int) -> None:
     print(f"read from Redis {redis_address(settings.redis_url)} (REDIS_URL), Label Studio "
           f"{settings.label_studio_url or '(none: LABEL_STUDIO_URL is not set)'} ({queue.names.instance})",
           file=sys.stderr)
-    if next(queue.redis.scan_iter(match=f"ale:{queue.names.instance}:*", count=1000), None) is None:
+    if next(queue.redis.scan_iter(match=queue.names.keys_pattern, count=1000), None) is None:
         print(f"warning: this Redis holds nothing for {queue.names.instance}: no event or job of any of its projects "
               "yet, or the server uses another REDIS_URL or LABEL_STUDIO_URL; give this command the server's",
               file=sys.stderr)

@@ -37,11 +37,12 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urljoin, urlsplit
 
 import cv2
@@ -54,6 +55,7 @@ from ale_backend.label_studio import LabelStudioClient, LabelStudioError
 from ale_backend.settings import DEFAULT_MAX_IMAGE_PIXELS
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _LABEL_STUDIO_PREFIXES = ("/data/upload/", "/data/local-files/")
 _STORAGE_LINK = re.compile(r"/(tasks|projects)/\d+/(resolve|presign)/\?")
@@ -107,10 +109,7 @@ class ImageLoader:
         Each call has threads of its own (up to ``workers``): a request whose images are slow to come cannot hold
         the threads that another request's images need.
         """
-        if len(urls) <= 1:
-            return [self._load_or_error(url) for url in urls]
-        with ThreadPoolExecutor(max_workers=min(self._workers, len(urls)), thread_name_prefix="image-fetch") as pool:
-            return list(pool.map(self._load_or_error, urls))
+        return self._each(self.load, urls)
 
     def load(self, url: str) -> np.ndarray:
         """Load one image or raise :class:`ImageLoadError`."""
@@ -123,23 +122,13 @@ class ImageLoader:
         1.2 MB at 640 px)."""
         budget = PixelBudget(DECODED_PIXELS_IN_FLIGHT)
 
-        def one(url: str) -> InferenceImage | ImageLoadError:
-            try:
-                data = self.read_bytes(url)
-                width, height = image_size(data, url)
-                with budget.holding(width * height):
-                    image = decode_image(data, url, self.max_pixels)
-                    return InferenceImage(fit(image, max_side), image.shape[1], image.shape[0])
-            except ImageLoadError as exc:
-                return exc
-            except Exception as exc:  # never let one image break the batch
-                logger.exception("unexpected error loading %s", _short(url))
-                return ImageLoadError(f"{_short(url)}: {type(exc).__name__}: {exc}")
+        def one(url: str) -> InferenceImage:
+            data = self.read_bytes(url)
+            width, height = image_size(data, url)
+            with budget.holding(width * height):
+                return InferenceImage.of(decode_image(data, url, self.max_pixels), max_side)
 
-        if len(urls) <= 1:
-            return [one(url) for url in urls]
-        with ThreadPoolExecutor(max_workers=min(self._workers, len(urls)), thread_name_prefix="image-fetch") as pool:
-            return list(pool.map(one, urls))
+        return self._each(one, urls)
 
     def read_bytes(self, url: str) -> bytes:
         """The raw bytes behind ``url``, or :class:`ImageLoadError`."""
@@ -162,14 +151,23 @@ class ImageLoader:
             raise ImageLoadError(f"{_short(url)}: unsupported URL scheme {scheme!r}")
         return self._read_file(Path(url))
 
-    def _load_or_error(self, url: str) -> np.ndarray | ImageLoadError:
-        try:
-            return self.load(url)
-        except ImageLoadError as exc:
-            return exc
-        except Exception as exc:  # never let one image break the batch
-            logger.exception("unexpected error loading %s", _short(url))
-            return ImageLoadError(f"{_short(url)}: {type(exc).__name__}: {exc}")
+    def _each(self, load: Callable[[str], T], urls: Sequence[str]) -> list[T | ImageLoadError]:
+        """``load`` applied to every URL concurrently, each failure returned in its place as an
+        :class:`ImageLoadError` (one image never breaks the batch); the result at index i belongs to ``urls[i]``."""
+
+        def one(url: str) -> T | ImageLoadError:
+            try:
+                return load(url)
+            except ImageLoadError as exc:
+                return exc
+            except Exception as exc:
+                logger.exception("unexpected error loading %s", _short(url))
+                return ImageLoadError(f"{_short(url)}: {type(exc).__name__}: {exc}")
+
+        if len(urls) <= 1:
+            return [one(url) for url in urls]
+        with ThreadPoolExecutor(max_workers=min(self._workers, len(urls)), thread_name_prefix="image-fetch") as pool:
+            return list(pool.map(one, urls))
 
     def _session(self) -> requests.Session:
         session = getattr(self._local, "session", None)
@@ -293,6 +291,11 @@ class InferenceImage:
     """BGR ``uint8``, its longer side at most the ``max_side`` it was fitted to."""
     width: int
     height: int
+
+    @classmethod
+    def of(cls, image: np.ndarray, max_side: int) -> InferenceImage:
+        """A decoded image fitted to ``max_side``, with the size it was decoded at."""
+        return cls(fit(image, max_side), image.shape[1], image.shape[0])
 
 
 def fit(image: np.ndarray, max_side: int) -> np.ndarray:

@@ -71,6 +71,11 @@ class Names:
     def key(self, project: int, name: str) -> str:
         return f"ale:{self.instance}:p{int(project)}:{name}"
 
+    @property
+    def keys_pattern(self) -> str:
+        """A Redis ``SCAN`` pattern matching every key of this instance's projects."""
+        return f"ale:{self.instance}:*"
+
     def training_job(self, project: int, generation: int) -> str:
         return f"{self.training_jobs(project)}{int(generation)}"
 
@@ -116,6 +121,14 @@ def enqueue_arrivals(queue: Queue, jid: str, project: int, timeout: int) -> None
                        timeout=timeout, result_ttl=RESULT_TTL, failure_ttl=RESULT_TTL,
                        description=f"score new tasks of project {project}",
                        meta={"project": project, "stage": "queued"})
+
+
+def is_waiting(jid: str, connection: redis.Redis) -> bool:
+    """Whether job ``jid`` exists and has not started."""
+    try:
+        return Job.fetch(jid, connection=connection).get_status(refresh=True) in WAITING
+    except NoSuchJobError:
+        return False
 
 
 def describe(jid: str, connection: redis.Redis) -> dict[str, Any] | None:

@@ -87,10 +87,11 @@ def parse_label_config(config: str) -> LabelConfig:
     """
     if not isinstance(config, str) or not config.strip():
         raise LabelConfigError("the project has no labelling config")
-    size = len(config.encode("utf-8", "surrogatepass"))
-    if size > MAX_CONFIG_BYTES:
-        raise LabelConfigError(f"the labelling config is {size} bytes, over the {MAX_CONFIG_BYTES} this backend reads")
-    key = hashlib.sha256(config.encode("utf-8", "surrogatepass")).hexdigest()
+    encoded = config.encode("utf-8", "surrogatepass")
+    if len(encoded) > MAX_CONFIG_BYTES:
+        raise LabelConfigError(f"the labelling config is {len(encoded)} bytes, over the {MAX_CONFIG_BYTES} this "
+                               "backend reads")
+    key = hashlib.sha256(encoded).hexdigest()
     with _parsed_lock:
         parsed = _parsed.get(key)
         if parsed is not None:

@@ -37,7 +37,6 @@ from ale_backend.images import (
     ImageLoader,
     ImageLoadError,
     InferenceImage,
-    fit,
     return_memory,
     task_image_url,
 )
@@ -187,8 +186,7 @@ def _inference_images(urls: list[str], given: list | None, loader: ImageLoader,
     loaded: list = [None] * len(urls)
     for k, image in enumerate(given or []):
         if image is not None:
-            loaded[k] = image if isinstance(image, ImageLoadError) else InferenceImage(
-                fit(image, max_side), image.shape[1], image.shape[0])
+            loaded[k] = image if isinstance(image, ImageLoadError) else InferenceImage.of(image, max_side)
     missing = [k for k, item in enumerate(loaded) if item is None]
     for k, item in zip(missing, loader.load_for_inference([urls[k] for k in missing], max_side)):
         loaded[k] = item

@@ -226,11 +226,12 @@ def served_source(settings: Settings, project: Any) -> ModelSource:
     pid = project_id(project)
     if pid is None:
         return resolve_model_source(settings)
-    serving = Registry(settings.model_dir).serving(pid)
+    registry = Registry(settings.model_dir)
+    serving = registry.serving(pid)
     if serving.problem:
         _log_once(pid, serving.problem)
     if serving.version is not None:
-        source = ModelSource(str(Registry(settings.model_dir).weights(pid, serving.version)), serving.version, False)
+        source = ModelSource(str(registry.weights(pid, serving.version)), serving.version, False)
     else:
         source = resolve_model_source(settings)
     return replace(source, fallback=serving.problem or source.fallback)

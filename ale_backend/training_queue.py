@@ -31,6 +31,7 @@ from ale_backend.jobs import (
     describe,
     enqueue_arrivals,
     enqueue_training,
+    is_waiting,
     read_json,
     redis_address,
 )
@@ -113,13 +114,9 @@ class TrainingQueue:
         # the ids first, then the job: a job seen waiting has not taken the ids yet, so it takes these too
         _, waiting = (self.redis.pipeline().sadd(key(project, "arrived"), *ids).get(key(project, "arrivals-job"))
                       .execute())
-        if waiting is not None:
-            try:
-                if Job.fetch(waiting.decode(), connection=self.redis).get_status(refresh=True) in WAITING:
-                    return 200, {"status": "coalesced", "project": project, "job": waiting.decode(), "event": event,
-                                 "tasks": len(ids)}
-            except NoSuchJobError:
-                pass
+        if waiting is not None and is_waiting(waiting.decode(), self.redis):
+            return 200, {"status": "coalesced", "project": project, "job": waiting.decode(), "event": event,
+                         "tasks": len(ids)}
         jid = self.names.arrivals_job(project, self.redis.incr(key(project, "arrivals-count")))
         enqueue_arrivals(self.scoring, jid, project, self.settings.train_timeout)
         self.redis.set(key(project, "arrivals-job"), jid)

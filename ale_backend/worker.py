@@ -31,7 +31,7 @@ from typing import Any
 import redis
 from rq import Queue, Worker, get_current_job
 
-from ale_backend.jobs import CLAIM, TAKE, WAITING, Names, enqueue_rescoring, redis_address, timestamp
+from ale_backend.jobs import CLAIM, TAKE, Names, enqueue_rescoring, is_waiting, redis_address, timestamp
 from ale_backend.lock import heartbeat, project_lock, record_dead_job
 from ale_backend.project_files import ModelDir
 from ale_backend.settings import Settings
@@ -143,25 +143,14 @@ def run_arrivals_job(project: int) -> dict[str, Any]:
     def score(settings, report, connection, key):
         ids = [int(i) for i in connection.eval(TAKE, 1, key(project, "arrived"))]
         version = served_source(settings, project).version
-        waiting = _waiting(connection, Names(settings).rescoring_job(project, version))
-        if waiting:  # a re-scoring with the served version is queued: it lists the pool when it starts
+        waiting = Names(settings).rescoring_job(project, version)
+        if is_waiting(waiting, connection):  # a re-scoring with the served version is queued: it lists the pool
             return {"status": "left to the waiting re-scoring", "model_version": version, "scored": 0,
                     "rescoring_job": waiting}
         report("scoring new tasks", tasks=len(ids))
         return score_arrivals(project, ids, settings, report)
 
     return _scoring_job(project, "arrivals", score)
-
-
-def _waiting(connection: redis.Redis, jid: str) -> str | None:
-    """``jid`` if that job exists and has not started."""
-    from rq.exceptions import NoSuchJobError
-    from rq.job import Job
-
-    try:
-        return jid if Job.fetch(jid, connection=connection).get_status(refresh=True) in WAITING else None
-    except NoSuchJobError:
-        return None
 
 
 def _scoring_job(project: int, kind: str, score) -> dict[str, Any]:

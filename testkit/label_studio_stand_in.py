@@ -118,6 +118,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.stand_in.predictions[project] = kept
         self._send(200, json.dumps(deleted).encode(), "application/json")
 
+    def _redirect(self, location: str) -> None:
+        self.send_response(302)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
     def do_GET(self):
         from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -125,17 +131,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.stand_in.requests.append((self.path, auth))
         parts = urlsplit(self.path)
         if parts.path == "/redirect":
-            self.send_response(302)
-            self.send_header("Location", parse_qs(parts.query)["to"][0])
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return None
+            return self._redirect(parse_qs(parts.query)["to"][0])
         if parts.path == "/loop":  # redirects to itself, for ever
-            self.send_response(302)
-            self.send_header("Location", "/loop")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return None
+            return self._redirect("/loop")
         if parts.path == "/declared":  # announces a length, sends nothing
             self.send_response(200)
             self.send_header("Content-Type", "image/png")

@@ -4,7 +4,7 @@ import os
 import pytest
 
 from ale_backend.label_studio import project_id
-from ale_backend.registry import Registry, VersionInfo
+from ale_backend.registry import Registry, Serving, VersionInfo
 
 
 def info(version, project=3, promoted=True, created="2026-11-26T10:00:00+00:00"):
@@ -98,9 +98,8 @@ def test_a_damaged_current_version_gives_way_to_the_newest_good_one_with_the_rea
     assert serving.version == "p3-v1-a"
     assert serving.problem == "version p3-v2-b's weights are 3 bytes, 7 were registered; serving p3-v1-a instead"
     registry.weights(3, "p3-v1-a").unlink()
-    assert registry.serving(3) == (registry.serving(3).__class__(None, "version p3-v2-b's weights are 3 bytes, 7 "
-                                                                      "were registered; serving the base model "
-                                                                      "instead"))
+    assert registry.serving(3) == Serving(None, "version p3-v2-b's weights are 3 bytes, 7 were registered; serving "
+                                                "the base model instead")
 
 
 @pytest.mark.parametrize("pointer, reason", [
