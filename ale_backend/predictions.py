@@ -41,7 +41,7 @@ from ale_backend.images import (
     task_image_url,
 )
 from ale_backend.label_config import LabelConfig, LabelMap, map_labels
-from ale_backend.scoring import UNREADABLE_PRIORITY, priority, score_image
+from ale_backend.scoring import UNREADABLE_PRIORITY, cannot_rank, priority, score_image
 from ale_backend.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -139,6 +139,7 @@ def predict_tasks(
     """
     started = time.perf_counter()
     label_map = map_labels(detector.names, config)
+    _warn_if_it_cannot_rank(settings.strategy, label_map, project, detector.version)
     urls = [task_image_url(task, config.image_key) for task in tasks]
     if images is not None and len(images) != len(tasks):
         raise ValueError(f"{len(images)} images for {len(tasks)} tasks")
@@ -178,6 +179,19 @@ def predict_tasks(
         extra={"project": project, "model_version": detector.version},
     )
     return predictions
+
+
+_warned: set[tuple] = set()
+
+
+def _warn_if_it_cannot_rank(strategy: str, label_map: LabelMap, project: int | None, version: str) -> None:
+    """Log once per project, model version and strategy when the strategy scores every task of the project alike."""
+    reason = cannot_rank(strategy, len(label_map.class_to_label))
+    key = (project, version, strategy)
+    if reason and key not in _warned:
+        _warned.add(key)
+        logger.warning("project %s, model %s: %s", project, version, reason,
+                       extra={"project": project, "model_version": version})
 
 
 def _inference_images(urls: list[str], given: list | None, loader: ImageLoader,

@@ -54,6 +54,25 @@ development seeds kept apart from the evaluation seeds (``docs/benchmark``): its
 new-class objects as random ones and teach the new classes about twice as fast, where ``ale-entropy-sum`` (the
 paper's best) teaches them no faster than random order."""
 
+def cannot_rank(strategy: str, project_classes: int) -> str | None:
+    """Why ``strategy`` gives every image the same score in a project where ``project_classes`` of the model's classes
+    have a project label, or None when it can rank it.
+
+    Certainty is measured over the project's classes only
+    (:meth:`~ale_backend.label_config.LabelMap.project_class_scores`): with one such class the normalised class
+    vector of every box is ``[1]``, whose entropy and least confidence are 0, so the paper's ``entropy`` and ``lc``
+    strategies, with or without sqrt(N), score every image 0 (the queue is then only the tie-break's random order).
+    ``unknown`` reads the raw scores and still ranks.
+    """
+    parsed = Strategy.parse(strategy)
+    if parsed.measure in PAPER_MEASURES and project_classes <= 1:
+        return (f"strategy {strategy} cannot rank this project: {project_classes} of the model's classes "
+                f"{'has' if project_classes == 1 else 'have'} a project label, and {parsed.measure} over one class "
+                f"is 0 for every box, so every task scores 0 (random order); choose an unknown- strategy (the "
+                f"default {DEFAULT_STRATEGY}) until the model knows two of the project's classes")
+    return None
+
+
 READABLE_PRIORITY_CEILING = 1.0 - 1e-6
 """Largest priority score a readable image gets; 1.0 itself is kept for tasks whose image could not be read."""
 UNREADABLE_PRIORITY = 1.0

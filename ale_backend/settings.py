@@ -81,6 +81,10 @@ def _positive_float(raw: str) -> float:
     return value
 
 
+def _optional_positive_float(raw: str) -> float | None:
+    return None if not raw.strip() else _positive_float(raw)
+
+
 def _strategy(raw: str) -> str:
     value = raw.strip().lower()
     if value not in STRATEGIES:
@@ -238,8 +242,10 @@ _VARIABLES: dict[str, tuple[str, str, Callable[[str], object]]] = {
     "train_batch": ("TRAIN_BATCH", "16", _positive_int),
     "train_device": ("TRAIN_DEVICE", "", _text),
     "train_optimizer": ("TRAIN_OPTIMIZER", "SGD", _optimizer),
-    "train_lr0": ("TRAIN_LR0", "0.01", _positive_float),
+    "train_lr0": ("TRAIN_LR0", "", _optional_positive_float),
+    "train_lrf": ("TRAIN_LRF", "", _optional_positive_float),
     "train_warmup_epochs": ("TRAIN_WARMUP_EPOCHS", "", _optional_int),
+    "train_close_mosaic": ("TRAIN_CLOSE_MOSAIC", "", _optional_int),
     "train_mosaic": ("TRAIN_MOSAIC", "1.0", _unit_interval),
     "train_fliplr": ("TRAIN_FLIPLR", "0.5", _unit_interval),
     "train_freeze": ("TRAIN_FREEZE", "0", _non_negative_int),
@@ -254,6 +260,12 @@ _VARIABLES: dict[str, tuple[str, str, Callable[[str], object]]] = {
     "keep_versions": ("KEEP_VERSIONS", "5", _positive_int),
     "keep_prediction_versions": ("KEEP_PREDICTION_VERSIONS", "2", _positive_int),
 }
+
+
+def parse_setting(name: str, raw: str) -> object:
+    """The value of the setting ``name`` (a field of :class:`Settings`) written as its variable would be; raises
+    ``ValueError`` (``KeyError`` for an unknown name)."""
+    return _VARIABLES[name][2](raw)
 
 
 ALIASES: dict[str, tuple[str, ...]] = {
@@ -352,14 +364,19 @@ class Settings:
     """Torch device for training; empty uses DEVICE's choice."""
     train_optimizer: str = "SGD"
     """Optimizer (SGD, Adam, AdamW, RMSProp); momentum (beta1) 0.937 and weight decay 0.005 as in the paper."""
-    train_lr0: float = 0.01
-    """Initial learning rate."""
+    train_lr0: float | None = None
+    """Initial learning rate; unset: the recipe's for the start (``training.RECIPES``: from a config or from trained
+    weights)."""
+    train_lrf: float | None = None
+    """Final learning rate as a fraction of ``train_lr0`` (ultralytics' linear decay); unset: the recipe's."""
+    train_close_mosaic: int | None = None
+    """Last epochs trained without mosaic; unset: the recipe's."""
     train_mosaic: float = 1.0
     """Probability of ultralytics' mosaic augmentation (0 turns it off: faster convergence on small data)."""
     train_fliplr: float = 0.5
     """Probability of a left-right flip in training (0 where a mirror image is another thing: text, digits)."""
     train_warmup_epochs: int | None = None
-    """Warm-up epochs; unset: 0 when fine-tuning trained weights, 3 when training from a config."""
+    """Warm-up epochs; unset: the recipe's (none when fine-tuning trained weights, 3 when training from a config)."""
     train_freeze: int = 0
     """Layers kept frozen when fine-tuning trained weights (10: the YOLOv5 backbone); 0 trains every layer."""
     train_keep_best: bool = True

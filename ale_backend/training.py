@@ -230,16 +230,56 @@ def round_warnings(metrics: dict[str, float]) -> list[str]:
     return []
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """How a model is trained from one kind of start; a setting given explicitly (``TRAIN_LR0`` ...) wins."""
+
+    lr0: float
+    lrf: float
+    """Final learning rate as a fraction of ``lr0`` (ultralytics decays it linearly over the epochs)."""
+    warmup_epochs: int
+    close_mosaic: int
+    """Last epochs without mosaic."""
+
+
+RECIPES = {
+    # a model trained from its YAML: ultralytics' own schedule (SGD, lr0 0.01 decaying to 1e-4, 3 warm-up epochs)
+    "from_scratch": Recipe(lr0=0.01, lrf=0.01, warmup_epochs=3, close_mosaic=10),
+    # trained weights fine-tuned on a project's annotations (docs/training-recipe.md)
+    "warm_start": Recipe(lr0=0.01, lrf=0.01, warmup_epochs=0, close_mosaic=10),
+}
+"""The training recipes, by the kind of start: the one place the product's rounds and the benchmark take them from."""
+
+
+def recipe_for(parent: ModelSource) -> Recipe:
+    return RECIPES["from_scratch" if parent.is_config else "warm_start"]
+
+
+def train_arguments(parent: ModelSource, settings: Settings) -> dict[str, Any]:
+    """What ultralytics trains ``parent`` with: the recipe for its kind of start, with the settings that override
+    it, and the round's data-independent options (not the paths, device or loader workers). Equal arguments on equal
+    data and the same versions give the same weights on a CPU: the benchmark keys its cached models by them."""
+    recipe = recipe_for(parent)
+    pick = lambda given, default: default if given is None else given  # noqa: E731
+    return {
+        "epochs": settings.train_epochs, "patience": settings.train_patience, "imgsz": settings.train_imgsz,
+        "batch": settings.train_batch, "val": settings.train_keep_best,  # val=False: validates the last epoch only
+        "optimizer": settings.train_optimizer, "lr0": pick(settings.train_lr0, recipe.lr0),
+        "lrf": pick(settings.train_lrf, recipe.lrf), "momentum": 0.937, "weight_decay": 0.005,
+        "warmup_epochs": pick(settings.train_warmup_epochs, recipe.warmup_epochs),
+        "close_mosaic": pick(settings.train_close_mosaic, recipe.close_mosaic),
+        "mosaic": settings.train_mosaic, "fliplr": settings.train_fliplr,
+        "freeze": None if parent.is_config or not settings.train_freeze else settings.train_freeze,
+        "seed": settings.train_seed,
+    }
+
+
 def fine_tune(parent: ModelSource, data_yaml: Path, settings: Settings, run_dir: Path,
               on_epoch: Callable[[int], None]) -> FineTuned:
-    """Train from ``parent`` on ``data_yaml``; gives the best weights by validation fitness, or the last epoch's
-    with ``TRAIN_KEEP_BEST=false`` (ultralytics then saves every epoch as "best" until its one final validation),
-    and whether patience stopped it early."""
+    """Train from ``parent`` on ``data_yaml`` with :func:`train_arguments`; gives the best weights by validation
+    fitness, or the last epoch's with ``TRAIN_KEEP_BEST=false`` (ultralytics then saves every epoch as "best" until
+    its one final validation), and whether patience stopped it early."""
     model = load_model(parent, settings)
-    warmup = settings.train_warmup_epochs
-    if warmup is None:
-        warmup = 3 if parent.is_config else 0
-
     reported, last_seen = [0], [False]
 
     def epoch_done(trainer) -> None:
@@ -252,13 +292,8 @@ def fine_tune(parent: ModelSource, data_yaml: Path, settings: Settings, run_dir:
     model.add_callback("on_fit_epoch_end", epoch_done)
     runtime = training_runtime(settings)
     model.train(
-        data=str(data_yaml), epochs=settings.train_epochs, patience=settings.train_patience,
-        imgsz=settings.train_imgsz, batch=settings.train_batch, device=_device(settings),
-        workers=runtime.workers, val=settings.train_keep_best,  # val=False: validates the last epoch only
-        optimizer=settings.train_optimizer, lr0=settings.train_lr0, momentum=0.937, weight_decay=0.005,
-        warmup_epochs=warmup, mosaic=settings.train_mosaic, fliplr=settings.train_fliplr,
-        freeze=None if parent.is_config or not settings.train_freeze else settings.train_freeze,
-        seed=settings.train_seed, deterministic=runtime.deterministic, amp=runtime.amp, plots=False, verbose=False,
+        data=str(data_yaml), **train_arguments(parent, settings), device=_device(settings), workers=runtime.workers,
+        deterministic=runtime.deterministic, amp=runtime.amp, plots=False, verbose=False,
         project=str(Path(run_dir).resolve()), name="train", exist_ok=True,  # ultralytics puts relative ones in runs/
     )
     trainer = model.trainer

@@ -141,6 +141,27 @@ def test_ale_counts_every_box_and_only_the_project_classes_certainty(served, sam
     assert all(p["result"] == [] for p in unknown)  # nothing shown: no class maps to a label
 
 
+def test_an_entropy_strategy_on_a_one_class_project_scores_every_task_alike_and_says_so_once(served, sample_images,
+                                                                                              caplog):
+    """The project's classes are the only ones certainty is measured over: with one, entropy is 0 for every box."""
+    _, app_settings = served
+    entropy = dataclasses.replace(app_settings, strategy="ale-entropy-sum")
+    client = create_app(entropy, warm_up=False).test_client()
+    only_circles = LABEL_CONFIG.replace('<Label value="box" predicted_values="square"/>', "")
+    tasks = upload_tasks(sample_images)
+    with caplog.at_level("WARNING", logger="ale_backend.predictions"):
+        first = predict(client, tasks, only_circles).json["results"]
+        predict(client, tasks, only_circles)
+    assert any(p["ale"]["detections"] for p in first) and all(p["ale"]["value"] == 0 for p in first)
+    warnings = [r.getMessage() for r in caplog.records if "cannot rank this project" in r.getMessage()]
+    assert len(warnings) == 1 and "ale-entropy-sum" in warnings[0] and "1 of the model's classes" in warnings[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ale_backend.predictions"):
+        two = predict(client, tasks).json["results"]  # Circle and box: two classes, entropy ranks
+    assert any(p["ale"]["value"] > 0 for p in two)
+    assert not [r for r in caplog.records if "cannot rank" in r.getMessage()]
+
+
 def test_the_controls_model_score_threshold_sets_what_is_shown_not_what_is_scored(served, sample_images):
     client, app_settings = served
     tasks = upload_tasks(sample_images)

@@ -3,6 +3,7 @@ the protocol end to end on generated photographs-like data (non-square, larger t
 
 import json
 import os
+import shutil
 
 import cv2
 import numpy as np
@@ -54,8 +55,8 @@ def dataset(tmp_path_factory):
 
 
 def test_seeds_share_the_test_set_and_never_put_it_in_the_pool(dataset, tmp_path):
-    config = YoloDatasetConfig(data=str(dataset), new_classes=NEW, image_size=96, val_images=4, base_share=0.5,
-                               pool_share=0.8)
+    config = YoloDatasetConfig(data=str(dataset), new_classes=NEW, image_size=96, val_images=4, val_new_images=1,
+                               base_share=0.5, pool_share=0.8)
     source = YoloDataset(config, tmp_path / "cache")
     first, second = (source.write(seed, tmp_path / f"seed{seed}") for seed in (0, 1))
     assert first.new_classes == (2,) and first.class_names == SHAPES
@@ -64,10 +65,14 @@ def test_seeds_share_the_test_set_and_never_put_it_in_the_pool(dataset, tmp_path
                                                        + [f"test-{i:03d}" for i in range(6)])
         assert not set(sources(data, "pool")) & set(sources(data, "test"))
         assert not set(sources(data, "pool")) & (set(sources(data, "base")) | set(sources(data, "val")))
-        assert 2 not in classes_in(data, "base") | classes_in(data, "val")  # the base model never sees a triangle
+        assert 2 not in classes_in(data, "base")  # the base model never sees a triangle
         assert 2 in classes_in(data, "pool")
         counts = data.counts()
         assert counts["val"]["images"] == 4 and counts["base"]["new_boxes"] == 0
+        assert counts["val"]["new_images"] == 1  # fine-tunes are validated on the new class too...
+        base_yaml = yaml.safe_load(data.write_base_yaml().read_text())  # ...the base model on the rest only
+        base_val = sorted((data.root / "base-known" / "val" / "images").iterdir())
+        assert base_yaml["names"] == {0: "circle", 1: "square"} and len(base_val) == 3
         assert counts["pool"]["images"] == round(0.8 * (40 - 4 - counts["base"]["images"]))
     # one base split (and so one base model) for every seed; the pools differ
     assert sources(first, "base") == sources(second, "base") and first.base_digest() == second.base_digest()
@@ -120,22 +125,44 @@ def test_a_new_class_the_data_does_not_have_is_refused(dataset, tmp_path, new, m
         YoloDataset(YoloDatasetConfig(data=str(dataset), new_classes=new), tmp_path)
 
 
-def test_the_protocol_runs_on_a_dataset_end_to_end(dataset, tmp_path):
+def test_the_protocol_runs_on_a_dataset_end_to_end_and_resumes_from_its_fine_tunes(dataset, tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
-    assert main(["--config", "dataset-smoke", "--data", str(dataset), "--new-classes", "triangle", "--out", str(out),
-                 "--cache", str(cache)]) == 0
+    command = ["--config", "dataset-smoke", "--data", str(dataset), "--new-classes", "triangle", "--out", str(out),
+               "--cache", str(cache)]
+    assert main(command) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["new_classes"] == ["triangle"] and results["data"]["source"] == "YOLO dataset"
+    assert results["protocol"].startswith("the selection plus every base image (the paper's protocol)")
     assert {b["base_model"] for b in results["baselines"]} == {results["baselines"][0]["base_model"]}  # shared
     assert len(list(cache.glob("base-*/base-weights.pt"))) == 1
     for baseline in results["baselines"]:
         assert baseline["splits"]["test"]["images"] == 14 and baseline["splits"]["base"]["new_boxes"] == 0
-        assert set(baseline["ap50_95_per_class"]) <= set(SHAPES)
-    for run in results["runs"]:
-        assert run["images"] == run["budget"] and 0 <= run["new_ap50_95"] <= 1
+        assert set(baseline["ap50_95_per_class"]) <= set(SHAPES) and 0 <= baseline["val_map50_95"] <= 1
+    by = {(r["strategy"], r["budget"], r["seed"]): r for r in results["runs"]}
+    assert {s for s, _, _ in by} == {"random", "random-boxes", "ale-unknown-mean"}
+    for (strategy, budget, seed), run in by.items():
+        assert 0 <= run["new_ap50_95"] <= 1 and isinstance(run["promoted"], bool) and run["promotion"]
+        if strategy == "random-boxes":  # random images until they hold the default's boxes, and no more
+            assert run["boxes"] >= by[("ale-unknown-mean", budget, seed)]["boxes"]
+        else:
+            assert run["images"] == run["budget"]
+    records = sorted((out / "finetunes").glob("*.json"))
+    assert records and {json.loads(p.read_text())["result"]["map50_95"] for p in records} <= {
+        r["map50_95"] for r in results["runs"]}
     report = (out / "report.md").read_text()
     assert "one base model shared by every seed" in report and "## Diagnosis" in report
+    assert "## What labels buy" in report and "against `random-boxes`" in report
     assert os.path.basename(str(dataset)) in report
+    # a second run into the same folder trains nothing and gives the same results
+    os.rename(out / "finetunes", tmp_path / "kept")
+    shutil.rmtree(out)
+    out.mkdir()
+    os.rename(tmp_path / "kept", out / "finetunes")
+    assert main(command) == 0
+    assert not list((out / "work").glob("seed*/ft*"))  # nothing was fine-tuned
+    resumed = json.loads((out / "results.json").read_text())
+    assert [(r["strategy"], r["map50_95"]) for r in resumed["runs"]] == [
+        (r["strategy"], r["map50_95"]) for r in results["runs"]]
 
 
 def test_the_command_line_asks_for_what_a_dataset_run_needs(dataset, tmp_path, capsys):

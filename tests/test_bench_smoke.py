@@ -70,6 +70,8 @@ def test_the_cache_key_follows_what_shapes_the_base_model_only(tmp_path):
     other = GeneratedDigits(dataclasses.replace(smoke.data, counts={**smoke.data.counts, "base": 15}))
     assert base_model_key(smoke, other.write(0, tmp_path / "c")) != key
     for unrelated in ({"strategies": ("random",)}, {"budgets": (10,)}, {"finetune_epochs": 3}, {"replay": 7},
+                      {"replay": None}, {"keep_best": True}, {"finetune_patience": 4},
+                      {"recipe": (("train_lr0", 0.001), ("train_freeze", 10))},
                       {"score_conf": 0.3}, {"name": "other"}):
         assert base_model_key(dataclasses.replace(smoke, **unrelated), data) == key, unrelated
     pool_only = GeneratedDigits(dataclasses.replace(smoke.data, counts={**smoke.data.counts, "pool": 10, "test": 5}))
@@ -102,6 +104,27 @@ def test_the_verdict_asks_for_four_of_five_seeds_at_50_and_100_images(tmp_path, 
     text = (tmp_path / "report.md").read_text()
     assert f"**{verdict}**" in text
     assert "| 50 | +0.060 +- 0.080 (4/5) |" in text if verdict == "met" else "(3/5)" in text
+
+
+def test_the_first_table_says_what_labels_buy_over_the_base_model(tmp_path):
+    results = fake_results({25: [0.0, 0.1, 0.2, 0.1, 0.1], 50: [0.1, 0.1, 0.1, 0.1, 0.1]})
+    for run in results["runs"]:
+        run["promoted"] = run["strategy"] == "random" or run["seed"] > 0
+    results["runs"] += [{"seed": seed, "strategy": "base-only", "budget": 0, "images": 0, "boxes": 0,
+                         "new_boxes": 0, "selected": [], "map50_95": 0.45, "new_ap50_95": 0.0,
+                         "known_ap50_95": 0.6, "promoted": False} for seed in range(5)]
+    report.write(results, tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    table = text[text.index("## What labels buy"):text.index("## Verdict")]
+    assert "| base model | | | 0.500 +- 0.000 |" in table
+    # random at 50 images: 0.5 on every seed, no change; the default +0.1 on every seed, 4 of 5 promoted
+    assert "| random, 50 | 50 | 50 | 0.500 +- 0.000 | +0.000 +- 0.000 (0/5) | 0.100 +- 0.000 | +0.100 +- 0.000 " \
+           "(5/5) | 5/5 |" in table
+    assert "| ale-unknown-mean, 50 | 50 | 50 | 0.600 +- 0.000 | +0.100 +- 0.000 (5/5) |" in table
+    assert "| ale-unknown-mean, 50 |" in table and table.count("| 4/5 |") == 2
+    assert "| base images only, no selection | 0 | 0 | 0.450 +- 0.000 | -0.050 +- 0.000 (0/5) |" in table
+    assert "## Budget 0" not in text  # the control is not a strategy
+    assert "Fine-tunes above the base model's mAP50-95: 9 of 20 (45%)" in text
 
 
 def test_past_the_deadline_no_fine_tune_starts_and_the_report_says_so(smoke_run, tmp_path):

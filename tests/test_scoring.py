@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 
 from ale_backend import scoring, uncertainty
-from ale_backend.scoring import PAPER_STRATEGIES, STRATEGIES, Strategy, priority, score_image, score_images
+from ale_backend.scoring import (
+    PAPER_STRATEGIES,
+    STRATEGIES,
+    Strategy,
+    cannot_rank,
+    priority,
+    score_image,
+    score_images,
+)
 
 # Three detections with raw (sigmoid) class scores; normalised rows are [.25 .75], [.5 .5], [1 0].
 IMAGE = np.array([[0.2, 0.6], [0.5, 0.5], [0.9, 0.0]])
@@ -184,3 +192,18 @@ def test_the_tie_break_and_the_cap_move_a_score_by_at_most_what_the_docs_say():
 def test_a_score_that_is_no_number_or_a_tie_break_out_of_range_is_refused(score, tie_break):
     with pytest.raises(ValueError):
         priority(score, tie_break)
+
+
+@pytest.mark.parametrize("strategy", ["entropy-sum", "ale-entropy-sum", "lc-max", "ale-lc-mean"])
+def test_entropy_and_lc_cannot_rank_one_class_and_say_so(strategy):
+    one_class = [np.array([[0.9], [0.2]]), np.array([[0.4]]), np.array([[0.05], [0.6], [0.3]])]
+    assert all(score == 0 for score in score_images(one_class, strategy))  # nothing to rank by
+    assert strategy in cannot_rank(strategy, 1) and cannot_rank(strategy, 0)
+    assert cannot_rank(strategy, 2) is None
+
+
+@pytest.mark.parametrize("strategy", ["ale-unknown-mean", "unknown-max", "count", "random"])
+def test_unknown_count_and_random_rank_one_class(strategy):
+    one_class = [np.array([[0.9], [0.2]]), np.array([[0.4]]), np.array([[0.05], [0.6], [0.3]])]
+    assert len(set(score_images(one_class, strategy, np.random.default_rng(0)))) == 3
+    assert cannot_rank(strategy, 1) is None

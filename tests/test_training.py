@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -25,11 +26,12 @@ from rq import Queue
 from rq.registry import StartedJobRegistry
 
 from ale_backend.jobs import Names
-from ale_backend.model_source import resolve_model_source
+from ale_backend.model_source import ModelSource, resolve_model_source
 from ale_backend.project_files import round_folder
 from ale_backend.registry import Registry, VersionInfo
 from ale_backend.server import create_app
-from ale_backend.training import NothingToTrain, fine_tune
+from ale_backend.settings import Settings
+from ale_backend.training import RECIPES, NothingToTrain, fine_tune, train_arguments
 from testkit import synthetic
 from testkit.label_studio_stand_in import LABEL_CONFIG, add_project
 from testkit.stack import stop
@@ -422,15 +424,37 @@ def test_round_folders_go_when_done_and_keep_only_the_last_failures_logs(tmp_pat
 def test_the_training_recipe_reaches_ultralytics(dataset, settings, tmp_path):
     recipe = dataclasses.replace(settings, train_epochs=1, train_imgsz=96, train_batch=32, train_fliplr=0.0,
                                  train_mosaic=0.25, train_lr0=0.003, train_freeze=10, train_keep_best=False,
-                                 train_workers=1, train_optimizer="Adam", train_device="cpu")
+                                 train_workers=1, train_optimizer="Adam", train_device="cpu", train_lrf=0.5,
+                                 train_close_mosaic=1)
     epochs: list[int] = []
     weights = fine_tune(resolve_model_source(settings), dataset / "data.yaml", recipe, tmp_path,
                         on_epoch=epochs.append)
     args = yaml.safe_load((tmp_path / "train" / "args.yaml").read_text())
     assert (args["fliplr"], args["mosaic"], args["lr0"], args["optimizer"]) == (0.0, 0.25, 0.003, "Adam")
-    assert args["warmup_epochs"] == 0  # fine-tuning trained weights: no warm-up
+    assert args["warmup_epochs"] == RECIPES["warm_start"].warmup_epochs  # fine-tuning trained weights
+    assert (args["lrf"], args["close_mosaic"]) == (0.5, 1)
     assert (args["freeze"], args["val"], args["workers"]) == (10, False, 1)
     assert epochs == [1] and weights.weights.is_file() and (weights.epochs, weights.stopped_early) == (1, None)
+
+
+def test_a_warm_start_and_a_start_from_a_config_get_their_own_recipes_and_a_setting_wins():
+    warm, scratch = ModelSource("trained.pt", "v1", is_config=False), ModelSource("yolov5nu.yaml", "u", is_config=True)
+    defaults = Settings()
+    for source, recipe in ((warm, RECIPES["warm_start"]), (scratch, RECIPES["from_scratch"])):
+        args = train_arguments(source, defaults)
+        assert [args[k] for k in ("lr0", "lrf", "warmup_epochs", "close_mosaic")] == [
+            recipe.lr0, recipe.lrf, recipe.warmup_epochs, recipe.close_mosaic]
+        given = dataclasses.replace(defaults, train_lr0=0.005, train_lrf=0.5, train_warmup_epochs=2,
+                                    train_close_mosaic=0)
+        assert [train_arguments(source, given)[k] for k in ("lr0", "lrf", "warmup_epochs", "close_mosaic")] == [
+            0.005, 0.5, 2, 0]
+        # what only decides where and how fast it runs is not part of the recipe
+        elsewhere = dataclasses.replace(defaults, train_device="cpu", train_workers=3, train_timeout=5,
+                                        model_dir=Path("/elsewhere"))
+        assert train_arguments(source, elsewhere) == args
+    assert RECIPES["from_scratch"] != RECIPES["warm_start"]
+    assert train_arguments(scratch, dataclasses.replace(defaults, train_freeze=10))["freeze"] is None
+    assert train_arguments(warm, dataclasses.replace(defaults, train_freeze=10))["freeze"] == 10
 
 
 def test_a_poisoned_annotation_is_left_out_and_the_round_trains_on_the_rest(backend, label_studio, start_worker):

@@ -16,7 +16,6 @@ import shlex
 import sys
 from pathlib import Path
 
-from ale_backend.scoring import STRATEGIES
 from ale_backend.ultralytics_setup import prepare_environment
 from benchmarks.active_learning import protocol, report
 
@@ -32,7 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="default: data/benchmark/<config>")
     parser.add_argument("--seeds", type=int, nargs="+")
     parser.add_argument("--budgets", type=int, nargs="+")
-    parser.add_argument("--strategies", nargs="+", choices=STRATEGIES)
+    parser.add_argument("--strategies", nargs="+", choices=protocol.BENCH_STRATEGIES)
+    parser.add_argument("--recipe", nargs="+", metavar="SETTING=VALUE", type=_recipe_item, default=[],
+                        help="change the fine-tunes' recipe, e.g. train_lr0=0.001 train_freeze=10 (the base model is "
+                        "trained without it)")
     parser.add_argument("--device", help="'' for auto, cpu, 0...")
     parser.add_argument("--cache", type=Path, default=None,
                         help="base models, kept by a key of what shapes them (default: data/benchmark/cache)")
@@ -57,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["device"] = args.device
     if args.deadline is not None:
         overrides["deadline"] = args.deadline
+    if args.recipe:
+        overrides["recipe"] = (*config.recipe, *args.recipe)
     config = dataclasses.replace(config, **overrides)
     out = args.out or Path("data/benchmark") / config.name
     command = "python -m benchmarks.active_learning " + shlex.join(argv or sys.argv[1:])
@@ -69,6 +73,19 @@ def main(argv: list[str] | None = None) -> int:
     for path in report.write(results, out, command):
         print(path)
     return 0
+
+
+def _recipe_item(text: str) -> tuple[str, object]:
+    """``train_lr0=0.001`` -> ("train_lr0", 0.001), checked against the settings' fields and parsers."""
+    from ale_backend.settings import Settings, parse_setting
+
+    name, _, raw = text.partition("=")
+    if not name.startswith("train_") or name not in {f.name for f in dataclasses.fields(Settings)}:
+        raise argparse.ArgumentTypeError(f"{name!r} is not a training setting (train_lr0, train_freeze, ...)")
+    try:
+        return name, parse_setting(name, raw)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text}: {exc}") from exc
 
 
 if __name__ == "__main__":

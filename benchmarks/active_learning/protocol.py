@@ -36,8 +36,10 @@ import cv2
 import numpy as np
 
 from ale_backend import training
-from ale_backend.detector import Detector
+from ale_backend.dataset import DatasetSummary, remapped_validation_set
+from ale_backend.detector import Detector, load_model
 from ale_backend.model_source import ModelSource
+from ale_backend.pretrained import file_sha256
 from ale_backend.scoring import DEFAULT_STRATEGY, STRATEGIES, score_images
 from ale_backend.settings import DEFAULT_SCORE_CONF, Settings
 from ale_backend.training import fine_tune
@@ -57,6 +59,15 @@ QUICK_STRATEGIES = tuple(dict.fromkeys(("random", DEFAULT_STRATEGY, "ale-entropy
 """Fine-tuned by ``quick`` (what 25 minutes of a 2-core CPU hold): random, the default and the paper's best."""
 
 
+BOX_MATCHED = "random-boxes"
+"""Random images, in a seeded order, until the selection holds at least as many (true) boxes as the default
+strategy's at that budget: separates "better images" from "more boxes" (ALE's sqrt(N) buys crowded images)."""
+BASE_ONLY = "base-only"
+"""No selection: the fine-tune on the base images alone, the control for what the recipe does without new labels."""
+BENCH_STRATEGIES = (*STRATEGIES, BOX_MATCHED, BASE_ONLY)
+"""What ``--strategies`` takes: the product's strategies and the benchmark's two controls."""
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     name: str
@@ -69,8 +80,17 @@ class BenchConfig:
     imgsz: int = 160
     base_epochs: int = 100
     finetune_epochs: int = 20
-    replay: int = 40
-    """Base training images replayed in every fine-tune (the same ones for every strategy)."""
+    replay: int | None = 40
+    """Base training images added to every selection (the same ones for every strategy); ``None``: every base image,
+    the paper's protocol (the selection is added to the whole training set)."""
+    keep_best: bool = False
+    """Keep the fine-tune's epoch with the best fitness on the validation split (never the test set); ``False``: the
+    last epoch."""
+    finetune_patience: int | None = None
+    """Stop a fine-tune after this many epochs without a better validation fitness; ``None``: never."""
+    recipe: tuple[tuple[str, object], ...] = ()
+    """Settings that change the fine-tunes' recipe (``train_lr0``, ``train_freeze``, ...; ``--recipe``), for
+    comparing recipes; the base model is trained without them."""
     batch: int = 8
     mosaic: float = 0.0
     """Mosaic augmentation probability, for the base model and every fine-tune alike."""
@@ -90,6 +110,14 @@ class BenchConfig:
     def uses_dataset(self) -> bool:
         return isinstance(self.data, YoloDatasetConfig)
 
+    def protocol(self) -> str:
+        """Which retraining protocol the fine-tunes follow, in words (for the report)."""
+        added = ("every base image (the paper's protocol)" if self.replay is None
+                 else f"{self.replay} replayed base images")
+        kept = (f"the best epoch on the validation split (patience {self.finetune_patience or 'off'})"
+                if self.keep_best else "the last epoch")
+        return f"the selection plus {added}, up to {self.finetune_epochs} epochs, {kept}"
+
     def selection_knobs(self) -> dict:
         return {"conf": self.score_conf, "iou": self.score_iou, "max_det": self.score_max_det,
                 "nms": "class-agnostic" if self.agnostic_nms else "class-aware"}
@@ -102,22 +130,28 @@ learns the known classes within the CPU budget."""
 QUICK_DATA = NewSpeciesConfig(counts={"base": 160, "val": 40, "pool": 500, "test": 300},
                               base_objects_per_image=DENSE_BASE)
 
+DATASET_STRATEGIES = tuple(dict.fromkeys(("random", BOX_MATCHED, DEFAULT_STRATEGY)))
+"""Fine-tuned on a dataset: random, random matched on the default's boxes, and the default."""
+
 DATASET_PRESETS = {
     # CI: the pipeline on a dataset end to end, never the result
-    "dataset-smoke": BenchConfig("dataset-smoke", seeds=(0, 1), strategies=QUICK_STRATEGIES, budgets=(2, 4),
-                                 data=YoloDatasetConfig(image_size=96, val_images=4), imgsz=96, base_epochs=1,
-                                 finetune_epochs=1, replay=4, batch=8, mosaic=1.0, fliplr=0.5),
+    "dataset-smoke": BenchConfig("dataset-smoke", seeds=(0, 1), strategies=DATASET_STRATEGIES, budgets=(2, 4),
+                                 data=YoloDatasetConfig(image_size=96, val_images=4, val_new_images=1), imgsz=96,
+                                 base_epochs=1, finetune_epochs=2, replay=None, keep_best=True, batch=8, mosaic=1.0,
+                                 fliplr=0.5),
     # a labelled YOLO dataset (--data, --new-classes) on this project's 2-core CPU, 320 px: one base model shared by
-    # the seeds (150 epochs from yolov5nu.yaml: about an hour there); budgets for a pool of about 200 images
-    "dataset": BenchConfig("dataset", seeds=(0, 1, 2), strategies=QUICK_STRATEGIES, budgets=(10, 25, 50),
-                           data=YoloDatasetConfig(image_size=320), imgsz=320, base_epochs=150, finetune_epochs=20,
-                           replay=40, batch=16, mosaic=1.0, fliplr=0.5),
+    # the seeds (150 epochs from yolov5nu.yaml: about 45 minutes there); budgets for a pool of about 200 images; the
+    # paper's protocol: every selection added to every base image, the best epoch on the validation split kept
+    "dataset": BenchConfig("dataset", seeds=(0, 1, 2), strategies=DATASET_STRATEGIES, budgets=(10, 25, 50),
+                           data=YoloDatasetConfig(image_size=320), imgsz=320, base_epochs=150, finetune_epochs=15,
+                           replay=None, keep_best=True, batch=16, mosaic=1.0, fliplr=0.5),
     # the same on one GPU at 640 px, 5 seeds, every strategy (random and the default first), one process with
     # dataloader workers; no new fine-tune starts after 480 s
     "dataset-gpu": BenchConfig("dataset-gpu", seeds=(0, 1, 2, 3, 4),
-                               strategies=tuple(dict.fromkeys((*QUICK_STRATEGIES, *STRATEGIES))), budgets=(10, 25, 50),
-                               data=YoloDatasetConfig(image_size=640), imgsz=640, base_epochs=150, finetune_epochs=20,
-                               replay=40, batch=16, mosaic=1.0, fliplr=0.5, device="", workers=8, deadline=480),
+                               strategies=tuple(dict.fromkeys((*DATASET_STRATEGIES, *STRATEGIES))),
+                               budgets=(10, 25, 50), data=YoloDatasetConfig(image_size=640), imgsz=640,
+                               base_epochs=150, finetune_epochs=30, finetune_patience=10, replay=None, keep_best=True,
+                               batch=16, mosaic=1.0, fliplr=0.5, device="", workers=8, deadline=480),
 }
 """Presets for a labelled dataset: ``--data`` and ``--new-classes`` say which."""
 
@@ -138,11 +172,14 @@ PRESETS = {
 
 
 def run(config: BenchConfig, out_dir: Path, cache_dir: Path | None = None, command: str = "") -> dict:
-    """Run the protocol; writes ``results.json`` under ``out_dir`` and returns its content.
+    """Run the protocol; writes ``results.json`` under ``out_dir`` (again after every fine-tune) and returns its
+    content.
 
     Base models are kept in ``cache_dir`` (default ``<out_dir>/cache``) under a key of everything that shapes them
     (:func:`base_model_key`), so a second run, or another configuration with the same base recipe, reuses them.
-    After ``config.deadline`` seconds no new fine-tune starts; the results then say ``complete: false``.
+    Each fine-tune's result is kept in ``<out_dir>/finetunes`` under a key of its base model, its data and its
+    recipe (:func:`training_key`): a run stopped by a deadline, a crash or the end of a session resumes where it
+    stopped. After ``config.deadline`` seconds no new fine-tune starts; the results then say ``complete: false``.
     """
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -150,28 +187,34 @@ def run(config: BenchConfig, out_dir: Path, cache_dir: Path | None = None, comma
     started = time.monotonic()
     timings = {"base_training": 0.0, "fine_tuning": 0.0}
     source = data_source(config, cache_dir)
-    seeds = [_Seed(config, source, seed, out_dir / "work" / f"seed{seed}", cache_dir, timings)
+    seeds = [_Seed(config, source, seed, out_dir / "work" / f"seed{seed}", cache_dir, timings, out_dir / "finetunes")
              for seed in config.seeds]
-    runs, complete = [], True
-    # strategy by strategy across the seeds: under a deadline, the first strategies are complete and paired
-    for strategy in config.strategies:
-        for seed in seeds:
-            for budget in config.budgets:
-                late = config.deadline is not None and time.monotonic() - started > config.deadline
-                if late and not seed.has_run(strategy, budget):
-                    logger.warning("seed %s: deadline reached, %s at %d images not run", seed.seed, strategy, budget)
-                    complete = False
-                    continue
-                runs.append(seed.run(strategy, budget))
-    results = {"command": command, "config": _jsonable(dataclasses.asdict(config)),
+    runs: list[dict] = []
+
+    def results(complete: bool) -> dict:
+        out = {"command": command, "config": _jsonable(dataclasses.asdict(config)), "protocol": config.protocol(),
                "selection_knobs": config.selection_knobs(),
                "default_strategy": DEFAULT_STRATEGY, "data": source.describe(),
                "new_classes": [seeds[0].data.class_names[c] for c in seeds[0].data.new_classes],
                "baselines": [seed.baseline for seed in seeds], "runs": runs, "complete": complete,
                "seconds": round(time.monotonic() - started, 1),
                "timings": {k: round(v, 1) for k, v in timings.items()}, "machine": machine()}
-    (out_dir / "results.json").write_text(_dumps(results))
-    return results
+        (out_dir / "results.json").write_text(_dumps(out))
+        return out
+
+    complete = True
+    # strategy by strategy across the seeds: under a deadline, the first strategies are complete and paired
+    for strategy in config.strategies:
+        for seed in seeds:
+            for budget in ([0] if strategy == BASE_ONLY else config.budgets):
+                late = config.deadline is not None and time.monotonic() - started > config.deadline
+                if late and not seed.has_run(strategy, budget):
+                    logger.warning("seed %s: deadline reached, %s at %d images not run", seed.seed, strategy, budget)
+                    complete = False
+                    continue
+                runs.append(seed.run(strategy, budget))
+                results(complete=False)
+    return results(complete)
 
 
 def _dumps(results: dict) -> str:
@@ -204,6 +247,13 @@ def data_source(config: BenchConfig, cache_dir: Path) -> DataSource:
 
 
 def _settings(config: BenchConfig, seed: int, work: Path) -> Settings:
+    """A fine-tune's settings: the product's defaults (its recipe), the configuration's sizes and ``recipe``."""
+    return dataclasses.replace(_common_settings(config, seed, work), train_keep_best=config.keep_best,
+                               train_patience=config.finetune_patience or config.finetune_epochs + 1,
+                               **dict(config.recipe))
+
+
+def _common_settings(config: BenchConfig, seed: int, work: Path) -> Settings:
     return Settings(
         model_dir=work / "state", device=config.device, imgsz=config.imgsz, inference_batch=config.batch,
         score_conf=config.score_conf, display_conf=config.score_conf, score_iou=config.score_iou,
@@ -215,27 +265,32 @@ def _settings(config: BenchConfig, seed: int, work: Path) -> Settings:
 
 
 def _base_settings(config: BenchConfig, seed: int, work: Path) -> Settings:
-    return dataclasses.replace(_settings(config, seed, work), train_epochs=config.base_epochs,
-                               train_patience=config.base_epochs)
+    """The base model's training: from the YAML, ``base_epochs`` epochs, the last one kept."""
+    return dataclasses.replace(_common_settings(config, seed, work), train_epochs=config.base_epochs,
+                               train_patience=config.base_epochs, train_keep_best=False)
 
 
 BASE_CONFIG = "yolov5nu.yaml"
-TRAINING_CODE = hashlib.sha256(Path(training.__file__).read_bytes()).hexdigest()
-"""The training code this process runs (read at import: an edit during a long run does not change its keys)."""
+BASE_SOURCE = ModelSource(BASE_CONFIG, "yolov5nu-untrained", is_config=True)
+
+
+def training_key(parent: str, data_digest: str, arguments: dict, device: str) -> str:
+    """SHA-256 of everything that shapes a trained model: where it starts (a config name or a digest of weights), a
+    digest of its data, ultralytics' training arguments (``training.train_arguments``: the recipe), the device kind
+    and the torch / ultralytics versions. Code that hands ultralytics the same arguments trains the same model, so an
+    edit elsewhere keeps the cache."""
+    import torch
+
+    kind = "cpu" if device == "cpu" or not torch.cuda.is_available() else "cuda"
+    described = {"parent": parent, "data": data_digest, "arguments": arguments, "device": kind,
+                 "torch": version("torch"), "ultralytics": version("ultralytics-opencv-headless")}
+    return hashlib.sha256(json.dumps(_jsonable(described), sort_keys=True, default=str).encode()).hexdigest()
 
 
 def base_model_key(config: BenchConfig, data: SeedData) -> str:
-    """SHA-256 of everything that shapes a seed's base model: the content of its base and validation splits, the
-    training recipe (with the seed it trains under) and code, the device kind and the torch / ultralytics versions."""
-    import torch
-
-    recipe = {k: v for k, v in dataclasses.asdict(_base_settings(config, data.base_seed, Path())).items()
-              if k.startswith("train_")}
-    device = "cpu" if config.device == "cpu" or not torch.cuda.is_available() else "cuda"
-    described = {"data": data.base_digest(), "recipe": recipe, "imgsz": config.imgsz, "model": BASE_CONFIG,
-                 "device": device, "torch": version("torch"), "ultralytics": version("ultralytics-opencv-headless"),
-                 "code": TRAINING_CODE}
-    return hashlib.sha256(json.dumps(_jsonable(described), sort_keys=True, default=str).encode()).hexdigest()
+    """:func:`training_key` of a seed's base model: its base and validation splits, trained from the YAML."""
+    arguments = training.train_arguments(BASE_SOURCE, _base_settings(config, data.base_seed, Path()))
+    return training_key(BASE_CONFIG, data.base_digest(), arguments, config.device)
 
 
 def cached_base_model(config: BenchConfig, data: SeedData, work: Path, cache_dir: Path) -> ModelSource:
@@ -248,8 +303,7 @@ def cached_base_model(config: BenchConfig, data: SeedData, work: Path, cache_dir
         return source
     logger.info("base model of seed %s: training (%d epochs)", data.base_seed, config.base_epochs)
     settings = _base_settings(config, data.base_seed, work)
-    trained = fine_tune(ModelSource(BASE_CONFIG, "yolov5nu-untrained", is_config=True), data.write_base_yaml(),
-                        settings, work / "base", on_epoch=lambda e: None)
+    trained = fine_tune(BASE_SOURCE, data.write_base_yaml(), settings, work / "base", on_epoch=lambda e: None)
     weights.parent.mkdir(parents=True, exist_ok=True)
     partial = weights.with_suffix(".partial")
     shutil.copyfile(trained.weights, partial)
@@ -261,8 +315,9 @@ class _Seed:
     """One seed's data set, base model and pool detections; fine-tunes and scores the selections of strategies."""
 
     def __init__(self, config: BenchConfig, source: DataSource, seed: int, work: Path, cache_dir: Path,
-                 timings: dict):
+                 timings: dict, finetunes: Path):
         self.config, self.seed, self.work, self.timings = config, seed, work, timings
+        self.finetunes = finetunes
         self.data = source.write(seed, work / "data")
         self.root = self.data.root
         began = time.monotonic()
@@ -282,52 +337,126 @@ class _Seed:
         self.class_scores = [d.above(config.score_conf).class_scores for d in detections]
         new_classes = set(self.data.new_classes)
         self.test = Evaluation(self.data, self.settings)
+        self.gate = PromotionGate(self.data, self.base, self.settings, work / "validation")
         self.baseline = {
             "seed": seed, "base_model": self.base.version, "splits": self.data.counts(),
             "pool_detections_per_image": np.bincount([len(c) for c in self.class_scores]).tolist(),
             "diagnosis": diagnosis.box_records(detections, self.pool_truth, new_classes),
             "selection": diagnosis.selection_counts(self.class_scores, self.pool_truth, STRATEGIES, config.budgets,
                                                     new_classes, self._rng),
+            "val_map50_95": self.gate.parent["map50_95"],
             **self.test(self.base),
         }
-        self.replay = self.data.images("base")[: config.replay]
+        base_images = self.data.images("base")
+        self.replay = base_images if config.replay is None else base_images[: config.replay]
         self.trained: dict[tuple[int, ...], dict] = {}
 
     def _rng(self, strategy: str) -> np.random.Generator:
-        return np.random.default_rng([self.seed, STRATEGIES.index(strategy)])
+        return np.random.default_rng([self.seed, BENCH_STRATEGIES.index(strategy)])
 
     def selection(self, strategy: str, budget: int) -> tuple[int, ...]:
-        """Pool indices of the ``budget`` images ``strategy`` ranks first (ties keep pool order)."""
+        """Pool indices of the images ``strategy`` selects at ``budget``: the ``budget`` it ranks first (ties keep
+        pool order), for :data:`BOX_MATCHED` as many random images as hold the default's boxes, for
+        :data:`BASE_ONLY` none."""
+        if strategy == BASE_ONLY:
+            return ()
+        if strategy == BOX_MATCHED:
+            boxes = np.array([len(t.classes) for t in self.pool_truth])
+            target = boxes[list(self.selection(DEFAULT_STRATEGY, budget))].sum()
+            order = self._rng(BOX_MATCHED).permutation(len(self.pool))
+            count = min(int(np.searchsorted(np.cumsum(boxes[order]), target)) + 1, len(order))
+            return tuple(sorted(int(i) for i in order[:count]))
         order = np.argsort(-score_images(self.class_scores, strategy, self._rng(strategy)), kind="stable")
         return tuple(sorted(int(i) for i in order[:budget]))
 
     def has_run(self, strategy: str, budget: int) -> bool:
-        return self.selection(strategy, budget) in self.trained
+        chosen = self.selection(strategy, budget)
+        return chosen in self.trained or self._cached(chosen).is_file()
+
+    def _key(self, chosen: tuple[int, ...]) -> str:
+        images = [self.pool[i] for i in chosen] + list(self.replay)
+        data = hashlib.sha256()
+        for split, paths in (("train", sorted(images, key=lambda p: p.name)), ("val", self.data.images("val"))):
+            for image in paths:
+                data.update(f"{split}/{image.name}\0".encode())
+                data.update(hashlib.sha256(image.read_bytes()).digest())
+                data.update(label_path(image).read_bytes())
+        arguments = training.train_arguments(self.base, self.settings)
+        return training_key(file_sha256(Path(self.base.path)), data.hexdigest(), arguments, self.config.device)
+
+    def _cached(self, chosen: tuple[int, ...]) -> Path:
+        return self.finetunes / f"{self._key(chosen)[:24]}.json"
 
     def run(self, strategy: str, budget: int) -> dict:
-        """Fine-tune on the selection (or reuse an identical selection's result) and score it on the test set."""
+        """Fine-tune on the selection (or take an identical fine-tune's result from the cache) and score it."""
         chosen = self.selection(strategy, budget)
         if chosen not in self.trained:
-            logger.info("seed %s: %s, %d images: fine-tuning", self.seed, strategy, budget)
-            began = time.monotonic()
-            weights = _fine_tune(self.base, self.data, [self.pool[i] for i in chosen], self.replay, self.settings,
-                                 self.work / f"ft{len(self.trained)}")
-            self.timings["fine_tuning"] += time.monotonic() - began
-            self.trained[chosen] = self.test(weights)
+            cached = self._cached(chosen)
+            if cached.is_file():
+                logger.info("seed %s: %s, %d images: from %s", self.seed, strategy, budget, cached)
+                self.trained[chosen] = json.loads(cached.read_text())["result"]
+            else:
+                logger.info("seed %s: %s, %d images (%d to train on): fine-tuning", self.seed, strategy, budget,
+                            len(chosen) + len(self.replay))
+                began = time.monotonic()
+                tuned = _fine_tune(self.base, self.data, [self.pool[i] for i in chosen], self.replay, self.settings,
+                                   self.work / f"ft{len(self.trained)}")
+                seconds = time.monotonic() - began
+                self.timings["fine_tuning"] += seconds
+                result = {**self.test(tuned.source), **self.gate(tuned.source), "epochs_run": tuned.epochs,
+                          "train_seconds": round(seconds, 1)}
+                self.trained[chosen] = result
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                partial = cached.with_suffix(".partial")
+                partial.write_text(json.dumps({"seed": self.seed, "strategy": strategy, "budget": budget,
+                                               "selected": [self.pool[i].stem for i in chosen],
+                                               "replay": len(self.replay), "machine": machine(),
+                                               "arguments": training.train_arguments(self.base, self.settings),
+                                               "result": result}, indent=1))
+                partial.replace(cached)
         classes = np.concatenate([self.pool_truth[i].classes for i in chosen]) if chosen else np.zeros(0)
         return {"seed": self.seed, "strategy": strategy, "budget": budget, "images": len(chosen),
                 "boxes": int(len(classes)), "new_boxes": int(np.isin(classes, self.data.new_classes).sum()),
                 "selected": [self.pool[i].stem for i in chosen], **self.trained[chosen]}
 
 
+@dataclass(frozen=True)
+class _Tuned:
+    source: ModelSource
+    epochs: int
+
+
 def _fine_tune(base: ModelSource, data: SeedData, chosen: list[Path], replay: list[Path], settings: Settings,
-               work: Path) -> ModelSource:
+               work: Path) -> _Tuned:
     work.mkdir(parents=True, exist_ok=True)
     write_image_list(work / "train.txt", (p.resolve() for p in [*chosen, *replay]))
     write_image_list(work / "val.txt", (p.resolve() for p in data.images("val")))
     data_yaml = write_data_yaml(work / "data.yaml", work, data.class_names, train="train.txt", val="val.txt")
-    weights = fine_tune(base, data_yaml, settings, work, on_epoch=lambda e: None).weights
-    return ModelSource(str(weights), work.name, is_config=False)
+    tuned = fine_tune(base, data_yaml, settings, work, on_epoch=lambda e: None)
+    return _Tuned(ModelSource(str(tuned.weights), work.name, is_config=False), tuned.epochs)
+
+
+class PromotionGate:
+    """The product's promotion decision for a fine-tune of the base model: both scored on the validation split with
+    the product's code (the base model on labels in its own classes), then ``training.promotion`` with the default
+    ``PROMOTION_TOLERANCE``."""
+
+    def __init__(self, data: SeedData, base: ModelSource, settings: Settings, work: Path):
+        work.mkdir(parents=True, exist_ok=True)
+        write_image_list(work / "val.txt", (p.resolve() for p in data.images("val")))
+        self.data_yaml = write_data_yaml(work / "data.yaml", work, data.class_names, train="val.txt", val="val.txt")
+        self.settings, self.work = settings, work
+        summary = DatasetSummary(self.data_yaml, list(data.class_names))
+        base_model = load_model(base, settings)
+        names = dict(base_model.names)
+        self.parent = training.validate(base_model, remapped_validation_set(summary, names, work / "parent"),
+                                        settings, work / "runs")
+        self.tolerance = Settings().promotion_tolerance
+
+    def __call__(self, model: ModelSource) -> dict:
+        metrics = training.evaluate(model, self.data_yaml, self.settings, self.work / "runs")
+        promoted, reason = training.promotion(metrics, self.parent, self.tolerance)
+        return {"val_map50_95": metrics["map50_95"], "promoted": promoted, "promotion": reason}
 
 
 class Evaluation:

@@ -1,6 +1,9 @@
 """Tables and plots from ``results.json``: ``report.md`` and ``budget_curves.png`` next to it.
 
-* the verdict: the default strategy against ``random``, paired by seed, on mAP50-95 and new-class AP;
+* what labels buy: the base model, then every strategy at every budget with its change over the base model (the
+  paper's "baseline" rows), how many fine-tunes ended above it and what the product's promotion gate made of them;
+* the verdict: the default strategy against ``random``, paired by seed, on mAP50-95 and new-class AP, and against
+  ``random-boxes`` (random images holding as many boxes as the default's);
 * the diagnosis: what the base model outputs over new-class objects, known-class objects and background, per
   confidence threshold (:mod:`benchmarks.active_learning.diagnosis`), and what every strategy's selection holds;
 * per budget, mean +- std over seeds of mAP50-95, new- and known-class AP and what was selected, with paired
@@ -21,16 +24,20 @@ import numpy as np
 from benchmarks.active_learning.diagnosis import object_table
 
 VERDICT_WINS = 4 / 5
-"""The default strategy "beats random" at a budget when its paired difference is positive in at least this share of
-the seeds, on mAP50-95 and on new-class AP alike; the verdict asks it at the two largest budgets of the run (50 and
+"""A strategy "beats" another at a budget when its paired difference is positive in at least this share of the
+seeds, on mAP50-95 and on new-class AP alike; the verdict asks it at the two largest budgets of the run (50 and
 100 images of the digits' 20 / 50 / 100)."""
+BASE_ONLY = "base-only"
+"""The control run without a selection (``protocol.BASE_ONLY``): reported apart from the strategies."""
+BOX_MATCHED = "random-boxes"
 
 
 class _Runs:
     """The runs of ``results.json``, indexed by (strategy, budget, seed)."""
 
     def __init__(self, results: dict):
-        runs = results["runs"]
+        runs = [r for r in results["runs"] if r["strategy"] != BASE_ONLY]
+        self.base_only = {r["seed"]: r for r in results["runs"] if r["strategy"] == BASE_ONLY}
         self.strategies = list(dict.fromkeys(r["strategy"] for r in runs))
         self.budgets = sorted({r["budget"] for r in runs})
         self.seeds = sorted(b["seed"] for b in results["baselines"])
@@ -67,7 +74,9 @@ def write(results: dict, out_dir: Path, command: str = "") -> list[Path]:
               + ", known-class AP " + _fmt(r.base_values("known_ap50_95")) + ", new-class AP "
               + _fmt(r.base_values("new_ap50_95")) + "; AP50-95 per class " + _per_class(r) + ". Fine-tunes above "
               "the base model's mAP50-95: " + _beat_base(r) + ".", ""]
+    lines += _what_labels_buy(r)
     lines += _verdict(results.get("default_strategy"), r)
+    lines += _verdict(results.get("default_strategy"), r, against=BOX_MATCHED)
     lines += _diagnosis(results, r)
     lines += _selection(results, r)
     lines += _budget_tables(r)
@@ -99,29 +108,75 @@ def _per_class(r: _Runs) -> str:
 
 def _beat_base(r: _Runs) -> str:
     above = [r.by[k]["map50_95"] > r.base[k[2]]["map50_95"] for k in r.by]
-    return f"{sum(above)} of {len(above)}" if above else "none ran"
+    return f"{sum(above)} of {len(above)} ({np.mean(above):.0%})" if above else "none ran"
 
 
-def _verdict(default: str | None, r: _Runs) -> list[str]:
-    if not default or default not in r.strategies or "random" not in r.strategies:
+def _what_labels_buy(r: _Runs) -> list[str]:
+    """The first table: the base model, then each strategy at each budget and its change over the base model."""
+    lines = ["## What labels buy: every strategy against the base model", "",
+             "Test set; mean +- std over seeds; the change over the seed's base model with the number of seeds where "
+             "it is positive. *Promoted*: fine-tunes the product's promotion gate would serve (validation mAP50-95 "
+             "against the base model's, `PROMOTION_TOLERANCE`), of those run.", "",
+             "| model | images | boxes | mAP50-95 | change | new-class AP | change | promoted |", "|" + "---|" * 8]
+    lines.append(f"| base model | | | {_fmt(r.base_values('map50_95'))} | | {_fmt(r.base_values('new_ap50_95'))} "
+                 "| | |")
+    if r.base_only:
+        seeds = sorted(r.base_only)
+        rows = [r.base_only[s] for s in seeds]
+        lines.append("| " + " | ".join(["base images only, no selection", "0", "0"]
+                                       + _against_base(r, rows, seeds)) + " |")
+    for strategy in r.strategies:
+        for budget in r.budgets:
+            seeds = [s for s in r.seeds if (strategy, budget, s) in r.by]
+            if not seeds:
+                continue
+            rows = [r.by[(strategy, budget, s)] for s in seeds]
+            images = f"{np.mean([x['images'] for x in rows]):.0f}"
+            lines.append("| " + " | ".join([f"{strategy}, {budget}", images,
+                                            f"{np.mean([x['boxes'] for x in rows]):.0f}"]
+                                           + _against_base(r, rows, seeds)) + " |")
+    spread = [f"base model {_fmt(r.base_values('map50_95'))}"]
+    if len({b.get("base_model") for b in r.base.values()}) == 1 and len(r.seeds) > 1:
+        spread[0] += " (one base model shared by every seed: no spread of its own)"
+    if "random" in r.strategies:
+        spread += [f"random at {b} images {_fmt(r.values('random', b, 'map50_95'))}" for b in r.budgets]
+    return lines + ["", "Seed-to-seed spread of mAP50-95 (std over seeds): " + "; ".join(spread) + ".", ""]
+
+
+def _against_base(r: _Runs, rows: list[dict], seeds: list[int]) -> list[str]:
+    cells = []
+    for key in ("map50_95", "new_ap50_95"):
+        values = np.array([x[key] for x in rows], float)
+        base = np.array([r.base[s][key] for s in seeds], float)
+        cells += [_fmt(values), _paired(values - base)]
+    promoted = [x["promoted"] for x in rows if "promoted" in x]
+    return cells + [f"{sum(promoted)}/{len(promoted)}" if promoted else ""]
+
+
+def _verdict(default: str | None, r: _Runs, against: str = "random") -> list[str]:
+    if not default or default not in r.strategies or against not in r.strategies:
         return []
-    lines = [f"## Verdict: the default strategy `{default}` against `random`", "",
+    lines = [f"## Verdict: the default strategy `{default}` against `{against}`", "",
              "Paired by seed (same pool, same test set); mean +- std of the difference, and in how many seeds it is "
-             "positive.", "", "| budget | mAP50-95 | new-class AP | known-class AP | new-class boxes selected | "
-             "beats random |", "|---|---|---|---|---|---|"]
+             "positive.", "", "| budget | mAP50-95 | new-class AP | known-class AP | boxes selected | new-class boxes "
+             f"selected | beats {against} |", "|---|---|---|---|---|---|---|"]
     beats = {}
     for budget in r.budgets:
-        cells = [_paired(r.paired(default, "random", budget, k))
+        cells = [_paired(r.paired(default, against, budget, k))
                  for k in ("map50_95", "new_ap50_95", "known_ap50_95")]
-        new_boxes = " vs ".join(f"{r.values(s, budget, 'new_boxes').mean():.1f}" for s in (default, "random"))
-        won = all(_wins(r.paired(default, "random", budget, k)) for k in ("map50_95", "new_ap50_95"))
+        boxes, new_boxes = (" vs ".join(f"{r.values(s, budget, key).mean():.1f}" for s in (default, against))
+                            for key in ("boxes", "new_boxes"))
+        won = all(_wins(r.paired(default, against, budget, k)) for k in ("map50_95", "new_ap50_95"))
         beats[budget] = won
-        lines.append(f"| {budget} | " + " | ".join(cells) + f" | {new_boxes} | {'yes' if won else 'no'} |")
+        lines.append(f"| {budget} | " + " | ".join(cells) + f" | {boxes} | {new_boxes} | {'yes' if won else 'no'} |")
     asked = sorted(beats)[-2:]
     if asked:
         held = all(beats[b] for b in asked)
         lines += ["", f"Criterion (positive on mAP50-95 and on new-class AP in at least {VERDICT_WINS:.0%} of the "
                   f"seeds, at {' and '.join(map(str, asked))} images): **{'met' if held else 'not met'}**."]
+    if against == BOX_MATCHED:
+        lines += ["", f"`{BOX_MATCHED}` takes random images until they hold at least the default's boxes at that "
+                  "budget: it separates better images from more boxes."]
     return lines + [""]
 
 
@@ -248,10 +303,10 @@ def _plot(runs, r: _Runs, base_means: dict, path: Path, fixed_test: bool = False
     for strategy in r.strategies:
         points = defaultdict(list)
         for run in runs:
-            if run["strategy"] == strategy:
+            if run["strategy"] == strategy and run["strategy"] != BASE_ONLY:
                 points[run["budget"]].append(run)
         budgets = [b for b in r.budgets if points[b]]
-        x_images = np.array(budgets, float)
+        x_images = np.array([np.mean([run["images"] for run in points[b]]) for b in budgets])
         x_boxes = np.array([np.mean([run["boxes"] for run in points[b]]) for b in budgets])
         for axis, x, key in ((axes[0], x_images, "map50_95"), (axes[1], x_boxes, "map50_95"),
                              (axes[2], x_images, "new_ap50_95")):
@@ -292,8 +347,12 @@ def _recipe(results: dict, r: _Runs) -> str:
     return (f"Recipe: {where}; per seed a pool of {counts['pool']:.0f} images and a test set of {counts['test']:.0f}; "
             f"{'one base model shared by every seed' if shared else 'one base model per seed'}, "
             f"{counts['base']:.0f} base images, {config['base_epochs']} epochs at {config.get('imgsz', '?')} px; "
-            f"fine-tunes of {config['finetune_epochs']} epochs (the last kept) on the selection plus "
-            f"{config['replay']} replayed base images; batch {config['batch']}, mosaic {config['mosaic']}, fliplr "
+            + (f"fine-tunes: {results['protocol']}" if "protocol" in results else
+               f"fine-tunes of {config['finetune_epochs']} epochs (the last kept) on the selection plus "
+               f"{config['replay']} replayed base images")
+            + (f"; recipe changed: {', '.join(f'{k}={v}' for k, v in config['recipe'])}" if config.get("recipe")
+               else "")
+            + f"; batch {config['batch']}, mosaic {config['mosaic']}, fliplr "
             f"{config.get('fliplr', 0.5)}, dataloader workers {config.get('workers', 0)}.")
 
 

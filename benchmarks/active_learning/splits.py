@@ -4,8 +4,9 @@ A source (the digit generator, :mod:`~benchmarks.active_learning.newspecies`, or
 :mod:`~benchmarks.active_learning.yolo_dataset`) writes, per seed, ``<root>/<split>/images`` and ``labels`` for
 
 * ``base``: the project's earlier labelled data, the base model's training set: no new-class object;
-* ``val``: validation of the base model and of every fine-tune (reported by ultralytics, never steering): no new-class
-  object either;
+* ``val``: validation of every fine-tune, where patience and the best epoch are judged (never the test set); the
+  digits' holds known classes only, a dataset's also some images with new classes, as a project's validation split
+  would; the base model is validated on its images without a new class;
 * ``pool``: the unlabelled pool the strategies select from;
 * ``test``: the fixed test set, never in the pool;
 
@@ -27,7 +28,7 @@ from ale_backend.yolo_files import label_path, make_split_folders, read_labels, 
 
 SPLITS = ("base", "val", "pool", "test")
 BASE_SPLITS = ("base", "val")
-"""The splits the base model is trained and validated on: known classes only."""
+"""The splits the base model is trained and validated on (of ``val``, the images without a new class)."""
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
@@ -70,6 +71,8 @@ class SeedData:
                 try:
                     write_renumbered(label_path(image), target / "labels" / f"{image.stem}.txt", renumber)
                 except KeyError as exc:
+                    if split == "val":  # validates fine-tunes on new classes; the base model never sees them
+                        continue
                     raise ValueError(f"{image}: a new-class object in the {split} split") from exc
                 link = target / "images" / image.name
                 if not link.exists():

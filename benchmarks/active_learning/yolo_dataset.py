@@ -9,9 +9,11 @@ Per seed:
 * **test**: the dataset's own ``val`` and ``test`` splits together, the same for every seed and never in the pool; a
   dataset without them (a Label Studio export) gives a fixed share of its images, chosen by a hash of each image's
   path, so that no seed changes it;
-* **val** and **base**: drawn from the training images that hold no new-class object: ``val_images`` of them
-  validate (reported, never steering), a ``base_share`` of the rest is the project's earlier labelled data;
-* **pool**: a ``pool_share`` of everything else (the remaining images without a new class and every image with
+* **base**: a ``base_share`` of the training images that hold no new-class object (after ``val``), the project's
+  earlier labelled data;
+* **val**: ``val_images`` training images, ``val_new_images`` of them with a new-class object, the rest without;
+  every fine-tune is validated there (patience, best epoch: never the test set), the base model on those without;
+* **pool**: a ``pool_share`` of everything else (the remaining images without a new class and every other image with
   one), drawn by the seed.
 
 With ``shared_base`` every seed uses the base split (and so the base model) of ``split_seed``, and seeds vary the pool
@@ -48,7 +50,10 @@ class YoloDatasetConfig:
     """Names of the classes the base model never sees (the "new species")."""
     image_size: int = 320
     """Longer side the images are resized to, once (the benchmark's ``imgsz``)."""
-    val_images: int = 16
+    val_images: int = 40
+    """Images of the validation split, the same for every seed and strategy."""
+    val_new_images: int = 10
+    """Of ``val_images``, how many hold a new-class object (so that a fine-tune's best epoch sees the new classes)."""
     base_share: float = 0.55
     """Share of the training images without a new-class object (after ``val_images``) in the base split."""
     pool_share: float = 0.85
@@ -105,11 +110,13 @@ class YoloDataset:
         c = self.config
         base_seed = c.split_seed if c.shared_base else seed
         known = np.random.default_rng([base_seed, 1]).permutation(len(self.known))
-        val = [self.known[k] for k in known[: c.val_images]]
-        rest = known[c.val_images:]
+        with_new = np.random.default_rng([base_seed, 3]).permutation(len(self.with_new))
+        n_new = min(c.val_new_images, c.val_images)
+        val = [self.known[k] for k in known[: c.val_images - n_new]] + [self.with_new[k] for k in with_new[:n_new]]
+        rest = known[c.val_images - n_new:]
         n_base = int(round(c.base_share * len(rest)))
         base = [self.known[k] for k in rest[:n_base]]
-        others = [self.known[k] for k in sorted(rest[n_base:])] + self.with_new
+        others = [self.known[k] for k in sorted(rest[n_base:])] + [self.with_new[k] for k in sorted(with_new[n_new:])]
         drawn = np.random.default_rng([seed, 2]).permutation(len(others))[: int(round(c.pool_share * len(others)))]
         pool = [others[k] for k in drawn]
         if not base or not pool:
@@ -137,6 +144,7 @@ class YoloDataset:
         return {"source": "YOLO dataset", "data": str(Path(c.data).resolve()), "classes": list(self.class_names),
                 "image_size": c.image_size, "test_images": len(self.test), "training_images": len(self.candidates),
                 "training_images_with_new_classes": len(self.with_new), "val_images": c.val_images,
+                "val_new_images": c.val_new_images,
                 "base_share": c.base_share, "pool_share": c.pool_share, "shared_base": c.shared_base}
 
 
