@@ -133,10 +133,16 @@ def examples_from_tasks(tasks: Iterable, config: LabelConfig, skips: Skips | Non
             if task_id in seen:
                 raise _Unusable("its id repeats another task's")
             seen.add(task_id)
+            dropped: list[str] = []
+            annotations = task.get("annotations")
+            if isinstance(annotations, list):  # null ones are Label Studio's own leftovers; anything else is not
+                dropped += ["annotation that is not an object dropped" for a in annotations
+                            if a is not None and not isinstance(a, Mapping)]
             annotation = pick_annotation(task)
             if annotation is None:
+                for reason in dropped:
+                    skips.add(reason, task_id)
                 continue
-            dropped: list[str] = []
             boxes = _boxes(annotation, config, dropped.append)
             examples.append(Example(task_id, task_image_url(task, config.image_key), tuple(boxes)))
             for reason in dropped:  # only for a task that is kept
@@ -167,23 +173,43 @@ def _boxes(annotation: Mapping, config: LabelConfig, drop) -> list[Box]:
             continue
         value = region.get("value") or {}
         labels = value.get("rectanglelabels")
-        if not isinstance(labels, list) or not labels or not all(isinstance(label, str) for label in labels):
+        if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
             raise _Unusable("a rectangle's labels are not a list of names")
-        if labels[0] not in config.aliases:
-            drop(f"label not in the labelling config dropped ({labels[0][:40]})")
+        if not labels:
+            drop("rectangle without a label dropped")
             continue
-        box = rectangle_to_yolo(value)
+        for label in dict.fromkeys(labels):
+            if label not in config.aliases:
+                drop(f"label not in the labelling config dropped ({label[:40]})")
+        known = [label for label in dict.fromkeys(labels) if label in config.aliases]
+        if not known:
+            continue
+        try:
+            box = rectangle_to_yolo(value, _image_size(region))
+        except _NoImageSize:
+            drop("rotated rectangle without the image's size (original_width, original_height) dropped")
+            continue
         if box is None:
             drop("rectangle of no area inside the image dropped")
             continue
-        boxes.append(Box(labels[0], *box))
+        boxes += [Box(label, *box) for label in known]  # a region of several labels: one box per label
     return boxes
 
 
-def rectangle_to_yolo(value: Mapping) -> tuple[float, float, float, float] | None:
-    """Label Studio rectangle (percent, rotated about its top-left corner) -> YOLO (cx, cy, w, h) in [0, 1]; None
-    when nothing of it lies inside the image. Raises :class:`ValueError` when a coordinate or the rotation is not a
-    finite number."""
+class _NoImageSize(_Unusable):
+    """A rotated rectangle without the image's size: its region cannot be turned into a label (the rest can)."""
+
+
+def rectangle_to_yolo(value: Mapping, image_size: tuple[float, float] | None = None
+                      ) -> tuple[float, float, float, float] | None:
+    """Label Studio rectangle -> YOLO (cx, cy, w, h) in [0, 1]; None when nothing of it lies inside the image.
+
+    Label Studio stores x, y, width and height in percent of the image and the rotation in degrees, clockwise about
+    the top-left corner, turned in pixels: on a non-square image the corners must be turned in pixels too, so a
+    rotated rectangle needs ``image_size`` (the region's ``original_width`` and ``original_height``); its label is
+    the bounding box of the turned rectangle, clipped to the image. Raises :class:`ValueError` when a coordinate or
+    the rotation is not a finite number, or a rotated rectangle comes without the image's size.
+    """
     numbers = []
     for key in ("x", "y", "width", "height", "rotation"):
         raw = value.get(key, 0.0 if key == "rotation" else None)
@@ -191,16 +217,27 @@ def rectangle_to_yolo(value: Mapping) -> tuple[float, float, float, float] | Non
             raise _Unusable(f"a rectangle's {key} is not a finite number")
         numbers.append(float(raw))
     x, y, w, h, rotation = numbers
+    if rotation % 360 and image_size is None:
+        raise _NoImageSize("a rotated rectangle comes without original_width and original_height")
+    width, height = image_size or (100.0, 100.0)
+    x, w, y, h = x * width / 100, w * width / 100, y * height / 100, h * height / 100  # in pixels
     angle = math.radians(rotation)
     cos, sin = math.cos(angle), math.sin(angle)
     corners = [(x + dx * cos - dy * sin, y + dx * sin + dy * cos) for dx, dy in ((0, 0), (w, 0), (w, h), (0, h))]
-    x1 = min(max(min(c[0] for c in corners), 0.0), 100.0)
-    x2 = min(max(max(c[0] for c in corners), 0.0), 100.0)
-    y1 = min(max(min(c[1] for c in corners), 0.0), 100.0)
-    y2 = min(max(max(c[1] for c in corners), 0.0), 100.0)
+    x1, x2 = (min(max(f(c[0] for c in corners), 0.0), width) / width for f in (min, max))
+    y1, y2 = (min(max(f(c[1] for c in corners), 0.0), height) / height for f in (min, max))
     if x2 - x1 <= 0 or y2 - y1 <= 0:
         return None
-    return ((x1 + x2) / 200.0, (y1 + y2) / 200.0, (x2 - x1) / 100.0, (y2 - y1) / 100.0)
+    return ((x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1)
+
+
+def _image_size(region: Mapping) -> tuple[float, float] | None:
+    """The region's ``original_width`` and ``original_height`` (pixels), or None when they are not both positive
+    finite numbers."""
+    size = [region.get(key) for key in ("original_width", "original_height")]
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in size):
+        return float(size[0]), float(size[1])
+    return None
 
 
 def is_validation(task_id: int, percent: int) -> bool:

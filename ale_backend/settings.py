@@ -81,6 +81,10 @@ def _positive_float(raw: str) -> float:
     return value
 
 
+def _optional_positive_int(raw: str) -> int | None:
+    return None if not raw.strip() else _positive_int(raw)
+
+
 def _optional_positive_float(raw: str) -> float | None:
     return None if not raw.strip() else _positive_float(raw)
 
@@ -246,6 +250,7 @@ _VARIABLES: dict[str, tuple[str, str, Callable[[str], object]]] = {
     "train_lrf": ("TRAIN_LRF", "", _optional_positive_float),
     "train_warmup_epochs": ("TRAIN_WARMUP_EPOCHS", "", _optional_int),
     "train_close_mosaic": ("TRAIN_CLOSE_MOSAIC", "", _optional_int),
+    "train_nominal_batch": ("TRAIN_NOMINAL_BATCH", "", _optional_positive_int),
     "train_mosaic": ("TRAIN_MOSAIC", "1.0", _unit_interval),
     "train_fliplr": ("TRAIN_FLIPLR", "0.5", _unit_interval),
     "train_freeze": ("TRAIN_FREEZE", "0", _non_negative_int),
@@ -371,6 +376,9 @@ class Settings:
     """Final learning rate as a fraction of ``train_lr0`` (ultralytics' linear decay); unset: the recipe's."""
     train_close_mosaic: int | None = None
     """Last epochs trained without mosaic; unset: the recipe's."""
+    train_nominal_batch: int | None = None
+    """Images per optimizer step (ultralytics' ``nbs``: gradients of ``TRAIN_BATCH``-image batches accumulate up to
+    it); unset: the recipe's (ultralytics' 64)."""
     train_mosaic: float = 1.0
     """Probability of ultralytics' mosaic augmentation (0 turns it off: faster convergence on small data)."""
     train_fliplr: float = 0.5

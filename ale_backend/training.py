@@ -240,6 +240,8 @@ class Recipe:
     warmup_epochs: int
     close_mosaic: int
     """Last epochs without mosaic."""
+    nominal_batch: int | None = None
+    """Images per optimizer step (ultralytics' ``nbs``); None: ultralytics' 64."""
 
 
 RECIPES = {
@@ -271,6 +273,7 @@ def train_arguments(parent: ModelSource, settings: Settings) -> dict[str, Any]:
         "mosaic": settings.train_mosaic, "fliplr": settings.train_fliplr,
         "freeze": None if parent.is_config or not settings.train_freeze else settings.train_freeze,
         "seed": settings.train_seed,
+        **({"nbs": nbs} if (nbs := pick(settings.train_nominal_batch, recipe.nominal_batch)) else {}),
     }
 
 

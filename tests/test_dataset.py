@@ -100,19 +100,58 @@ def test_what_cannot_be_trained_on_is_left_out_and_counted_by_reason_and_the_res
         "region of another type dropped (polygonlabels)": {"count": 1, "tasks": [12]},
         "region of another control dropped (class)": {"count": 1, "tasks": [12]},
         "label not in the labelling config dropped (Removed)": {"count": 1, "tasks": [12]},
+        "annotation that is not an object dropped": {"count": 1, "tasks": [11]},
     }
     assert skips.total(TASK_SKIPPED) == 10
 
 
-def test_rotated_rectangles_become_their_bounding_box():
+def test_a_region_keeps_every_label_the_config_has_and_a_bad_region_costs_only_itself():
+    def task(task_id, **value_changes):
+        region = annotation(task_id, "t")["result"][0]
+        region["value"].update(value_changes)
+        return {"id": task_id, "data": {"image": f"{task_id}.png"}, "annotations": [{"id": task_id, "result": [
+            region, annotation(task_id, "t", label="box")["result"][0]]}]}
+
+    skips = Skips()
+    examples = examples_from_tasks([
+        task(1, rectanglelabels=["Removed", "Circle"]),  # its first label left the config: Circle stays
+        task(2, rectanglelabels=[]),  # no label: that region goes, the task's other region stays
+        task(3, rectanglelabels=["Circle", "box"]),  # two labels on one box: one box per label
+        task(4, rotation=30),  # rotated, without the image's size: that region goes
+    ], parse_label_config(LABEL_CONFIG), skips)
+    assert [(e.task_id, [b.label for b in e.boxes]) for e in examples] == [
+        (1, ["Circle", "box"]), (2, ["box"]), (3, ["Circle", "box", "box"]), (4, ["box"])]
+    first, second = examples[2].boxes[:2]
+    assert (first.cx, first.cy, first.w, first.h) == (second.cx, second.cy, second.w, second.h)  # one rectangle
+    assert skips.as_dict() == {
+        "label not in the labelling config dropped (Removed)": {"count": 1, "tasks": [1]},
+        "rectangle without a label dropped": {"count": 1, "tasks": [2]},
+        "rotated rectangle without the image's size (original_width, original_height) dropped":
+            {"count": 1, "tasks": [4]},
+    }
+    sized = task(5, rotation=90)
+    sized["annotations"][0]["result"][0].update(original_width=1000, original_height=500)
+    sized["annotations"][0]["result"][0]["value"].update(x=30, y=20, width=30, height=20)
+    turned = examples_from_tasks([sized], parse_label_config(LABEL_CONFIG))[0].boxes[0]
+    assert (turned.cx, turned.cy, turned.w, turned.h) == pytest.approx((0.25, 0.5, 0.1, 0.6))
+
+
+def test_rotated_rectangles_become_their_bounding_box_turned_in_pixels():
     assert rectangle_to_yolo({"x": 10, "y": 20, "width": 30, "height": 40}) == pytest.approx((0.25, 0.4, 0.3, 0.4))
-    # rotated 90 degrees about the top-left corner (10, 20): spans x 10-40 -> -30..10, y 20..50
-    cx, cy, w, h = rectangle_to_yolo({"x": 10, "y": 20, "width": 30, "height": 40, "rotation": 90})
+    # a square image: rotated 90 degrees about the top-left corner (10, 20): spans x 10-40 -> -30..10, y 20..50
+    cx, cy, w, h = rectangle_to_yolo({"x": 10, "y": 20, "width": 30, "height": 40, "rotation": 90}, (200, 200))
     assert (cx, cy, w, h) == pytest.approx((0.05, 0.35, 0.1, 0.3))  # clipped at the left edge
+    # 1000 x 500: x 300 px, y 100 px, 300 x 100 px, turned clockwise about (300, 100): x 200-300, y 100-400 px
+    turned = {"x": 30, "y": 20, "width": 30, "height": 20, "rotation": 90}
+    assert rectangle_to_yolo(turned, (1000, 500)) == pytest.approx((0.25, 0.5, 0.1, 0.6))
+    with pytest.raises(ValueError, match="rotated rectangle comes without original_width"):
+        rectangle_to_yolo(turned)
+    assert rectangle_to_yolo({**turned, "rotation": 360}) == pytest.approx((0.45, 0.3, 0.3, 0.2))  # a full turn
     assert rectangle_to_yolo({"x": 120, "y": 0, "width": 5, "height": 5}) is None
     with pytest.raises(ValueError, match="y is not a finite number"):
         rectangle_to_yolo({"x": 1})
-    assert math.isfinite(rectangle_to_yolo({"x": 0, "y": 0, "width": 10, "height": 10, "rotation": 45})[0])
+    assert math.isfinite(rectangle_to_yolo({"x": 0, "y": 0, "width": 10, "height": 10, "rotation": 45},
+                                           (640, 480))[0])
 
 
 def test_the_validation_split_is_stable_and_near_the_requested_share():

@@ -490,6 +490,26 @@ def test_a_version_that_finds_almost_nothing_is_served_with_a_warning(backend, l
     assert info.extra["warnings"] == done["warnings"] and info.extra["epochs_run"] == 2
 
 
+def test_a_round_that_would_lose_is_kept_unserved_and_the_status_says_why(backend, label_studio, start_worker):
+    """Adam at lr0 0.05 for two epochs wrecks the tiny model: the promotion gate keeps the base model serving."""
+    app_settings, client = backend
+    add_project(label_studio, 23, n_tasks=12, seed=13)
+    setup = {"project": "23.1700000000", "schema": LABEL_CONFIG}
+    base_version = client.post("/setup", json=setup).json["model_version"]
+    start_worker(train_epochs=2, train_optimizer="Adam", train_lr0=0.05, train_keep_best=False)
+    assert webhook(client, "START_TRAINING", 23).status_code == 201
+    done = wait_for(lambda: status(client, 23)["last_training"], 300, "the training round")
+    assert done["version"] and done["promoted"] is False, done
+    parent, new = done["metrics"]["parent_map50_95"], done["metrics"]["map50_95"]
+    assert new < parent - app_settings.promotion_tolerance
+    assert done["reason"] == (f"validation mAP50-95 {new:.4f} vs {parent:.4f} for the current model: worse by "
+                              f"{parent - new:.4f}, more than the tolerance {app_settings.promotion_tolerance}")
+    now = status(client, 23)
+    assert now["current_version"] is None and now["serving_problem"] is None  # the base model still serves
+    assert client.post("/setup", json=setup).json["model_version"] == base_version
+    assert Registry(app_settings.model_dir).info(23, done["version"]).promoted is False  # kept, not served
+
+
 def test_a_round_with_a_handful_of_validation_images_is_not_stopped_by_patience(backend, label_studio,
                                                                               start_worker):
     app_settings, client = backend
