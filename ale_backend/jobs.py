@@ -10,10 +10,12 @@ for a training round:
   job, while the events before it fold into it (it reads all annotations when it starts);
 * the **scoring queue** (``TRAIN_QUEUE-<instance>-scoring``): a **re-scoring job**
   (``ale-rescore-<instance>-p<project>-<version>``) scores the project's pool with its served version; an
-  **arrivals job** (``ale-arrivals-<instance>-p<project>-<n>``) scores the tasks Label Studio created since the last
-  one took them (their ids wait in the set ``:arrived``; a job takes them all when it starts, :data:`TAKE`, so an
-  import of 10,000 tasks is one job, or a few). One process runs them one at a time: a re-scoring and the scoring of
-  new tasks never overlap.
+  **arrivals job** (``ale-arrivals-<instance>-p<project>-<n>``) scores the tasks Label Studio created and not yet
+  scored (their ids wait in the set ``:arrived``; a job takes all there are when it starts, so an import of 10,000
+  tasks is one job, or a few). An id leaves the set only once its prediction is imported (by an arrivals job, or by
+  a re-scoring of the pool that began after it arrived); a job that fails leaves the ids for a retry
+  (:data:`ARRIVALS_RETRY`), so no new task is left without a prediction. One process runs them one at a time: a
+  re-scoring and the scoring of new tasks never overlap.
 
 Redis keys, per project (:meth:`Names.key`): ``ale:<instance>:p<id>:generation``, ``:new``, ``:min-new`` (the
 threshold the web side counts against), ``:running``, ``:alive``, ``:lock`` (the training job's), ``:scoring`` (the
@@ -56,8 +58,9 @@ none): ARGV[1] is that job's Redis key less the generation number."""
 CLAIM = BUMP + " redis.call('SET', KEYS[2], ARGV[2]) return redis.call('GETSET', KEYS[3], 0)"
 """A starting training job: bump its generation, mark itself running (KEYS[2]), take and reset the count of new
 annotations (KEYS[3])."""
-TAKE = "local ids = redis.call('SMEMBERS', KEYS[1]) redis.call('DEL', KEYS[1]) return ids"
-"""A starting arrivals job: take every waiting task id (KEYS[1]) at once."""
+ARRIVALS_RETRY = (30, 120, 600)
+"""Seconds after which a failed arrivals job runs again (three tries more, then its ids wait for the next import or
+re-scoring, and the status shows them as ``new_tasks_waiting``)."""
 
 
 class Names:
@@ -115,12 +118,23 @@ def enqueue_rescoring(queue: Queue, names: Names, project: int, version: str | N
     return jid
 
 
-def enqueue_arrivals(queue: Queue, jid: str, project: int, timeout: int) -> None:
-    """Queue an arrivals job (the scoring of new tasks) on the scoring queue (``queue``)."""
+def queue_arrivals(connection: redis.Redis, names: Names, queue: Queue, project: int, timeout: int
+                   ) -> tuple[str, bool]:
+    """Make sure an arrivals job (the scoring of new tasks) waits on the scoring queue (``queue``): ``(its id,
+    whether this call queued it)``. Retried after :data:`ARRIVALS_RETRY` seconds when it fails."""
+    from rq import Retry
+
+    waiting = connection.get(names.key(project, "arrivals-job"))
+    if waiting is not None and is_waiting(waiting.decode(), connection):
+        return waiting.decode(), False
+    jid = names.arrivals_job(project, connection.incr(names.key(project, "arrivals-count")))
     queue.enqueue_call("ale_backend.worker.run_arrivals_job", args=(project,), job_id=jid, unique=True,
                        timeout=timeout, result_ttl=RESULT_TTL, failure_ttl=RESULT_TTL,
+                       retry=Retry(max=len(ARRIVALS_RETRY), interval=list(ARRIVALS_RETRY)),
                        description=f"score new tasks of project {project}",
                        meta={"project": project, "stage": "queued"})
+    connection.set(names.key(project, "arrivals-job"), jid)
+    return jid, True
 
 
 def is_waiting(jid: str, connection: redis.Redis) -> bool:

@@ -8,6 +8,8 @@ weights and HTTP pools are process-wide and loaded once
 
 from __future__ import annotations
 
+import logging
+
 from label_studio_ml.model import LabelStudioMLBase
 
 from ale_backend.detector import get_detector
@@ -17,6 +19,8 @@ from ale_backend.label_studio import project_id
 from ale_backend.predictions import TaskPrediction, predict_tasks
 from ale_backend.registry import served_source
 from ale_backend.settings import Settings, get_settings
+
+logger = logging.getLogger(__name__)
 
 
 class ALEModel(LabelStudioMLBase):
@@ -50,8 +54,22 @@ class ALEModel(LabelStudioMLBase):
         return predict_tasks(
             tasks,
             self.config,
-            detector=get_detector(self.settings, self.source),
+            detector=self._detector(),
             loader=get_image_loader(self.settings),
             settings=self.settings,
             project=self.project,
         )
+
+    def _detector(self):
+        """The served version's detector; when its weights went (a version pruned, or replaced, since this request
+        read which version is served) the registry is read again, once, instead of failing the request."""
+        try:
+            return get_detector(self.settings, self.source)
+        except FileNotFoundError:
+            again = served_source(self.settings, self.project)
+            if again == self.source:
+                raise
+            logger.warning("project %s: version %s is gone since this request began; serving %s", self.project,
+                           self.source.version, again.version)
+            self.source = again
+            return get_detector(self.settings, self.source)

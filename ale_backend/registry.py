@@ -78,6 +78,12 @@ class Serving:
     problem: str | None = None
 
 
+_RECORD_FIELDS: dict[str, tuple[type, ...]] = {
+    "version": (str,), "created_at": (str,), "promoted": (bool,), "class_names": (list,), "metrics": (dict,),
+    "extra": (dict,), "weights_size": (int, type(None)), "weights_sha256": (str, type(None)),
+}
+"""Fields of ``version.json`` the registry orders, serves and checks by, with the types they must have."""
+
 _VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}")
 """A version's name: a plain file name (never a path, never hidden)."""
 
@@ -145,8 +151,17 @@ class Registry:
         return self.version_dir(project, version) / WEIGHTS
 
     def info(self, project: int, version: str) -> VersionInfo:
+        """A version's record; raises ``OSError`` when it cannot be read, ``ValueError`` when it is not a record
+        (not JSON, or a field the registry relies on of the wrong type: ``created_at: null``, say)."""
         data = json.loads((self.version_dir(project, version) / INFO).read_text())
-        return VersionInfo(**data)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        info = VersionInfo(**data)
+        for name, kinds in _RECORD_FIELDS.items():
+            value = getattr(info, name)
+            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                raise ValueError(f"its {name} is {str(value)[:40]!r}, not {' or '.join(k.__name__ for k in kinds)}")
+        return info
 
     def versions(self, project: int) -> list[VersionInfo]:
         """Every complete version, oldest first (one whose ``version.json`` cannot be read is left out)."""

@@ -90,14 +90,14 @@ def score_arrivals(
     pool instead when the project is not on that version: see the module docstring)."""
     started = time.perf_counter()
     client = client or LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
+    wanted = {int(i) for i in task_ids}
+    if not wanted:
+        return {"status": "nothing to score", "model_version": served_source(settings, project).version, "scored": 0}
     run = _Rescoring(project, settings, client)
     if run.project_data.get("model_version") != run.source.version:
         logger.info("project %s is on model version %r, not %s: re-scoring the whole pool for its new tasks",
                     project, run.project_data.get("model_version"), run.source.version)
         return {**rescore_project(project, settings, report, page_size, client=client), "arrived": "pool re-scored"}
-    wanted = {int(i) for i in task_ids}
-    if not wanted:
-        return {"status": "nothing to score", "model_version": run.source.version, "scored": 0}
     listed = client.tasks(project, filters=unlabeled_between(min(wanted), max(wanted)), page_size=page_size)
     version = run.source.version
     tasks = (task for task in listed if task.get("id") in wanted  # and not scored by a re-scoring since

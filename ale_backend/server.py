@@ -122,13 +122,10 @@ def create_app(settings: Settings | None = None, warm_up: bool = True) -> Flask:
 
 
 def _check_request():
-    """Basic auth when configured; then reject what label-studio-ml's views would turn into a 500."""
+    """Basic auth when configured, before a byte of the body is read (a stranger makes the backend hold nothing);
+    then the body's size, then what label-studio-ml's views would turn into a 500."""
     settings = current_app.config["ALE_SETTINGS"]
     limit = current_app.config["MAX_CONTENT_LENGTH"]
-    if request.content_length is not None and request.content_length > limit:
-        return _error(413, f"request body of {request.content_length} bytes is over MAX_REQUEST_MB ({limit} bytes)")
-    if not _body_within(limit):
-        return _error(413, f"request body over MAX_REQUEST_MB ({limit} bytes)")
     if settings.basic_auth_user:
         auth = request.authorization
         if auth is None or not (_same(auth.username, settings.basic_auth_user)
@@ -136,6 +133,10 @@ def _check_request():
             response = _error(401, "basic authentication required (BASIC_AUTH_USER / BASIC_AUTH_PASS)")
             response.headers["WWW-Authenticate"] = 'Basic realm="ALE backend"'
             return response
+    if request.content_length is not None and request.content_length > limit:
+        return _error(413, f"request body of {request.content_length} bytes is over MAX_REQUEST_MB ({limit} bytes)")
+    if not _body_within(limit):
+        return _error(413, f"request body over MAX_REQUEST_MB ({limit} bytes)")
     if request.args.get("project") is not None and project_id(request.args["project"]) is None:
         return _error(400, "'project' must be Label Studio's project id, e.g. ?project=3")
     if request.method != "POST":

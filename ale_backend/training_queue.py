@@ -29,9 +29,8 @@ from ale_backend.jobs import (
     WAITING,
     Names,
     describe,
-    enqueue_arrivals,
     enqueue_training,
-    is_waiting,
+    queue_arrivals,
     read_json,
     redis_address,
 )
@@ -110,16 +109,11 @@ class TrainingQueue:
         ids = sorted({t["id"] for t in tasks if isinstance(t, dict) and type(t.get("id")) is int and t["id"] >= 1})
         if not ids:
             return 400, {"error": "'tasks' must list the new tasks, each with its integer 'id'"}
-        key = self.names.key
-        # the ids first, then the job: a job seen waiting has not taken the ids yet, so it takes these too
-        _, waiting = (self.redis.pipeline().sadd(key(project, "arrived"), *ids).get(key(project, "arrivals-job"))
-                      .execute())
-        if waiting is not None and is_waiting(waiting.decode(), self.redis):
-            return 200, {"status": "coalesced", "project": project, "job": waiting.decode(), "event": event,
-                         "tasks": len(ids)}
-        jid = self.names.arrivals_job(project, self.redis.incr(key(project, "arrivals-count")))
-        enqueue_arrivals(self.scoring, jid, project, self.settings.train_timeout)
-        self.redis.set(key(project, "arrivals-job"), jid)
+        # the ids first, then the job: a job seen waiting has not read the ids yet, so it takes these too
+        self.redis.sadd(self.names.key(project, "arrived"), *ids)
+        jid, created = queue_arrivals(self.redis, self.names, self.scoring, project, self.settings.train_timeout)
+        if not created:
+            return 200, {"status": "coalesced", "project": project, "job": jid, "event": event, "tasks": len(ids)}
         logger.info("project %s: %d new tasks, scoring job %s queued", project, len(ids), jid)
         return 201, {"status": "queued", "project": project, "job": jid, "event": event, "tasks": len(ids)}
 

@@ -31,7 +31,15 @@ from typing import Any
 import redis
 from rq import Queue, Worker, get_current_job
 
-from ale_backend.jobs import CLAIM, TAKE, Names, enqueue_rescoring, is_waiting, redis_address, timestamp
+from ale_backend.jobs import (
+    CLAIM,
+    Names,
+    enqueue_rescoring,
+    is_waiting,
+    queue_arrivals,
+    redis_address,
+    timestamp,
+)
 from ale_backend.lock import heartbeat, project_lock, record_dead_job
 from ale_backend.project_files import ModelDir
 from ale_backend.settings import Settings
@@ -71,7 +79,7 @@ def work(settings: Settings, burst: bool = False) -> None:
 def _run_worker(settings: Settings, queue: str, burst: bool = False) -> None:
     connection = redis.Redis.from_url(settings.redis_url)
     Worker([Queue(queue, connection=connection)], connection=connection).work(
-        burst=burst, logging_level=settings.log_level)
+        burst=burst, logging_level=settings.log_level, with_scheduler=True)  # the scheduler runs the retries
 
 
 def _scoring_worker(settings: Settings) -> None:
@@ -128,27 +136,39 @@ def run_training_job(project: int, generation: int) -> dict[str, Any]:
 
 
 def run_rescoring_job(project: int) -> dict[str, Any]:
-    """The RQ job that re-scores a project's pool with its served version."""
+    """The RQ job that re-scores a project's pool with its served version; the new tasks that were waiting when it
+    began are scored with the pool (their ids leave the waiting set once it succeeds)."""
     from ale_backend.rescoring import rescore_project
 
-    return _scoring_job(project, "rescore", lambda settings, report, connection, key: rescore_project(
-        project, settings, report))
+    def score(settings, report, connection, key):
+        waiting = connection.smembers(key(project, "arrived"))  # before the pool is listed: it holds them
+        result = rescore_project(project, settings, report)
+        if waiting:
+            connection.srem(key(project, "arrived"), *waiting)
+        return result
+
+    return _scoring_job(project, "rescore", score)
 
 
 def run_arrivals_job(project: int) -> dict[str, Any]:
-    """The RQ job that scores the tasks Label Studio created since the last one took them."""
+    """The RQ job that scores the tasks Label Studio created and that are not scored yet. Their ids stay in the
+    waiting set until their predictions are imported: a failure leaves them for the job's retry."""
     from ale_backend.registry import served_source
     from ale_backend.rescoring import score_arrivals
 
     def score(settings, report, connection, key):
-        ids = [int(i) for i in connection.eval(TAKE, 1, key(project, "arrived"))]
+        taken = connection.smembers(key(project, "arrived"))
+        ids = sorted(int(i) for i in taken)
         version = served_source(settings, project).version
         waiting = Names(settings).rescoring_job(project, version)
         if is_waiting(waiting, connection):  # a re-scoring with the served version is queued: it lists the pool
             return {"status": "left to the waiting re-scoring", "model_version": version, "scored": 0,
-                    "rescoring_job": waiting}
+                    "rescoring_job": waiting, "waiting_tasks": len(ids)}
         report("scoring new tasks", tasks=len(ids))
-        return score_arrivals(project, ids, settings, report)
+        result = score_arrivals(project, ids, settings, report)
+        if taken:
+            connection.srem(key(project, "arrived"), *taken)
+        return result
 
     return _scoring_job(project, "arrivals", score)
 
@@ -164,8 +184,15 @@ def _scoring_job(project: int, kind: str, score) -> dict[str, Any]:
     report = _reporter(job, project)
     jid = job.id if job else kind
     connection.set(names.key(project, "scoring"), jid)
-    with _outcome(connection, names, project, jid, report, running="scoring") as outcome:
-        outcome.update(score(settings, report, connection, names.key))
+    try:
+        with _outcome(connection, names, project, jid, report, running="scoring") as outcome:
+            outcome.update(score(settings, report, connection, names.key))
+    except Exception:
+        if kind == "rescore" and connection.scard(names.key(project, "arrived")):
+            # the new tasks it would have scored wait on: an arrivals job takes them (and retries)
+            queue_arrivals(connection, names, Queue(names.scoring_queue, connection=connection), project,
+                           settings.train_timeout)
+        raise
     return dict(outcome)
 
 

@@ -162,6 +162,27 @@ def test_an_entropy_strategy_on_a_one_class_project_scores_every_task_alike_and_
     assert not [r for r in caplog.records if "cannot rank" in r.getMessage()]
 
 
+def test_a_version_pruned_while_a_request_runs_is_read_again_not_a_500(served, sample_images, trained_weights):
+    """label-studio-ml builds the model (which reads the served version) before it predicts: a round that promotes
+    a new version and prunes the old one in between must not fail the request."""
+    import shutil
+
+    from ale_backend.model import ALEModel
+    from ale_backend.registry import Registry, VersionInfo
+
+    _, app_settings = served
+    registry = Registry(app_settings.model_dir)
+    record = {"project": 1, "parent": "base", "class_names": ["circle", "square", "triangle"], "metrics": {},
+              "annotations": 1, "boxes": 1, "train_seconds": 1.0, "promoted": True}
+    registry.add(trained_weights, VersionInfo(version="p1-v1-a", created_at="2026-12-01T10:00:00+00:00", **record))
+    model = ALEModel(label_config=LABEL_CONFIG, settings=app_settings, project="1.1700000000")
+    assert model.model_version == "p1-v1-a"
+    registry.add(trained_weights, VersionInfo(version="p1-v2-b", created_at="2026-12-01T11:00:00+00:00", **record))
+    shutil.rmtree(registry.version_dir(1, "p1-v1-a"))  # pruned
+    predictions = model.predict(upload_tasks(sample_images, 2))
+    assert [p["model_version"] for p in predictions] == ["p1-v2-b"] * 2 and model.model_version == "p1-v2-b"
+
+
 def test_the_controls_model_score_threshold_sets_what_is_shown_not_what_is_scored(served, sample_images):
     client, app_settings = served
     tasks = upload_tasks(sample_images)

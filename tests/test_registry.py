@@ -139,3 +139,19 @@ def test_version_numbers_keep_counting_after_pruning_and_pruning_follows_creatio
     removed = registry.prune(3, keep=3)
     assert removed == [f"p3-v{n}-x" for n in range(1, 9)]  # the oldest, not the first by name
     assert registry.new_version_name(3).startswith("p3-v12-")  # not len + 1 = v4, a name already used
+
+
+@pytest.mark.parametrize("field, value", [("created_at", None), ("promoted", "yes"), ("weights_size", True),
+                                          ("class_names", None), ("version", 7)])
+def test_a_record_with_a_field_of_the_wrong_type_is_left_out_with_the_reason(tmp_path, weights, caplog, field,
+                                                                             value):
+    registry = Registry(tmp_path)
+    registry.add(weights, info("p3-v1-a"))
+    registry.add(weights, info("p3-v2-b", created="2026-11-26T11:00:00+00:00"))  # served
+    path = registry.version_dir(3, "p3-v2-b") / "version.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), field: value}))
+    with caplog.at_level("WARNING", logger="ale_backend.registry"):
+        assert [i.version for i in registry.versions(3)] == ["p3-v1-a"]
+    assert any(f"its {field} is" in r.getMessage() for r in caplog.records)
+    serving = registry.serving(3)
+    assert serving.version == "p3-v1-a" and "p3-v2-b's record cannot be read (ValueError)" in serving.problem

@@ -3,6 +3,7 @@
 import base64
 import dataclasses
 import io
+import json
 import logging
 
 import pytest
@@ -54,6 +55,30 @@ def test_every_route_needs_basic_auth(secured, sample_images):
         response = client.open(path, method=method, json=body, headers=auth())
         assert 200 <= response.status_code < 300, (path, response.status_code, response.data[:300])
     assert client.get("/health").headers["WWW-Authenticate"].startswith("Basic")
+
+
+def test_credentials_are_checked_before_a_byte_of_the_body_is_read(secured):
+    """A stranger must not make the backend read (and hold) MAX_REQUEST_MB per request before the 401."""
+    client, _ = secured
+    body = json.dumps({"project": "1.1", "label_config": LABEL_CONFIG, "tasks": [{"id": 1}]}).encode()
+
+    class Counted(io.BytesIO):
+        read_bytes = 0
+
+        def read(self, size=-1):
+            chunk = super().read(size)
+            Counted.read_bytes += len(chunk)
+            return chunk
+
+    for headers, expected in (({}, 401), (auth(password="wrong"), 401)):
+        Counted.read_bytes = 0
+        response = client.post("/predict", input_stream=Counted(body), content_type="application/json",
+                               headers={"Content-Length": str(len(body)), **headers})
+        assert response.status_code == expected and Counted.read_bytes == 0
+    Counted.read_bytes = 0
+    response = client.post("/predict", input_stream=Counted(body), content_type="application/json",
+                           headers={"Content-Length": str(len(body)), **auth()})
+    assert Counted.read_bytes == len(body)  # with credentials it is read as usual
 
 
 def test_oversized_requests_are_refused(secured):

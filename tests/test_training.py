@@ -23,9 +23,11 @@ import redis
 import torch
 import yaml
 from rq import Queue
+from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
 from ale_backend.jobs import Names
+from ale_backend.label_studio import LabelStudioError
 from ale_backend.model_source import ModelSource, resolve_model_source
 from ale_backend.project_files import round_folder
 from ale_backend.registry import Registry, VersionInfo
@@ -288,7 +290,8 @@ def test_the_tasks_of_an_import_fold_into_one_scoring_job(backend, redis_url):
         assert refused.status_code == 400 and "tasks" in refused.json["error"]
 
 
-def test_new_tasks_are_left_to_a_re_scoring_that_is_already_waiting(backend, label_studio, monkeypatch):
+def test_new_tasks_are_left_to_a_re_scoring_that_is_already_waiting_and_wait_until_it_succeeds(
+        backend, label_studio, monkeypatch):
     from ale_backend import worker
     from ale_backend.jobs import enqueue_rescoring
 
@@ -297,12 +300,60 @@ def test_new_tasks_are_left_to_a_re_scoring_that_is_already_waiting(backend, lab
     version = resolve_model_source(app_settings).version
     names = Names(app_settings)
     connection = redis.Redis.from_url(app_settings.redis_url)
-    waiting = enqueue_rescoring(Queue(names.scoring_queue, connection=connection), names, 18, version, 60)
+    scoring = Queue(names.scoring_queue, connection=connection)
+    waiting = enqueue_rescoring(scoring, names, 18, version, 60)
     assert webhook(client, "TASKS_CREATED", 18, tasks=[{"id": 18900}]).status_code == 201
     monkeypatch.setattr(worker, "_worker_settings", app_settings)  # the job's body, run here instead of a worker
     result = worker.run_arrivals_job(18)
     assert result["status"] == "left to the waiting re-scoring" and result["rescoring_job"] == waiting
-    assert label_studio.predictions.get(18) is None and connection.scard(names.key(18, "arrived")) == 0
+    assert label_studio.predictions.get(18) is None
+    assert connection.smembers(names.key(18, "arrived")) == {b"18900"}  # until the re-scoring has scored it
+    label_studio.api_failures = 100  # Label Studio down: the re-scoring fails...
+    with pytest.raises(LabelStudioError, match="503"):
+        worker.run_rescoring_job(18)
+    assert connection.smembers(names.key(18, "arrived")) == {b"18900"}  # ...and strands nothing:
+    retry = Job.fetch(connection.get(names.key(18, "arrivals-job")).decode(), connection=connection)
+    assert retry.get_status() == JobStatus.QUEUED and retry.retries_left == 3  # an arrivals job takes it, retried
+    label_studio.api_failures = 0
+    assert worker.run_rescoring_job(18)["status"] == "rescored"
+    assert connection.scard(names.key(18, "arrived")) == 0
+
+
+def test_new_tasks_stay_waiting_until_their_predictions_are_imported(backend, label_studio, monkeypatch):
+    from ale_backend import worker
+
+    app_settings, client = backend
+    add_project(label_studio, 24, n_tasks=4, seed=14)
+    label_studio.projects[24]["model_version"] = resolve_model_source(app_settings).version  # the pool is scored
+    new = [{"id": 24500 + i, "data": {"image": f"/data/upload/24/img000{i}.png"}, "annotations": []}
+           for i in range(2)]
+    label_studio.projects[24]["tasks"] += new
+    names = Names(app_settings)
+    connection = redis.Redis.from_url(app_settings.redis_url)
+    assert webhook(client, "TASKS_CREATED", 24, tasks=new).status_code == 201
+    monkeypatch.setattr(worker, "_worker_settings", app_settings)
+    label_studio.api_failures = 100  # a 503 after the ids were read
+    with pytest.raises(LabelStudioError, match="503"):
+        worker.run_arrivals_job(24)
+    assert connection.smembers(names.key(24, "arrived")) == {b"24500", b"24501"}
+    assert status(client, 24)["new_tasks_waiting"] == 2
+    label_studio.api_failures = 0
+    result = worker.run_arrivals_job(24)  # the retry
+    assert result["status"] == "new tasks scored" and result["scored"] == 2
+    assert sorted(p["task"] for p in label_studio.predictions[24]) == [24500, 24501]
+    assert connection.scard(names.key(24, "arrived")) == 0
+
+
+def test_an_empty_arrivals_job_scores_nothing_even_off_the_served_version(backend, label_studio, monkeypatch):
+    from ale_backend import worker
+
+    app_settings, _ = backend
+    add_project(label_studio, 25, n_tasks=4, seed=15)
+    label_studio.projects[25]["model_version"] = "an older version"
+    monkeypatch.setattr(worker, "_worker_settings", app_settings)
+    result = worker.run_arrivals_job(25)
+    assert result["status"] == "nothing to score" and result["scored"] == 0
+    assert label_studio.predictions.get(25) is None  # the pool was not re-scored
 
 
 def test_new_tasks_are_scored_while_a_round_trains(backend, label_studio, start_worker):
