@@ -18,7 +18,8 @@ redirect is checked the same way; other schemes (``file://``, ``ftp://``...) are
 under ``LOCAL_FILES_ROOT`` (or the backend's own cache under ``MODEL_DIR``). The check is made where the connection
 is made (:class:`_CheckedAdapter`): the host is resolved once, every address it resolves to is checked, and the
 connection goes to one of those addresses, so a DNS answer that changes between a check and the connection (DNS
-rebinding) cannot lead it elsewhere; a check before the request gives the clear reason first.
+rebinding) cannot lead it elsewhere; a check before the request gives the clear reason first. For the same reason
+images are fetched directly, never through a proxy named by ``HTTP_PROXY`` / ``HTTPS_PROXY``.
 
 Images are decoded with OpenCV to BGR ``uint8`` arrays (EXIF orientation applied, as browsers show them), after
 their width and height are read from the file's header (Pillow, without decoding): an image of more than
@@ -173,6 +174,9 @@ class ImageLoader:
         session = getattr(self._local, "session", None)
         if session is None:
             session = self._local.session = requests.Session()
+            # environment proxies (HTTP_PROXY, HTTPS_PROXY) are not used: through a proxy the connection would go to
+            # the proxy, which resolves the image's host itself, so no address check could hold at the connection
+            session.trust_env = False
             adapter = _CheckedAdapter(self)
             session.mount("http://", adapter)
             session.mount("https://", adapter)

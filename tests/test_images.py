@@ -79,6 +79,40 @@ def test_a_redirect_from_another_host_to_label_studio_does_not_get_the_key(image
     assert image_server.requests[-1][1] == f"Token {image_server.legacy_token}"
 
 
+def test_environment_proxies_are_not_used_so_the_address_check_holds(image_server, sample_images, monkeypatch):
+    """Through a proxy the connection would go to the proxy, which resolves names itself: images are fetched
+    directly (the proxy here records who calls it and answers nothing)."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    called = []
+
+    def serve():
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            called.append(connection.recv(200))
+            connection.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    proxy = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, proxy)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    try:
+        loader = loader_for(image_server, image_server.legacy_token, timeout=10)
+        assert loader.load(f"/data/upload/1/{sample_images[0].name}").shape == (160, 160, 3)
+        with pytest.raises(ImageLoadError, match="refused: .* non-public address 10.1.2.3"):
+            loader.load("http://10.1.2.3/x.png")
+        assert called == []
+    finally:
+        listener.close()
+
+
 def test_private_addresses_are_refused_before_any_request(image_server, sample_images, tmp_path):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "x.png").write_bytes(sample_images[0].read_bytes())
