@@ -54,7 +54,12 @@ def resolve_model_source(settings: Settings) -> ModelSource:
     fetched raises :class:`ModelNotFoundError` with what to do.
     """
     if not needs_fetch(settings.model_path):
-        return local_model_source(settings.model_path)
+        source = local_model_source(settings.model_path)
+        digest = None if source.is_config or not settings.model_sha256 else file_sha256(Path(source.path))
+        if digest is not None and digest != settings.model_sha256:
+            raise ModelNotFoundError(f"MODEL_PATH={settings.model_path!r}: its SHA-256 {digest} is not MODEL_SHA256 "
+                                     f"({settings.model_sha256})")
+        return source
     key = (settings.model_path, settings.model_dir, settings.weights_dir, settings.model_sha256,
            settings.model_downloads, settings.model_download_url, settings.model_max_mb)
     with _fallbacks_lock:  # one download per process at a time; the others wait for its outcome

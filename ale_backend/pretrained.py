@@ -8,27 +8,35 @@
 * a URL of a team's own weights: ``https://``, or ``http://`` only when ``MODEL_SHA256`` pins the file (a checkpoint
   is a pickle: loading one runs code from it).
 
-The file is downloaded by ultralytics' own ``safe_download`` (under a temporary name, its length checked against the
-server's) after a short request that says whether the server answers at all and how large the file is, so that an
-offline machine fails within seconds and a file over ``MODEL_MAX_MB`` is refused before it is fetched. It is then
-checked (size, a zip archive as torch saves checkpoints, ``MODEL_SHA256`` when set) and renamed into place in
-``WEIGHTS_DIR`` (default ``MODEL_DIR/weights``); a lock file makes the processes that share the folder (web app,
+The file is fetched with one GET (a presigned S3 or GCS URL, signed for GET only, works), redirects followed hop by
+hop: every hop must be https (http only when ``MODEL_SHA256`` pins the file), and a hop after the first must go to
+the same host or to a public address (a redirect cannot lead the backend to a private or link-local one). An
+offline machine fails within seconds (:data:`CONNECT_TIMEOUT`); a server that stalls fails after
+:data:`READ_TIMEOUT` seconds without a byte, and a download that takes longer than :data:`DOWNLOAD_TIMEOUT` in all is
+abandoned, so a stalled server never holds the download lock for long. ``MODEL_MAX_MB`` is held against the declared
+length before the body is read and against the bytes received while they arrive. The file is written under a
+temporary name, checked (a zip archive as torch saves checkpoints, ``MODEL_SHA256`` when set) and renamed into place
+in ``WEIGHTS_DIR`` (default ``MODEL_DIR/weights``); a lock file makes the processes that share the folder (web app,
 worker) fetch it once: the others wait and find it. Once there it is used without any network, and its version
-string names its digest like any local file's. ``MODEL_DOWNLOADS=false`` refuses every download (air-gapped sites
-copy the file over and set ``MODEL_PATH`` to its path).
+string names its digest like any local file's; a kept file that is no longer a checkpoint (truncated, overwritten)
+is refused with the reason, so the default falls back instead of failing at load. ``MODEL_DOWNLOADS=false`` refuses
+every download (air-gapped sites copy the file over and set ``MODEL_PATH`` to its path).
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import ipaddress
 import logging
 import os
 import re
+import socket
+import time
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
 from ale_backend.settings import Settings
 
@@ -39,8 +47,13 @@ _DETECTION_WEIGHTS = re.compile(r"^(yolov3(-spp|-tiny)?u|yolov5[nsmlx]6?u|yolov8
 """The released detection weights this backend can score with (ultralytics' ``GITHUB_ASSETS_NAMES`` lists them all):
 NMS-based heads (YOLOv10 and YOLO26 are NMS-free by default); segmentation, pose, classification and open-vocabulary
 weights are other tasks."""
-PREFLIGHT_TIMEOUT = (5, 10)
-"""Seconds to connect and to read the first answer of the request before a download."""
+CONNECT_TIMEOUT = 5
+"""Seconds to connect to a server of weights (an offline machine fails within them)."""
+READ_TIMEOUT = 30
+"""Seconds a download waits for the next bytes before it gives up."""
+DOWNLOAD_TIMEOUT = 1800
+"""Seconds a whole download may take."""
+MAX_REDIRECTS = 5
 
 
 class ModelFetchError(RuntimeError):
@@ -87,68 +100,109 @@ def fetched_weights(settings: Settings) -> Path:
     """The local file of the weights ``MODEL_PATH`` names, fetched and checked first if it is not there yet."""
     target = local_file(settings)
     if target.is_file():
-        _check_pin(target, settings)
+        check_kept(target, settings)
         return target
     url = download_url(settings)
     if not settings.model_downloads:
         raise ModelFetchError(f"MODEL_PATH={settings.model_path!r} is not on this machine ({target}) and downloads are "
                               f"off (MODEL_DOWNLOADS=false): {_offline_advice(url)}")
-    scheme = urlsplit(url).scheme.lower()
-    if scheme != "https" and not (scheme == "http" and settings.model_sha256):
-        raise ModelFetchError(f"{_safe(url)}: weights are fetched over https only, or over http when MODEL_SHA256 "
-                              "pins the file (a checkpoint runs code when it is loaded)")
+    _check_scheme(url, settings)
     target.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive(target.parent / f".{target.name}.lock"):
         if target.is_file():  # another process fetched it while this one waited
-            _check_pin(target, settings)
+            check_kept(target, settings)
             return target
         _download(url, target, settings)
     return target
 
 
+def check_kept(path: Path, settings: Settings) -> None:
+    """A weights file on this machine: ``MODEL_SHA256`` when set, else a PyTorch checkpoint (a zip archive); raises
+    :class:`ModelFetchError` with the reason."""
+    _check_pin(path, settings)
+    if not settings.model_sha256 and not zipfile.is_zipfile(path):
+        raise ModelFetchError(f"{path} is not a PyTorch checkpoint (truncated or overwritten?); remove it to fetch "
+                              "it again")
+
+
+def _check_scheme(url: str, settings: Settings) -> None:
+    scheme = urlsplit(url).scheme.lower()
+    if scheme != "https" and not (scheme == "http" and settings.model_sha256):
+        raise ModelFetchError(f"{_safe(url)}: weights are fetched over https only, or over http when MODEL_SHA256 "
+                              "pins the file (a checkpoint runs code when it is loaded)")
+
+
+def _check_hop(url: str, first: str, settings: Settings) -> None:
+    """A redirect's target: https (http when pinned), and the first URL's host or a public address."""
+    _check_scheme(url, settings)
+    host = (urlsplit(url).hostname or "").lower()
+    if not host:
+        raise ModelFetchError(f"{_safe(first)} redirected to a URL without a host")
+    if host == (urlsplit(first).hostname or "").lower():
+        return
+    try:
+        infos = socket.getaddrinfo(host, urlsplit(url).port or 443, proto=socket.IPPROTO_TCP)
+    except socket.gaierror as exc:
+        raise ModelFetchError(f"{_safe(first)} redirected to {_safe(url)}, whose host does not resolve") from exc
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0].split("%")[0])
+        if not address.is_global or address.is_multicast:
+            raise ModelFetchError(f"{_safe(first)} redirected to {_safe(url)}, a non-public address ({address}): "
+                                  "refused")
+
+
 def _download(url: str, target: Path, settings: Settings) -> None:
+    import requests
+
     limit = int(settings.model_max_mb * 1024 * 1024)
-    size = _preflight(url)
-    if size is not None and size > limit:
-        raise ModelFetchError(f"{_safe(url)} is {size / 2**20:.0f} MB, over MODEL_MAX_MB ({settings.model_max_mb:g})")
-    from ale_backend.ultralytics_setup import ultralytics_module
-
-    ultralytics_module(settings.model_dir)  # offline mode and the process's ultralytics settings
-    from ultralytics.utils.downloads import safe_download
-
     incoming = target.parent / f".{target.name}.{os.getpid()}.incoming"
+    first, deadline = url, time.monotonic() + DOWNLOAD_TIMEOUT
     logger.info("fetching %s into %s", _safe(url), target.parent)
     try:
-        try:
-            safe_download(url, file=incoming, unzip=False, retry=1, min_bytes=1, progress=False)
-        except Exception as exc:  # ultralytics raises ConnectionError with its own wording, and others
-            raise ModelFetchError(f"could not download {_safe(url)}: {exc}. {_offline_advice(url)}") from exc
-        size = incoming.stat().st_size
-        if size > limit:
-            raise ModelFetchError(f"{_safe(url)} sent {size / 2**20:.0f} MB, over MODEL_MAX_MB "
-                                  f"({settings.model_max_mb:g})")
+        with requests.Session() as session:
+            for _hop in range(MAX_REDIRECTS + 1):
+                try:
+                    response = session.get(url, stream=True, allow_redirects=False,
+                                           timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
+                except requests.RequestException as exc:
+                    raise ModelFetchError(f"could not reach {_safe(url)} ({type(exc).__name__}). "
+                                          f"{_offline_advice(first)}") from exc
+                if not (response.is_redirect and response.headers.get("Location")):
+                    break
+                response.close()
+                url = urljoin(url, response.headers["Location"])
+                _check_hop(url, first, settings)
+            else:
+                raise ModelFetchError(f"{_safe(first)}: more than {MAX_REDIRECTS} redirects")
+            with response:
+                if response.status_code != 200:
+                    raise ModelFetchError(f"{_safe(url)} answered {response.status_code} {response.reason}")
+                declared = response.headers.get("Content-Length", "")
+                if declared.isdigit() and int(declared) > limit:
+                    raise ModelFetchError(f"{_safe(url)} is {int(declared) / 2**20:.0f} MB, over MODEL_MAX_MB "
+                                          f"({settings.model_max_mb:g})")
+                received = 0
+                with open(incoming, "wb") as out:
+                    try:
+                        for chunk in response.iter_content(1 << 20):
+                            received += len(chunk)
+                            if received > limit:
+                                raise ModelFetchError(f"{_safe(url)} sent more than MODEL_MAX_MB "
+                                                      f"({settings.model_max_mb:g} MB)")
+                            if time.monotonic() > deadline:
+                                raise ModelFetchError(f"{_safe(url)}: the download took longer than "
+                                                      f"{DOWNLOAD_TIMEOUT} s")
+                            out.write(chunk)
+                    except requests.RequestException as exc:
+                        raise ModelFetchError(f"the download of {_safe(url)} broke off ({type(exc).__name__}: "
+                                              f"{exc})") from exc
         if not zipfile.is_zipfile(incoming):
             raise ModelFetchError(f"{_safe(url)} did not send a PyTorch checkpoint (not a zip archive: an error page?)")
         _check_pin(incoming, settings, url)
         os.replace(incoming, target)
-        logger.info("fetched %s (%.1f MB, sha256 %s)", target.name, size / 2**20, file_sha256(target)[:12])
+        logger.info("fetched %s (%.1f MB, sha256 %s)", target.name, received / 2**20, file_sha256(target)[:12])
     finally:
         incoming.unlink(missing_ok=True)
-
-
-def _preflight(url: str) -> int | None:
-    """The file's size, when the server says it (following redirects); raises :class:`ModelFetchError` when the
-    server does not answer within ``PREFLIGHT_TIMEOUT`` or refuses."""
-    import requests
-
-    try:
-        response = requests.head(url, allow_redirects=True, timeout=PREFLIGHT_TIMEOUT)
-    except requests.RequestException as exc:
-        raise ModelFetchError(f"could not reach {_safe(url)} ({type(exc).__name__}). {_offline_advice(url)}") from exc
-    if response.status_code >= 400 and response.status_code != 405:  # some servers refuse HEAD; GET decides then
-        raise ModelFetchError(f"{_safe(url)} answered {response.status_code} {response.reason}")
-    length = response.headers.get("Content-Length", "")
-    return int(length) if length.isdigit() and response.status_code < 300 else None
 
 
 def _check_pin(path: Path, settings: Settings, url: str | None = None) -> None:

@@ -13,11 +13,15 @@ from pathlib import Path
 
 class FileServer:
     """Serves ``files`` (URL path -> bytes) on 127.0.0.1; ``headers`` (path -> extra headers) may lie about the
-    length; ``requests`` counts ``(method, path)``. ``certificate`` is the CA file a client must trust (https)."""
+    length, or leave it out (a value of None: the body then ends when the connection closes); ``redirects`` (path ->
+    location) answer 302; ``head_status`` (path -> status) answers HEAD so, as a presigned URL signed for GET
+    does; ``requests`` counts ``(method, path)``. ``certificate`` is the CA file a client must trust (https)."""
 
     def __init__(self, folder: Path, https: bool = True, delay: float = 0.0):
         self.files: dict[str, bytes] = {}
-        self.headers: dict[str, dict[str, str]] = {}
+        self.headers: dict[str, dict[str, str | None]] = {}
+        self.redirects: dict[str, str] = {}
+        self.head_status: dict[str, int] = {}
         self.requests: Counter = Counter()
         self.delay = delay
         self._lock = threading.Lock()
@@ -59,6 +63,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         path = self.path.split("?")[0]
         with server._lock:
             server.requests[(self.command, path)] += 1
+        if path in server.redirects:
+            self.send_response(302)
+            self.send_header("Location", server.redirects[path])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if not body and path in server.head_status:
+            self.send_error(server.head_status[path])
+            return
         data = server.files.get(path)
         if data is None:
             self.send_error(404)
@@ -67,7 +80,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(data)),
                    **server.headers.get(path, {})}
         for name, value in headers.items():
-            self.send_header(name, value)
+            if value is not None:
+                self.send_header(name, value)
         self.end_headers()
         if body:
             if server.delay:

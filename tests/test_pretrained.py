@@ -92,10 +92,15 @@ def test_what_is_not_a_checkpoint_or_is_too_large_is_refused(tmp_path, releases)
         resolve_model_source(settings_for(tmp_path, model_path="yolov8n.pt", model_download_url=releases.url + "/rel"))
     releases.files["/rel/yolo11n.pt"] = b"x" * 1000
     releases.headers["/rel/yolo11n.pt"] = {"Content-Length": str(3 * 2**20)}  # what the server announces
-    with pytest.raises(ModelNotFoundError, match="over MODEL_MAX_MB"):
+    with pytest.raises(ModelNotFoundError, match="is 3 MB, over MODEL_MAX_MB"):  # refused before the body is read
         resolve_model_source(settings_for(tmp_path, model_path="yolo11n.pt", model_download_url=releases.url + "/rel",
                                           model_max_mb=2))
-    assert releases.count("GET", "/rel/yolo11n.pt") == 0  # refused before the download
+    releases.files["/rel/yolo12n.pt"] = b"x" * (3 * 2**20)
+    releases.headers["/rel/yolo12n.pt"] = {"Content-Length": None}  # no length: the bytes received count
+    with pytest.raises(ModelNotFoundError, match="sent more than MODEL_MAX_MB"):
+        resolve_model_source(settings_for(tmp_path, model_path="yolo12n.pt", model_download_url=releases.url + "/rel",
+                                          model_max_mb=2))
+    assert not [p for p in (tmp_path / "models" / "weights").iterdir() if not p.name.endswith(".lock")]
 
 
 def test_with_downloads_off_a_name_says_how_to_bring_the_file(tmp_path, releases):
@@ -104,6 +109,62 @@ def test_with_downloads_off_a_name_says_how_to_bring_the_file(tmp_path, releases
     with pytest.raises(ModelNotFoundError, match="MODEL_DOWNLOADS=false.*copy the file here and set MODEL_PATH"):
         resolve_model_source(settings)
     assert releases.count("HEAD", "/rel/yolov5su.pt") == releases.count("GET", "/rel/yolov5su.pt") == 0
+
+
+def test_every_redirect_is_held_to_https_and_to_the_first_host_or_a_public_address(tmp_path, releases,
+                                                                                  trained_weights):
+    body = trained_weights.read_bytes()
+    with FileServer(tmp_path / "plain", https=False) as plain:
+        plain.files["/best.pt"] = body
+        releases.redirects["/team/to-http.pt"] = plain.url + "/best.pt"
+        with pytest.raises(ModelNotFoundError, match="over https only, or over http when MODEL_SHA256"):
+            resolve_model_source(settings_for(tmp_path / "a", model_path=releases.url + "/team/to-http.pt"))
+        assert plain.count("GET", "/best.pt") == 0  # the clear-text hop is never made
+        pinned = settings_for(tmp_path / "b", model_path=releases.url + "/team/to-http.pt",
+                              model_sha256=hashlib.sha256(body).hexdigest())
+        assert not resolve_model_source(pinned).is_config  # pinned: the bytes are checked, http may carry them
+    releases.redirects["/team/to-metadata.pt"] = "https://169.254.169.254/latest/weights.pt"
+    with pytest.raises(ModelNotFoundError, match=r"non-public address \(169.254.169.254\): refused"):
+        resolve_model_source(settings_for(tmp_path / "c", model_path=releases.url + "/team/to-metadata.pt"))
+    releases.files["/store/best.pt"] = body
+    releases.redirects["/team/moved.pt"] = "/store/best.pt"  # the same host (a private one here): followed
+    assert not resolve_model_source(settings_for(tmp_path / "d", model_path=releases.url + "/team/moved.pt")).is_config
+
+
+def test_a_presigned_url_signed_for_get_only_is_fetched(tmp_path, releases, trained_weights):
+    releases.files["/bucket/best.pt"] = trained_weights.read_bytes()
+    releases.head_status["/bucket/best.pt"] = 403  # S3 refuses a HEAD on a URL signed for GET
+    url = releases.url + "/bucket/best.pt?X-Amz-Signature=abc&X-Amz-Expires=300"
+    assert not resolve_model_source(settings_for(tmp_path, model_path=url)).is_config
+    assert releases.count("HEAD", "/bucket/best.pt") == 0 and releases.count("GET", "/bucket/best.pt") == 1
+
+
+def test_a_stalled_server_does_not_hold_the_download_for_long(tmp_path, releases, monkeypatch):
+    from ale_backend import pretrained
+
+    monkeypatch.setattr(pretrained, "READ_TIMEOUT", 1)
+    releases.delay = 5.0  # headers at once, then nothing
+    settings = settings_for(tmp_path, model_path="yolov5su.pt", model_download_url=releases.url + "/rel")
+    with pytest.raises(ModelNotFoundError, match="broke off|could not reach"):
+        resolve_model_source(settings)
+    releases.delay = 0.0
+    assert not resolve_model_source(settings).is_config  # the lock was let go: the next try fetches it
+
+
+def test_model_sha256_holds_for_a_local_file_too(tmp_path, trained_weights):
+    digest = hashlib.sha256(trained_weights.read_bytes()).hexdigest()
+    assert resolve_model_source(settings_for(tmp_path, model_path=str(trained_weights), model_sha256=digest))
+    with pytest.raises(ModelNotFoundError, match="is not MODEL_SHA256"):
+        resolve_model_source(settings_for(tmp_path, model_path=str(trained_weights), model_sha256="0" * 64))
+
+
+def test_a_kept_default_that_is_no_longer_a_checkpoint_falls_back_with_the_reason(tmp_path, releases):
+    default = settings_for(tmp_path, model_path=DEFAULT_MODEL_PATH, model_download_url=releases.url + "/rel",
+                           model_downloads=False)
+    local_file(default).parent.mkdir(parents=True)
+    local_file(default).write_bytes(releases.files["/rel/yolov5nu.pt"][:5000])  # a truncated file
+    source = resolve_model_source(default)
+    assert source.is_config and "is not a PyTorch checkpoint (truncated or overwritten?)" in source.fallback
 
 
 def test_offline_a_named_model_fails_and_the_default_falls_back_with_the_reason(tmp_path, releases):
