@@ -209,6 +209,7 @@ def _label_studio_command(args, settings) -> int:
         if args.command == "connect":
             auth = BasicAuth(settings.basic_auth_user, settings.basic_auth_pass) if settings.basic_auth_user else None
             changed = connect(client, args.project, args.backend_url, auth)
+            ModelDir(settings.model_dir).project(args.project).mark_connected(settings.label_studio_url)
             print("changed: " + (", ".join(changed) if changed else "nothing (already connected)"))
             if args.no_scoring:
                 return 0

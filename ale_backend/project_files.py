@@ -4,6 +4,7 @@
 
     projects/label-studio.json  the Label Studio instance whose projects these are (:meth:`ModelDir.claim`)
     projects/<project id>/
+        connected.json          written by ``connect``: the project is scored and trained here (:meth:`mark_connected`)
         current                 the served version's name (:mod:`ale_backend.registry`)
         versions/<version>/     a trained version: weights.pt, version.json; .incoming-* while being written
         work/<round>/           a training round's dataset and ultralytics run (:meth:`ProjectFiles.round`)
@@ -85,6 +86,21 @@ class ProjectFiles:
 
     def version(self, name: str) -> Path:
         return self.versions / name
+
+    def mark_connected(self, label_studio_url: str) -> None:
+        """Record that ``connect`` wired this project to the backend."""
+        from datetime import datetime, timezone
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f".connected-{os.getpid()}"
+        tmp.write_text(json.dumps({"label_studio": label_studio_url,
+                                   "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}) + "\n")
+        os.replace(tmp, self.folder / "connected.json")
+
+    def is_connected(self) -> bool:
+        """Whether the backend works for this project: ``connect`` recorded it, or (connected before ``connect``
+        recorded projects) the backend has already scored or trained it."""
+        return (self.folder / "connected.json").is_file() or self.image_cache.is_dir() or self.versions.is_dir()
 
     def clean_incomplete(self) -> None:
         """Remove the staging folders of versions a crash left half written."""

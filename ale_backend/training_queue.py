@@ -33,10 +33,12 @@ from ale_backend.jobs import (
     queue_arrivals,
     read_json,
     redis_address,
+    timestamp,
 )
 from ale_backend.label_studio import project_id
 from ale_backend.lock import record_dead_job
 from ale_backend.model_source import ModelNotFoundError, resolve_model_source
+from ale_backend.project_files import ModelDir
 from ale_backend.registry import Registry
 from ale_backend.settings import Settings
 
@@ -109,6 +111,15 @@ class TrainingQueue:
         ids = sorted({t["id"] for t in tasks if isinstance(t, dict) and type(t.get("id")) is int and t["id"] >= 1})
         if not ids:
             return 400, {"error": "'tasks' must list the new tasks, each with its integer 'id'"}
+        if not ModelDir(self.settings.model_dir).project(project).is_connected():
+            # an organisation-wide webhook, or a stranger: predictions go only into the projects connect wired
+            self.redis.hset(self.names.key(project, "ignored"), mapping={
+                "event": event, "tasks": len(ids), "at": timestamp(),
+                "reason": f"project {project} is not connected to this backend (python -m ale_backend connect "
+                          f"--project {project} --backend-url ...)"})
+            self.redis.hincrby(self.names.key(project, "ignored"), "events", 1)
+            return 200, {"status": "ignored", "event": event, "project": project,
+                         "reason": f"project {project} is not connected to this backend: run connect for it"}
         # the ids first, then the job: a job seen waiting has not read the ids yet, so it takes these too
         self.redis.sadd(self.names.key(project, "arrived"), *ids)
         jid, created = queue_arrivals(self.redis, self.names, self.scoring, project, self.settings.train_timeout)
@@ -172,6 +183,8 @@ class TrainingQueue:
         scoring = self.redis.get(key(project, "scoring"))
         out["scoring"] = describe(scoring.decode(), self.redis) if scoring else None
         out["new_tasks_waiting"] = int(self.redis.scard(key(project, "arrived")))
+        ignored = self.redis.hgetall(key(project, "ignored"))
+        out["ignored_new_tasks"] = {k.decode(): v.decode() for k, v in ignored.items()} or None
         waiting = describe(names.training_job(project, generation), self.redis)
         if waiting and waiting["status"] in _PENDING_STATUSES:
             out["waiting"] = waiting

@@ -29,7 +29,7 @@ from rq.registry import StartedJobRegistry
 from ale_backend.jobs import Names
 from ale_backend.label_studio import LabelStudioError
 from ale_backend.model_source import ModelSource, resolve_model_source
-from ale_backend.project_files import round_folder
+from ale_backend.project_files import ModelDir, round_folder
 from ale_backend.registry import Registry, VersionInfo
 from ale_backend.server import create_app
 from ale_backend.settings import Settings
@@ -272,10 +272,35 @@ def test_events_below_the_minimum_wait_and_others_are_ignored(backend):
     assert no_project.status_code == 400 and "project" in no_project.json["error"]
 
 
+def connected(app_settings, project):
+    """What ``connect`` records of a project (the backend scores only the projects it wired)."""
+    ModelDir(app_settings.model_dir).project(project).mark_connected(app_settings.label_studio_url)
+
+
+def test_new_tasks_of_a_project_that_was_never_connected_are_ignored_and_the_status_says_so(backend, redis_url):
+    """An organisation-wide webhook (or a stranger, without basic auth) must not make the worker write predictions
+    into, and switch the model version of, a project nobody connected."""
+    app_settings, client = backend
+    connection = redis.Redis.from_url(redis_url)
+    scoring = Queue(Names(app_settings).scoring_queue, connection=connection)
+    before = scoring.count
+    for _ in range(2):
+        ignored = webhook(client, "TASKS_CREATED", 26, tasks=[{"id": 2601}, {"id": 2602}])
+        assert ignored.status_code == 200 and ignored.json["status"] == "ignored"
+        assert "project 26 is not connected" in ignored.json["reason"]
+    assert scoring.count == before and connection.scard(Names(app_settings).key(26, "arrived")) == 0
+    said = status(client, 26)["ignored_new_tasks"]
+    assert said["event"] == "TASKS_CREATED" and said["events"] == "2" and said["tasks"] == "2"
+    assert "connect --project 26" in said["reason"]
+    connected(app_settings, 26)
+    assert webhook(client, "TASKS_CREATED", 26, tasks=[{"id": 2603}]).status_code == 201
+
+
 def test_the_tasks_of_an_import_fold_into_one_scoring_job(backend, redis_url):
     app_settings, client = backend
     connection = redis.Redis.from_url(redis_url)
     scoring = Queue(Names(app_settings).scoring_queue, connection=connection)
+    connected(app_settings, 6)
     first = webhook(client, "TASKS_CREATED", 6, tasks=[{"id": 11, "data": {}}, {"id": 12, "data": {}}])
     assert first.status_code == 201 and first.json["status"] == "queued" and first.json["tasks"] == 2
     for ids in ([13], [12, 14]):  # an import arrives in several events; one repeats a task
@@ -302,6 +327,7 @@ def test_new_tasks_are_left_to_a_re_scoring_that_is_already_waiting_and_wait_unt
     connection = redis.Redis.from_url(app_settings.redis_url)
     scoring = Queue(names.scoring_queue, connection=connection)
     waiting = enqueue_rescoring(scoring, names, 18, version, 60)
+    connected(app_settings, 18)
     assert webhook(client, "TASKS_CREATED", 18, tasks=[{"id": 18900}]).status_code == 201
     monkeypatch.setattr(worker, "_worker_settings", app_settings)  # the job's body, run here instead of a worker
     result = worker.run_arrivals_job(18)
@@ -330,6 +356,7 @@ def test_new_tasks_stay_waiting_until_their_predictions_are_imported(backend, la
     label_studio.projects[24]["tasks"] += new
     names = Names(app_settings)
     connection = redis.Redis.from_url(app_settings.redis_url)
+    connected(app_settings, 24)
     assert webhook(client, "TASKS_CREATED", 24, tasks=new).status_code == 201
     monkeypatch.setattr(worker, "_worker_settings", app_settings)
     label_studio.api_failures = 100  # a 503 after the ids were read
@@ -364,6 +391,7 @@ def test_new_tasks_are_scored_while_a_round_trains(backend, label_studio, start_
     new = [{"id": 13500 + i, "data": {"image": f"/data/upload/13/img000{i}.png"}, "annotations": []}
            for i in range(3)]
     label_studio.projects[13]["tasks"] += new
+    connected(app_settings, 13)
     assert webhook(client, "TASKS_CREATED", 13, tasks=new).status_code == 201
     scored = wait_for(lambda: (r := status(client, 13)["last_result"]) and r.get("status") == "new tasks scored"
                       and r, 120, "the new tasks' scores")
