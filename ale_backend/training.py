@@ -13,8 +13,8 @@ Runs in the RQ worker (:func:`ale_backend.worker.run_training_job` wraps it with
    warm-up when fine-tuning trained weights (a short fine-tune would be all warm-up);
 4. scores the new weights and the current ones on the same validation images (the current model, loaded once per
    round, before training, on labels renumbered to its own classes, so the comparison is fair);
-5. registers the version (:mod:`ale_backend.registry`) and serves it unless its mAP50-95 is lower than the current
-   model's by more than ``PROMOTION_TOLERANCE``.
+5. registers the version (:mod:`ale_backend.registry`) and serves it unless its mAP50-95 on the classes the current
+   model knows is lower than the current model's by more than ``PROMOTION_TOLERANCE`` (:func:`promotion`).
 
 Any exception leaves the registry as it was: a version is only added, complete, at step 5.
 """
@@ -124,6 +124,7 @@ def _train_round(project: int, settings: Settings, report: Report, registry: Reg
                "skipped_tasks": summary.skipped[:50],
                "train_images": summary.train_images, "val_images": summary.val_images,
                "replay_images": summary.replay_images, "epochs": epochs, "epochs_run": trained.epochs,
+               "best_epoch": trained.best_epoch,
                "patience": patience, "stopped_early": trained.stopped_early, "warnings": warnings,
                "fingerprint": annotations.fingerprint},
     )
@@ -220,6 +221,8 @@ class FineTuned:
     """Epochs trained (fewer than ``TRAIN_EPOCHS`` when it stopped early)."""
     stopped_early: str | None = None
     """Why it stopped before ``TRAIN_EPOCHS``, or None."""
+    best_epoch: int | None = None
+    """The epoch whose weights were kept (counted from 1), when validation chose it (``TRAIN_KEEP_BEST``)."""
 
 
 def round_warnings(metrics: dict[str, float]) -> list[str]:
@@ -303,12 +306,12 @@ def fine_tune(parent: ModelSource, data_yaml: Path, settings: Settings, run_dir:
     best = Path(trainer.best)
     run = reported[0]
     stopped = None
+    best_epoch = int(getattr(getattr(trainer, "stopper", None), "best_epoch", 0))  # counted from 1 there
     if run < trainer.epochs:
-        stopper = getattr(trainer, "stopper", None)
-        best_epoch = int(getattr(stopper, "best_epoch", 0))  # counted from 1 there
         stopped = (f"stopped after epoch {run} of {trainer.epochs}: no validation improvement in "
                    f"{settings.train_patience} epochs since epoch {best_epoch} (TRAIN_PATIENCE)")
-    return FineTuned(best if best.is_file() else Path(trainer.last), run, stopped)
+    return FineTuned(best if best.is_file() else Path(trainer.last), run, stopped,
+                     best_epoch if settings.train_keep_best and best_epoch else None)
 
 
 def evaluate(weights: ModelSource | Path, data_yaml: Path, settings: Settings, run_dir: Path) -> dict[str, float]:
@@ -332,9 +335,23 @@ def validate(model, data_yaml: Path, settings: Settings, run_dir: Path) -> dict[
 
 
 def promotion(new: dict[str, float], current: dict[str, float], tolerance: float) -> tuple[bool, str]:
-    """Serve the new version unless its mAP50-95 drops more than ``tolerance`` below the current one's."""
-    delta = new["map50_95"] - current["map50_95"]
-    verdict = f"validation mAP50-95 {new['map50_95']:.4f} vs {current['map50_95']:.4f} for the current model"
+    """Serve the new version unless it does worse than the current one by more than ``tolerance`` on what the
+    current one knows: the mean validation mAP50-95 over the classes both were scored on (``map50_95/<class>``);
+    without per-class figures in common, their overall mAP50-95.
+
+    The current model is scored only on its own classes (a class it lacks earns it nothing, and is left out of its
+    mean), while the new version's overall mean also averages the classes it is learning, which start near 0: by
+    the overall figure a version that is better on every old class and has begun a new one would look worse (seen on
+    the benchmark's photographs). New classes are what a round adds; the gate asks that nothing known is lost.
+    """
+    shared = sorted(k for k in new if k.startswith("map50_95/") and k in current)
+    if shared:
+        new_score, current_score = (sum(m[k] for k in shared) / len(shared) for m in (new, current))
+        what = f"validation mAP50-95 on the {len(shared)} classes the current model knows"
+    else:
+        new_score, current_score, what = new["map50_95"], current["map50_95"], "validation mAP50-95"
+    delta = new_score - current_score
+    verdict = f"{what}: {new_score:.4f} vs {current_score:.4f} for the current model"
     if delta < -tolerance:
         return False, f"{verdict}: worse by {-delta:.4f}, more than the tolerance {tolerance}"
     return True, verdict

@@ -33,7 +33,7 @@ from ale_backend.project_files import ModelDir, round_folder
 from ale_backend.registry import Registry, VersionInfo
 from ale_backend.server import create_app
 from ale_backend.settings import Settings
-from ale_backend.training import RECIPES, NothingToTrain, fine_tune, train_arguments
+from ale_backend.training import RECIPES, NothingToTrain, fine_tune, promotion, train_arguments
 from testkit import synthetic
 from testkit.label_studio_stand_in import LABEL_CONFIG, add_project
 from testkit.stack import stop
@@ -579,14 +579,25 @@ def test_a_round_that_would_lose_is_kept_unserved_and_the_status_says_why(backen
     assert webhook(client, "START_TRAINING", 23).status_code == 201
     done = wait_for(lambda: status(client, 23)["last_training"], 300, "the training round")
     assert done["version"] and done["promoted"] is False, done
-    parent, new = done["metrics"]["parent_map50_95"], done["metrics"]["map50_95"]
-    assert new < parent - app_settings.promotion_tolerance
-    assert done["reason"] == (f"validation mAP50-95 {new:.4f} vs {parent:.4f} for the current model: worse by "
-                              f"{parent - new:.4f}, more than the tolerance {app_settings.promotion_tolerance}")
+    assert done["reason"].startswith("validation mAP50-95 on the 2 classes the current model knows: ")
+    assert done["reason"].endswith(f"more than the tolerance {app_settings.promotion_tolerance}")
     now = status(client, 23)
     assert now["current_version"] is None and now["serving_problem"] is None  # the base model still serves
     assert client.post("/setup", json=setup).json["model_version"] == base_version
     assert Registry(app_settings.model_dir).info(23, done["version"]).promoted is False  # kept, not served
+
+
+def test_the_gate_compares_what_the_current_model_knows_and_a_new_class_costs_nothing():
+    current = {"map50_95": 0.40, "map50_95/fish": 0.5, "map50_95/shark": 0.3}  # scored on its own classes
+    better_and_learning = {"map50_95": 0.32, "map50_95/fish": 0.55, "map50_95/shark": 0.35, "map50_95/puffin": 0.06}
+    promoted, reason = promotion(better_and_learning, current, 0.02)
+    assert promoted and reason == ("validation mAP50-95 on the 2 classes the current model knows: 0.4500 vs 0.4000 "
+                                   "for the current model")
+    forgetting = {"map50_95": 0.5, "map50_95/fish": 0.3, "map50_95/shark": 0.3, "map50_95/puffin": 0.9}
+    promoted, reason = promotion(forgetting, current, 0.02)
+    assert not promoted and reason.endswith("worse by 0.1000, more than the tolerance 0.02")
+    assert promotion({"map50_95": 0.39}, {"map50_95": 0.40}, 0.02)[0]  # no per-class figures: the overall ones
+    assert not promotion({"map50_95": 0.30}, {"map50_95": 0.40}, 0.02)[0]
 
 
 def test_a_round_with_a_handful_of_validation_images_is_not_stopped_by_patience(backend, label_studio,

@@ -404,7 +404,7 @@ class _Seed:
                 seconds = time.monotonic() - began
                 self.timings["fine_tuning"] += seconds
                 result = {**self.test(tuned.source), **self.gate(tuned.source), "epochs_run": tuned.epochs,
-                          "train_seconds": round(seconds, 1)}
+                          "best_epoch": tuned.best_epoch, "train_seconds": round(seconds, 1)}
                 self.trained[chosen] = result
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 partial = cached.with_suffix(".partial")
@@ -424,6 +424,7 @@ class _Seed:
 class _Tuned:
     source: ModelSource
     epochs: int
+    best_epoch: int | None
 
 
 def _fine_tune(base: ModelSource, data: SeedData, chosen: list[Path], replay: list[Path], settings: Settings,
@@ -433,7 +434,7 @@ def _fine_tune(base: ModelSource, data: SeedData, chosen: list[Path], replay: li
     write_image_list(work / "val.txt", (p.resolve() for p in data.images("val")))
     data_yaml = write_data_yaml(work / "data.yaml", work, data.class_names, train="train.txt", val="val.txt")
     tuned = fine_tune(base, data_yaml, settings, work, on_epoch=lambda e: None)
-    return _Tuned(ModelSource(str(tuned.weights), work.name, is_config=False), tuned.epochs)
+    return _Tuned(ModelSource(str(tuned.weights), work.name, is_config=False), tuned.epochs, tuned.best_epoch)
 
 
 class PromotionGate:
