@@ -392,9 +392,10 @@ class _Seed:
         chosen = self.selection(strategy, budget)
         if chosen not in self.trained:
             cached = self._cached(chosen)
-            if cached.is_file():
+            record = json.loads(cached.read_text())["result"] if cached.is_file() else {}
+            if "val" in record:  # (records without the validation metrics predate the gate's figures)
                 logger.info("seed %s: %s, %d images: from %s", self.seed, strategy, budget, cached)
-                self.trained[chosen] = json.loads(cached.read_text())["result"]
+                self.trained[chosen] = record
             else:
                 logger.info("seed %s: %s, %d images (%d to train on): fine-tuning", self.seed, strategy, budget,
                             len(chosen) + len(self.replay))
@@ -403,8 +404,9 @@ class _Seed:
                                    self.work / f"ft{len(self.trained)}")
                 seconds = time.monotonic() - began
                 self.timings["fine_tuning"] += seconds
-                result = {**self.test(tuned.source), **self.gate(tuned.source), "epochs_run": tuned.epochs,
-                          "best_epoch": tuned.best_epoch, "train_seconds": round(seconds, 1)}
+                result = {**self.test(tuned.source), "val": self.gate.metrics(tuned.source),
+                          "epochs_run": tuned.epochs, "best_epoch": tuned.best_epoch,
+                          "train_seconds": round(seconds, 1)}
                 self.trained[chosen] = result
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 partial = cached.with_suffix(".partial")
@@ -415,9 +417,10 @@ class _Seed:
                                                "result": result}, indent=1))
                 partial.replace(cached)
         classes = np.concatenate([self.pool_truth[i].classes for i in chosen]) if chosen else np.zeros(0)
+        result = self.trained[chosen]
         return {"seed": self.seed, "strategy": strategy, "budget": budget, "images": len(chosen),
                 "boxes": int(len(classes)), "new_boxes": int(np.isin(classes, self.data.new_classes).sum()),
-                "selected": [self.pool[i].stem for i in chosen], **self.trained[chosen]}
+                "selected": [self.pool[i].stem for i in chosen], **result, **self.gate.decide(result["val"])}
 
 
 @dataclass(frozen=True)
@@ -454,8 +457,12 @@ class PromotionGate:
                                         settings, work / "runs")
         self.tolerance = Settings().promotion_tolerance
 
-    def __call__(self, model: ModelSource) -> dict:
-        metrics = training.evaluate(model, self.data_yaml, self.settings, self.work / "runs")
+    def metrics(self, model: ModelSource) -> dict:
+        """A fine-tune's validation metrics, overall and per class (what the gate decides by, kept with its result:
+        a change of the gate is decided again from them)."""
+        return training.evaluate(model, self.data_yaml, self.settings, self.work / "runs")
+
+    def decide(self, metrics: dict) -> dict:
         promoted, reason = training.promotion(metrics, self.parent, self.tolerance)
         return {"val_map50_95": metrics["map50_95"], "promoted": promoted, "promotion": reason}
 
