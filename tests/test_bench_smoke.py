@@ -135,3 +135,21 @@ def test_past_the_deadline_no_fine_tune_starts_and_the_report_says_so(smoke_run,
     assert len(results["baselines"]) == len(PRESETS["smoke"].seeds)  # the diagnosis needs no fine-tune
     text = (tmp_path / "report.md").read_text()
     assert "**Incomplete**" in text and "## Diagnosis" in text
+
+
+def test_the_recipe_table_pairs_each_fine_tune_with_its_seeds_base_model(tmp_path, capsys):
+    from benchmarks import recipe_table
+
+    results = {"config": {"recipe": [["train_lr0", 0.002], ["train_nominal_batch", 16]]},
+               "baselines": [{"seed": 0, "map50_95": 0.10}, {"seed": 1, "map50_95": 0.20}],
+               "runs": [{"seed": s, "strategy": strategy, "budget": budget, "map50_95": m, "new_ap50_95": 0.01,
+                         "promoted": True, "best_epoch": 3, "epochs_run": 5, "train_seconds": 60.0}
+                        for s, strategy, budget, m in ((0, "random", 50, 0.12), (1, "random", 50, 0.19),
+                                                       (0, "base-only", 0, 0.11), (1, "base-only", 0, 0.21))]}
+    (tmp_path / "lr").mkdir()
+    (tmp_path / "lr" / "results.json").write_text(json.dumps(results))
+    assert recipe_table.main([str(tmp_path / "lr")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == ("| lr (lr0 0.002, nominal_batch 16) | base only | 0.160 | +0.010 (2/2) | 0.010 | 2/2 | "
+                        "3 of 5/3 of 5 | 60 |")
+    assert lines[3].startswith("| lr (lr0 0.002, nominal_batch 16) | base + random 50 | 0.155 | +0.005 (1/2) |")
