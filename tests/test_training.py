@@ -532,6 +532,9 @@ def test_a_warm_start_and_a_start_from_a_config_get_their_own_recipes_and_a_sett
                                         model_dir=Path("/elsewhere"))
         assert train_arguments(source, elsewhere) == args
     assert RECIPES["from_scratch"] != RECIPES["warm_start"]
+    assert "nbs" not in train_arguments(scratch, defaults)  # ultralytics' own 64, left unsaid
+    assert "nbs" not in train_arguments(warm, dataclasses.replace(defaults, train_nominal_batch=64))
+    assert train_arguments(warm, defaults)["nbs"] == RECIPES["warm_start"].nominal_batch == 16
     assert train_arguments(scratch, dataclasses.replace(defaults, train_freeze=10))["freeze"] is None
     assert train_arguments(warm, dataclasses.replace(defaults, train_freeze=10))["freeze"] == 10
 
