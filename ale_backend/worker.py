@@ -76,10 +76,10 @@ def work(settings: Settings, burst: bool = False) -> None:
         scorer.join()
 
 
-def _run_worker(settings: Settings, queue: str, burst: bool = False) -> None:
+def _run_worker(settings: Settings, queue: str, burst: bool = False, scheduler: bool = False) -> None:
     connection = redis.Redis.from_url(settings.redis_url)
     Worker([Queue(queue, connection=connection)], connection=connection).work(
-        burst=burst, logging_level=settings.log_level, with_scheduler=True)  # the scheduler runs the retries
+        burst=burst, logging_level=settings.log_level, with_scheduler=scheduler)
 
 
 def _scoring_worker(settings: Settings) -> None:
@@ -90,7 +90,7 @@ def _scoring_worker(settings: Settings) -> None:
     _die_with_parent()
     logs.configure(settings)
     _worker_settings = settings
-    _run_worker(settings, Names(settings).scoring_queue)
+    _run_worker(settings, Names(settings).scoring_queue, scheduler=True)  # RQ's scheduler runs the arrivals' retries
 
 
 def _settings() -> Settings:
