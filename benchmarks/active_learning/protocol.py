@@ -12,10 +12,11 @@ Per seed:
    object (:mod:`~benchmarks.active_learning.diagnosis`); let every strategy rank the pool from the detections at
    the scoring threshold (the product's ``scoring``); each budget takes the top of the ranking (ties keep pool
    order; ``random`` ranks by a seeded draw); count what every strategy's selection holds;
-4. fine-tune the base model on the selections of the configured strategies plus a fixed replay of base images, with
-   the same recipe for every strategy and budget: a fixed number of epochs, the last one kept
-   (``TRAIN_KEEP_BEST=false``: no held-out labels steer a fine-tune); a selection identical to one already trained
-   reuses that result (training is deterministic);
+4. fine-tune the base model on the selections of the configured strategies with the product's round recipe
+   (``training.RECIPES``), the same for every strategy and budget: on a dataset the paper's protocol (every base
+   image plus the selection, the best epoch on the validation split), on the digits the selection plus a fixed
+   replay of base images, the last epoch kept; each result is kept under a key of the base weights, the data and the
+   recipe (``<out>/finetunes``), so an identical selection, or a run that was stopped, reuses it;
 5. evaluate every model, the base model included, on the fixed test set with one implementation
    (:mod:`benchmarks.active_learning.evaluation`): mAP50-95, mAP50, AP per class, split into new and known classes.
 """
