@@ -206,13 +206,12 @@ class ImageLoader:
             infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
         except socket.gaierror as exc:
             raise ImageLoadError(f"{shown}: host {host!r} does not resolve ({exc})") from exc
-        for info in infos:
-            address = ipaddress.ip_address(info[4][0].split("%")[0])
-            if not address.is_global or address.is_multicast:
-                raise ImageLoadError(
-                    f"{shown}: refused: {host} resolves to the non-public address {address}; only Label "
-                    "Studio's host and IMAGE_HOST_ALLOWLIST may be private"
-                )
+        address = first_non_public(infos)
+        if address is not None:
+            raise ImageLoadError(
+                f"{shown}: refused: {host} resolves to the non-public address {address}; only Label "
+                "Studio's host and IMAGE_HOST_ALLOWLIST may be private"
+            )
         return infos
 
     def _download(self, url: str) -> bytes:
@@ -347,6 +346,16 @@ def return_memory() -> None:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+def first_non_public(infos: Iterable[tuple]) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The first of ``getaddrinfo`` entries whose address is not public (loopback, private, link-local, reserved,
+    multicast), or None."""
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0].split("%")[0])
+        if not address.is_global or address.is_multicast:
+            return address
+    return None
 
 
 class _Refused(OSError):

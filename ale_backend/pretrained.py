@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import ipaddress
 import logging
 import os
 import re
@@ -144,11 +143,12 @@ def _check_hop(url: str, first: str, settings: Settings) -> None:
         infos = socket.getaddrinfo(host, urlsplit(url).port or 443, proto=socket.IPPROTO_TCP)
     except socket.gaierror as exc:
         raise ModelFetchError(f"{_safe(first)} redirected to {_safe(url)}, whose host does not resolve") from exc
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0].split("%")[0])
-        if not address.is_global or address.is_multicast:
-            raise ModelFetchError(f"{_safe(first)} redirected to {_safe(url)}, a non-public address ({address}): "
-                                  "refused")
+    from ale_backend.images import first_non_public
+
+    address = first_non_public(infos)
+    if address is not None:
+        raise ModelFetchError(f"{_safe(first)} redirected to {_safe(url)}, a non-public address ({address}): "
+                              "refused")
 
 
 def _download(url: str, target: Path, settings: Settings) -> None:
