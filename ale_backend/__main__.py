@@ -1,7 +1,9 @@
 """Command line: ``python -m ale_backend <command>``; settings come from the environment and ``.env`` (see
 :func:`ale_backend.settings.read_env_file`).
 
-    worker [--burst]       run the RQ worker that trains (one job at a time; --burst: exit when the queue is empty)
+    worker [--burst] [--queues training,scoring]
+                           run the RQ workers that train and score (one job at a time each; --queues: one kind of
+                           work only, for hosts that do one; --burst: exit when the queues are empty)
     env [--check]          the settings of .env (ENV_FILE) that the environment lacks, as shell exports (--check:
                            validate every setting first)
     fetch-model            fetch the weights MODEL_PATH names (a release name or URL) into WEIGHTS_DIR now
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "worker":
-            worker.work(settings, burst=args.burst)
+            worker.work(settings, burst=args.burst, queues=tuple(dict.fromkeys(args.queues.split(","))))
         elif args.command == "status":
             _status(settings, args.project)
     except redis.exceptions.ConnectionError as exc:
@@ -79,8 +81,10 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ale_backend", description="ALE backend for Label Studio")
     commands = parser.add_subparsers(dest="command", required=True)
-    worker = commands.add_parser("worker", help="run the training worker")
+    worker = commands.add_parser("worker", help="run the workers that train and score")
     worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")
+    worker.add_argument("--queues", default="training,scoring", type=_queues,
+                        help="which work this host does: training, scoring, or training,scoring (the default)")
     env = commands.add_parser("env", help="print the settings of .env (ENV_FILE) the environment lacks, as shell "
                               "exports")
     env.add_argument("--check", action="store_true", help="and check every setting first (exit 2 if one is bad)")
@@ -102,8 +106,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _queues(raw: str) -> str:
+    from ale_backend.worker import QUEUES
+
+    kinds = [kind.strip() for kind in raw.split(",") if kind.strip()]
+    if not kinds or set(kinds) - set(QUEUES):
+        raise argparse.ArgumentTypeError(f"{raw!r}: give training, scoring, or training,scoring")
+    return ",".join(kinds)
+
+
 def _ready(settings, timeout: float, pid: int | None = None) -> int:
-    """``make run``'s ready line: where the backend listens, its Redis, its base model and its Label Studio."""
+    """``make run``'s ready line: where the backend listens, its Redis, its base model, its Label Studio and where its
+    trained versions are kept."""
     import time
 
     import requests
@@ -134,7 +148,9 @@ def _ready(settings, timeout: float, pid: int | None = None) -> int:
     label_studio = settings.label_studio_url or "not set (LABEL_STUDIO_URL): no training, no /data/... images"
     base = resolve_model_source(settings)
     model = base.version + (f" (fallback: {base.fallback})" if base.fallback else "")
-    print(f"ready: backend {listening} | base model {model} | Redis {redis} | Label Studio {label_studio}", flush=True)
+    registry = settings.model_registry or f"{settings.model_dir} (MODEL_DIR)"
+    print(f"ready: backend {listening} | base model {model} | Redis {redis} | Label Studio {label_studio} | "
+          f"registry {registry}", flush=True)
     return 0
 
 

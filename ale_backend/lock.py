@@ -5,15 +5,20 @@ One job at a time per project holds :func:`project_lock` (renewed while it runs,
 (:func:`heartbeat`); a ``:running`` mark without it is a dead job, recorded as the project's last failure by
 :func:`record_dead_job` at the next status read or job start. So a job whose worker was killed, or whose machine went
 away, shows as failed within seconds.
+
+:func:`file_lock` is the lock the processes of one host take on a file (fetching weights, replacing a pointer in a
+folder).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import threading
 from collections.abc import Callable
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -97,3 +102,14 @@ def _every(seconds: float, action: Callable[[], Any], what: str):
     finally:
         stop.set()
         thread.join()
+
+
+@contextmanager
+def file_lock(path: Path):
+    """An exclusive lock on ``path`` (created if missing) held for the block, across the processes of this host."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

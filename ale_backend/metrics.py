@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from ale_backend.registry import Registry
+from ale_backend.registry import registry_for
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class _StateCollector:
         problems = GaugeMetricFamily("ale_serving_problem", "1 when a project's current version cannot be served "
                                      "and another model stands in (the reason in the log and /status)",
                                      labels=["project"])
-        registry = Registry(self.settings.model_dir)
+        registry = registry_for(self.settings)
         for project in registry.model_dir.project_ids():
             serving = registry.serving(project)
             problems.add_metric([str(project)], 1 if serving.problem else 0)

@@ -25,7 +25,6 @@ every download (air-gapped sites copy the file over and set ``MODEL_PATH`` to it
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import os
@@ -33,10 +32,11 @@ import re
 import socket
 import time
 import zipfile
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import unquote, urljoin, urlsplit
 
+from ale_backend.lock import file_lock
 from ale_backend.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -98,21 +98,49 @@ def download_url(settings: Settings) -> str:
 def fetched_weights(settings: Settings) -> Path:
     """The local file of the weights ``MODEL_PATH`` names, fetched and checked first if it is not there yet."""
     target = local_file(settings)
-    if target.is_file():
-        check_kept(target, settings)
-        return target
     url = download_url(settings)
-    if not settings.model_downloads:
-        raise ModelFetchError(f"MODEL_PATH={settings.model_path!r} is not on this machine ({target}) and downloads are "
-                              f"off (MODEL_DOWNLOADS=false): {_offline_advice(url)}")
-    _check_scheme(url, settings)
+    if not target.is_file():
+        if not settings.model_downloads:
+            raise ModelFetchError(f"MODEL_PATH={settings.model_path!r} is not on this machine ({target}) and downloads "
+                                  f"are off (MODEL_DOWNLOADS=false): {_offline_advice(url)}")
+        _check_scheme(url, settings)
+    return bring(target, lambda incoming: _download(url, incoming, settings), lambda path: check_kept(path, settings))
+
+
+def bring(target: Path, fetch: Callable[[Path], None], check: Callable[[Path], None],
+          refetch_bad: bool = False) -> Path:
+    """The one way weights come onto this host, whatever their source (a release name, a URL, a version in the
+    registry's bucket): ``target`` when it is there and passes ``check``; otherwise ``fetch`` writes them under a
+    temporary name beside it, ``check`` passes them, and they are renamed into place. A lock on the file makes the
+    host's processes that share the folder fetch it once: the others wait and find it. A kept file that fails
+    ``check`` raises its :class:`ModelFetchError` (``refetch_bad``: a copy this backend owns is fetched again)."""
+    if _passes(target, check, refetch_bad):
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(target.parent / f".{target.name}.lock"):
-        if target.is_file():  # another process fetched it while this one waited
-            check_kept(target, settings)
+    with file_lock(target.parent / f".{target.name}.lock"):
+        if _passes(target, check, refetch_bad):  # another process brought it while this one waited
             return target
-        _download(url, target, settings)
+        incoming = target.parent / f".{target.name}.{os.getpid()}.incoming"
+        try:
+            fetch(incoming)
+            check(incoming)
+            os.replace(incoming, target)
+        finally:
+            incoming.unlink(missing_ok=True)
     return target
+
+
+def _passes(path: Path, check: Callable[[Path], None], refetch_bad: bool) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        check(path)
+    except ModelFetchError as exc:
+        if not refetch_bad:
+            raise
+        logger.warning("%s; fetching it again", exc)
+        return False
+    return True
 
 
 def check_kept(path: Path, settings: Settings) -> None:
@@ -151,58 +179,54 @@ def _check_hop(url: str, first: str, settings: Settings) -> None:
                               "refused")
 
 
-def _download(url: str, target: Path, settings: Settings) -> None:
+def _download(url: str, incoming: Path, settings: Settings) -> None:
+    """GET ``url`` into ``incoming`` (redirects followed hop by hop, limits held) and check what came."""
     import requests
 
     limit = int(settings.model_max_mb * 1024 * 1024)
-    incoming = target.parent / f".{target.name}.{os.getpid()}.incoming"
     first, deadline = url, time.monotonic() + DOWNLOAD_TIMEOUT
-    logger.info("fetching %s into %s", _safe(url), target.parent)
-    try:
-        with requests.Session() as session:
-            for _hop in range(MAX_REDIRECTS + 1):
+    logger.info("fetching %s into %s", _safe(url), incoming.parent)
+    with requests.Session() as session:
+        for _hop in range(MAX_REDIRECTS + 1):
+            try:
+                response = session.get(url, stream=True, allow_redirects=False,
+                                       timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
+            except requests.RequestException as exc:
+                raise ModelFetchError(f"could not reach {_safe(url)} ({type(exc).__name__}). "
+                                      f"{_offline_advice(first)}") from exc
+            if not (response.is_redirect and response.headers.get("Location")):
+                break
+            response.close()
+            url = urljoin(url, response.headers["Location"])
+            _check_hop(url, first, settings)
+        else:
+            raise ModelFetchError(f"{_safe(first)}: more than {MAX_REDIRECTS} redirects")
+        with response:
+            if response.status_code != 200:
+                raise ModelFetchError(f"{_safe(url)} answered {response.status_code} {response.reason}")
+            declared = response.headers.get("Content-Length", "")
+            if declared.isdigit() and int(declared) > limit:
+                raise ModelFetchError(f"{_safe(url)} is {int(declared) / 2**20:.0f} MB, over MODEL_MAX_MB "
+                                      f"({settings.model_max_mb:g})")
+            received = 0
+            with open(incoming, "wb") as out:
                 try:
-                    response = session.get(url, stream=True, allow_redirects=False,
-                                           timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
+                    for chunk in response.iter_content(1 << 20):
+                        received += len(chunk)
+                        if received > limit:
+                            raise ModelFetchError(f"{_safe(url)} sent more than MODEL_MAX_MB "
+                                                  f"({settings.model_max_mb:g} MB)")
+                        if time.monotonic() > deadline:
+                            raise ModelFetchError(f"{_safe(url)}: the download took longer than "
+                                                  f"{DOWNLOAD_TIMEOUT} s")
+                        out.write(chunk)
                 except requests.RequestException as exc:
-                    raise ModelFetchError(f"could not reach {_safe(url)} ({type(exc).__name__}). "
-                                          f"{_offline_advice(first)}") from exc
-                if not (response.is_redirect and response.headers.get("Location")):
-                    break
-                response.close()
-                url = urljoin(url, response.headers["Location"])
-                _check_hop(url, first, settings)
-            else:
-                raise ModelFetchError(f"{_safe(first)}: more than {MAX_REDIRECTS} redirects")
-            with response:
-                if response.status_code != 200:
-                    raise ModelFetchError(f"{_safe(url)} answered {response.status_code} {response.reason}")
-                declared = response.headers.get("Content-Length", "")
-                if declared.isdigit() and int(declared) > limit:
-                    raise ModelFetchError(f"{_safe(url)} is {int(declared) / 2**20:.0f} MB, over MODEL_MAX_MB "
-                                          f"({settings.model_max_mb:g})")
-                received = 0
-                with open(incoming, "wb") as out:
-                    try:
-                        for chunk in response.iter_content(1 << 20):
-                            received += len(chunk)
-                            if received > limit:
-                                raise ModelFetchError(f"{_safe(url)} sent more than MODEL_MAX_MB "
-                                                      f"({settings.model_max_mb:g} MB)")
-                            if time.monotonic() > deadline:
-                                raise ModelFetchError(f"{_safe(url)}: the download took longer than "
-                                                      f"{DOWNLOAD_TIMEOUT} s")
-                            out.write(chunk)
-                    except requests.RequestException as exc:
-                        raise ModelFetchError(f"the download of {_safe(url)} broke off ({type(exc).__name__}: "
-                                              f"{exc})") from exc
-        if not zipfile.is_zipfile(incoming):
-            raise ModelFetchError(f"{_safe(url)} did not send a PyTorch checkpoint (not a zip archive: an error page?)")
-        _check_pin(incoming, settings, url)
-        os.replace(incoming, target)
-        logger.info("fetched %s (%.1f MB, sha256 %s)", target.name, received / 2**20, file_sha256(target)[:12])
-    finally:
-        incoming.unlink(missing_ok=True)
+                    raise ModelFetchError(f"the download of {_safe(url)} broke off ({type(exc).__name__}: "
+                                          f"{exc})") from exc
+    if not zipfile.is_zipfile(incoming):
+        raise ModelFetchError(f"{_safe(url)} did not send a PyTorch checkpoint (not a zip archive: an error page?)")
+    _check_pin(incoming, settings, url)
+    logger.info("fetched %s (%.1f MB, sha256 %s)", _safe(url), received / 2**20, file_sha256(incoming)[:12])
 
 
 def _check_pin(path: Path, settings: Settings, url: str | None = None) -> None:
@@ -240,14 +264,3 @@ def _safe(url: str) -> str:
     parts = urlsplit(url)
     host = parts.hostname or ""
     return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}{parts.path}"
-
-
-@contextmanager
-def _exclusive(path: Path):
-    """An exclusive lock on ``path`` (created if missing) held for the block, across processes."""
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

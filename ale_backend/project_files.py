@@ -7,6 +7,8 @@
         connected.json          written by ``connect``: the project is scored and trained here (:meth:`mark_connected`)
         current                 the served version's name (:mod:`ale_backend.registry`)
         versions/<version>/     a trained version: weights.pt, version.json; .incoming-* while being written
+                                (with MODEL_REGISTRY=s3://..., these two are in the bucket instead)
+        served/                 this host's copies of versions held in a bucket, named <version>-<sha256[:12]>.pt
         work/<round>/           a training round's dataset and ultralytics run (:meth:`ProjectFiles.round`)
         cache/images/           the project's downloaded images, reused by rounds and re-scorings
 
@@ -83,6 +85,7 @@ class ProjectFiles:
         self.versions = self.folder / "versions"
         self.work = self.folder / "work"
         self.image_cache = self.folder / "cache" / "images"
+        self.served = self.folder / "served"
 
     def version(self, name: str) -> Path:
         return self.versions / name

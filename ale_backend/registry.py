@@ -1,13 +1,18 @@
 """The model registry: trained versions per project, and which one is served.
 
-A version (``versions/<version>/`` of the project's folder, :mod:`ale_backend.project_files`) holds ``weights.pt``
-and ``version.json`` (class names, validation metrics, annotations used, parent, timestamps, status); ``current``
-names the served one (absent: serve ``MODEL_PATH``).
+A version (``projects/<project>/versions/<version>/``) holds ``weights.pt`` and ``version.json`` (class names,
+validation metrics, annotations used, parent, timestamps, status); ``projects/<project>/current`` names the served
+one (absent: serve ``MODEL_PATH``). They live in the store ``MODEL_REGISTRY`` names
+(:mod:`ale_backend.object_store`): ``MODEL_DIR`` on one host, or an S3-compatible bucket that hosts share.
 
-A version directory is assembled under a temporary name and renamed into place only when complete, and ``current``
-is switched with an atomic rename after that, so a crash at any point leaves either the old state or the new one,
-never a half-written version that is served. Reading ``current`` is one small file read: web processes check it on
-every request and load new weights only when it changed.
+A version is complete before it is listed (its weights are stored before its ``version.json``; in a folder both
+appear at once), and ``current`` names it only after that, with a write that succeeds only if ``current`` has not
+changed since the round read it: a crash at any point leaves either the old state or the new one, and two
+promotions that race leave one winner and a loser recorded unserved, never a pointer to missing or unverified
+weights. In a folder, ``current`` is read on every request (one small file); from a bucket, at most every
+``REGISTRY_POLL_SECONDS`` or when a message says it changed (:meth:`Registry.forget`), so that requests do not reach
+the bucket. Weights held in a bucket are brought to each host once (``MODEL_DIR/projects/<project>/served/``, by
+:func:`ale_backend.pretrained.bring`, the one way weights come onto a host) and checked there before they are used.
 
 What is served is checked, not trusted (:meth:`Registry.serving`): ``current`` must name a plain version of this
 project (never a path: another project's weights are out of reach), and a version's weights must be the file
@@ -17,15 +22,12 @@ passes is served instead, or the base model, and the reason goes with it (:attr:
 ``/status`` and ``/metrics`` show it); training goes on from what is served. A ``version.json`` that cannot be read
 leaves its version out of the list instead of failing it.
 """
-
 from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
@@ -34,7 +36,8 @@ from typing import Any
 
 from ale_backend.label_studio import project_id
 from ale_backend.model_source import ModelSource, resolve_model_source
-from ale_backend.pretrained import file_sha256
+from ale_backend.object_store import Changed, FolderStore, NotStored, ObjectStore, open_store
+from ale_backend.pretrained import ModelFetchError, bring, file_sha256
 from ale_backend.project_files import ModelDir, ProjectFiles
 from ale_backend.settings import Settings
 
@@ -42,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS = "weights.pt"
 INFO = "version.json"
+POINTER = "current"
 
 
 @dataclass(frozen=True)
@@ -88,10 +92,26 @@ _VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}")
 """A version's name: a plain file name (never a path, never hidden)."""
 
 class Registry:
-    """Trained versions of every project under ``model_dir``."""
+    """Trained versions of every project, in ``store`` (default: the folder ``model_dir``); what is local to this
+    host (copies of weights held in a bucket, work folders, image caches) under ``model_dir``.
 
-    def __init__(self, model_dir: Path):
+    With a bucket, the served-version pointer is read at most every ``poll_seconds`` (with a conditional read: the
+    bucket sends it again only when it changed) or at once after :meth:`forget` (a message that it changed), and
+    versions' records are kept in memory: a request does not reach the bucket.
+    """
+
+    def __init__(self, model_dir: Path, store: ObjectStore | None = None, poll_seconds: float = 0.0):
         self.model_dir = ModelDir(model_dir)
+        self.store = store if store is not None else FolderStore(Path(model_dir))
+        self.poll_seconds = poll_seconds
+        self._pointers: dict[int, tuple[Pointer, float]] = {}
+        self._infos: dict[tuple[int, str], VersionInfo] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def location(self) -> str:
+        """Where the versions are: ``MODEL_DIR``'s path or ``s3://bucket/prefix``."""
+        return self.store.location
 
     def files(self, project: int) -> ProjectFiles:
         return self.model_dir.project(project)
@@ -100,60 +120,137 @@ class Registry:
         """The served version's name, or None when the project serves the base model (see :meth:`serving`)."""
         return self.serving(project).version
 
+    def pointer(self, project: int, fresh: bool = False) -> Pointer:
+        """What ``current`` says now (a folder: read every time; a bucket: as last read, read again when
+        ``poll_seconds`` have passed, after :meth:`forget`, or when ``fresh``)."""
+        project = int(project)
+        if self.store.is_local:
+            return self._read_pointer(project, None)
+        with self._lock:
+            known = self._pointers.get(project)
+        if known is not None and not fresh and time.monotonic() - known[1] < self.poll_seconds:
+            return known[0]
+        try:
+            pointer = self._read_pointer(project, known[0] if known else None)
+        except Exception as exc:  # the bucket does not answer: go on with what was read last
+            if known is None:
+                return Pointer(None, None, f"{self.location} cannot be read ({type(exc).__name__}: {exc})")
+            logger.warning("project %s: %s cannot be read (%s); serving %s as last read", project, self.location,
+                           exc, known[0].version or "the base model")
+            pointer = known[0]
+        with self._lock:
+            if known is None or pointer != known[0]:
+                self._infos = {k: v for k, v in self._infos.items() if k[0] != project}
+            self._pointers[project] = (pointer, time.monotonic())
+        return pointer
+
+    def _read_pointer(self, project: int, known: Pointer | None) -> Pointer:
+        key = f"{_prefix(project)}/{POINTER}"
+        try:
+            stored = self.store.read_if_changed(key, known.tag if known else None)
+        except NotStored:
+            return Pointer(None, None)
+        except OSError as exc:  # a directory, unreadable
+            return Pointer(None, None, f"'current' cannot be read ({type(exc).__name__})")
+        if stored is None:
+            return known
+        try:
+            return Pointer(stored.data.decode().strip(), stored.tag)
+        except UnicodeDecodeError:
+            return Pointer(None, stored.tag, "'current' cannot be read (not text)")
+
+    def forget(self, project: int | None = None) -> None:
+        """Read ``current`` again at the next request (one project, or every one): it changed."""
+        with self._lock:
+            for known in [project] if project is not None else list(self._pointers):
+                if known in self._pointers:
+                    self._pointers[known] = (self._pointers[known][0], float("-inf"))
+
     def serving(self, project: int) -> Serving:
         """The version to serve: ``current``'s when it names a plain version of this project whose weights check
         out, else the newest promoted version that does (or the base model), with the reason."""
-        name = None
-        try:
-            name = self.files(project).current.read_text().strip()
-        except FileNotFoundError:
+        pointer = self.pointer(project)
+        name = pointer.version
+        if pointer.problem is None and name is None:
             return Serving(None)
-        except (OSError, UnicodeDecodeError) as exc:  # a directory, unreadable, not text
-            problem = f"'current' cannot be read ({type(exc).__name__})"
+        if pointer.problem is not None:
+            problem = pointer.problem
+        elif not _VERSION_NAME.fullmatch(name):
+            problem = f"'current' names {name[:80]!r}, not a version of project {project}"
+        elif not self.has_version(project, name):
+            problem = f"'current' names {name!r}, which project {project} does not have"
         else:
-            if not _VERSION_NAME.fullmatch(name):
-                problem = f"'current' names {name[:80]!r}, not a version of project {project}"
-            elif not self.version_dir(project, name).is_dir():
-                problem = f"'current' names {name!r}, which project {project} does not have"
-            else:
-                problem = self.check(project, name)
-                if problem is None:
-                    return Serving(name)
-        fallback = next((info.version for info in reversed(self.versions(project))
-                         if info.promoted and info.version != name and self.check(project, info.version) is None),
-                        None)
+            problem = self.check(project, name)
+            if problem is None:
+                return Serving(name)
+        try:
+            fallback = next((info.version for info in reversed(self.versions(project))
+                             if info.promoted and info.version != name and self.check(project, info.version) is None),
+                            None)
+        except Exception as exc:  # the bucket does not answer
+            logger.warning("project %s: no fallback version: %s cannot be listed (%s)", project, self.location, exc)
+            fallback = None
         return Serving(fallback, f"{problem}; serving {fallback or 'the base model'} instead")
+
+    def has_version(self, project: int, version: str) -> bool:
+        if self.store.is_local:
+            return self.version_dir(project, version).is_dir()
+        try:
+            self.info(project, version)
+        except NotStored:
+            return False
+        except (OSError, ValueError, TypeError):
+            return True  # there, but its record is broken: check() says so
+        return True
 
     def check(self, project: int, version: str) -> str | None:
         """What is wrong with a version's weights (missing, not the file registered, not a PyTorch archive), or
-        None."""
-        weights = self.weights(project, version)
-        try:
-            size = weights.stat().st_size
-        except OSError:
+        None. With a bucket, this brings them to the host (checked before they are used)."""
+        if self.store.is_local and not self.weights(project, version).is_file():
             return f"version {version} has no weights file"
         try:
             info = self.info(project, version)
         except (OSError, ValueError, TypeError) as exc:
             return f"version {version}'s record cannot be read ({type(exc).__name__})"
-        if info.weights_size is not None and size != info.weights_size:
-            return f"version {version}'s weights are {size} bytes, {info.weights_size} were registered"
-        if info.weights_sha256 and file_sha256(weights) != info.weights_sha256:
-            return f"version {version}'s weights are not the file registered (SHA-256 differs)"
-        if not info.weights_sha256 and not _is_archive(weights):
-            return f"version {version}'s weights are not a PyTorch archive (truncated?)"
+        except Exception as exc:  # the bucket does not answer
+            return f"version {version}'s record cannot be read from {self.location} ({type(exc).__name__})"
+        try:
+            weights = self.weights(project, version, info)
+        except NotStored:
+            return f"version {version} has no weights file"
+        except ModelFetchError as exc:
+            return str(exc)
+        except Exception as exc:  # the bucket does not answer
+            return f"version {version}'s weights cannot be brought from {self.location} ({type(exc).__name__})"
+        try:
+            _check_registered(weights, info)
+        except ModelFetchError as exc:
+            return str(exc)
         return None
 
     def version_dir(self, project: int, version: str) -> Path:
+        """A version's folder (a registry in ``MODEL_DIR`` only)."""
         return self.files(project).version(version)
 
-    def weights(self, project: int, version: str) -> Path:
-        return self.version_dir(project, version) / WEIGHTS
+    def weights(self, project: int, version: str, info: VersionInfo | None = None) -> Path:
+        """A version's weights on this host: the registered file in ``MODEL_DIR``, or (a bucket) a copy in the
+        project's ``served/`` folder, brought once and checked against the size and SHA-256 registered (a copy that
+        no longer matches is brought again)."""
+        if self.store.is_local:
+            return self.version_dir(project, version) / WEIGHTS
+        info = info or self.info(project, version)
+        target = self.files(project).served / f"{version}-{(info.weights_sha256 or 'unchecked')[:12]}.pt"
+        return bring(target, lambda incoming: self.store.download(f"{_prefix(project, version)}/{WEIGHTS}", incoming),
+                     lambda path: _check_registered(path, info), refetch_bad=True)
 
     def info(self, project: int, version: str) -> VersionInfo:
         """A version's record; raises ``OSError`` when it cannot be read, ``ValueError`` when it is not a record
         (not JSON, or a field the registry relies on of the wrong type: ``created_at: null``, say)."""
-        data = json.loads((self.version_dir(project, version) / INFO).read_text())
+        key = (int(project), version)
+        known = self._infos.get(key)
+        if known is not None:
+            return known
+        data = json.loads(self.store.read(f"{_prefix(project, version)}/{INFO}").data)
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
         info = VersionInfo(**data)
@@ -161,22 +258,23 @@ class Registry:
             value = getattr(info, name)
             if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
                 raise ValueError(f"its {name} is {str(value)[:40]!r}, not {' or '.join(k.__name__ for k in kinds)}")
+        if not self.store.is_local:  # a folder's record is read each time (it is on this host)
+            with self._lock:
+                self._infos[key] = info
         return info
 
     def versions(self, project: int) -> list[VersionInfo]:
-        """Every complete version, oldest first (one whose ``version.json`` cannot be read is left out)."""
-        folder = self.files(project).versions
-        if not folder.is_dir():
-            return []
+        """Every complete version (one with a ``version.json``), oldest first; one whose record cannot be read is
+        left out."""
+        prefix = f"{_prefix(project)}/versions"
+        names = sorted({key.split("/")[3] for key in self.store.keys(prefix)
+                        if key.count("/") == 4 and key.endswith("/" + INFO)})
         infos = []
-        for path in folder.iterdir():
-            if path.name.startswith(".") or not (path / INFO).is_file():
-                continue
+        for name in names:
             try:
-                infos.append(self.info(project, path.name))
+                infos.append(self.info(project, name))
             except (OSError, ValueError, TypeError) as exc:
-                logger.warning("project %s: version %s left out, its %s cannot be read: %s", project, path.name,
-                               INFO, exc)
+                logger.warning("project %s: version %s left out, its %s cannot be read: %s", project, name, INFO, exc)
         return sorted(infos, key=lambda i: (i.created_at, i.version))
 
     def new_version_name(self, project: int) -> str:
@@ -185,54 +283,111 @@ class Registry:
         n = max(numbers, default=0) + 1
         return f"p{int(project)}-v{n}-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}"
 
-    def add(self, weights: Path, info: VersionInfo) -> Path:
-        """Store a finished version (weights copied) and, if ``info.promoted``, make it current."""
-        versions = self.files(info.project).versions
-        versions.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=versions))
-        shutil.copyfile(weights, staging / WEIGHTS)
-        digest = file_sha256(Path(weights))
-        if file_sha256(staging / WEIGHTS) != digest:  # checked before it can be promoted
-            shutil.rmtree(staging, ignore_errors=True)
+    def add(self, weights: Path, info: VersionInfo, expected: Pointer | None = None) -> VersionInfo:
+        """Store a finished version (weights first, its record last) and, if ``info.promoted``, make it current,
+        provided ``current`` is still ``expected`` (what it was when the round chose its parent). A version that
+        loses that race stays registered, unserved, with the winner in its reason. Returns the record stored."""
+        weights = Path(weights)
+        digest = file_sha256(weights)
+        info = replace(info, weights_size=weights.stat().st_size, weights_sha256=digest)
+        prefix = _prefix(info.project, info.version)
+        self.store.write_set(prefix, [(WEIGHTS, weights), (INFO, _record(info))])
+        if self.store.is_local and file_sha256(self.weights(info.project, info.version)) != digest:
+            self.store.delete_under(prefix)
             raise OSError(f"the copy of {weights} into the registry differs from it (disk full?)")
-        info = replace(info, weights_size=(staging / WEIGHTS).stat().st_size, weights_sha256=digest)
-        (staging / INFO).write_text(json.dumps(asdict(info), indent=2))
-        _fsync_dir(staging)
-        final = versions / info.version
-        os.rename(staging, final)
         if info.promoted:
-            self.set_current(info.project, info.version)
-        return final
+            try:
+                self.set_current(info.project, info.version, expected)
+            except Changed:
+                winner = self.pointer(info.project, fresh=True).version or "the base model"
+                info = replace(info, promoted=False, reason=f"{winner} became the served version while this one "
+                               f"trained, so it is kept unserved (it was to be served: {info.reason})")
+                stored = self.store.read(f"{prefix}/{INFO}")
+                self.store.replace(f"{prefix}/{INFO}", _record(info), stored.tag)
+                with self._lock:
+                    self._infos.pop((int(info.project), info.version), None)
+                logger.warning("project %s: version %s: %s", info.project, info.version, info.reason)
+        return info
 
-    def set_current(self, project: int, version: str) -> None:
-        """Point ``current`` at ``version`` with an atomic rename, once its weights check out."""
-        if not _VERSION_NAME.fullmatch(version) or not self.weights(project, version).is_file():
+    def set_current(self, project: int, version: str, expected: Pointer | None = None) -> None:
+        """Point ``current`` at ``version`` once its weights check out, if ``current`` has not changed since
+        ``expected`` was read (default: since just now); raises :class:`~ale_backend.object_store.Changed` when it
+        has. The write is atomic (a folder: a rename under a lock; a bucket: a conditional write)."""
+        if not _VERSION_NAME.fullmatch(version) or not self.has_version(project, version) or (
+                self.store.is_local and not self.weights(project, version).is_file()):
             raise FileNotFoundError(f"project {project} has no version {version!r}")
         problem = self.check(project, version)
         if problem:
             raise ValueError(f"project {project}: {problem}; not served")
-        files = self.files(project)
-        tmp = files.folder / f".current-{os.getpid()}-{time.monotonic_ns()}"
-        tmp.write_text(version + "\n")
-        os.replace(tmp, files.current)
-        _fsync_dir(files.folder)
+        if expected is None:
+            expected = self.pointer(project, fresh=True)
+        tag = self.store.replace(f"{_prefix(project)}/{POINTER}", (version + "\n").encode(), expected.tag)
+        with self._lock:
+            self._pointers[int(project)] = (Pointer(version, tag), time.monotonic())
 
     def prune(self, project: int, keep: int) -> list[str]:
-        """Delete the oldest versions beyond the newest ``keep``, never the current one; returns the deleted."""
-        current = self.current(project)
+        """Delete the oldest versions beyond the newest ``keep``, never the current one; returns the deleted. This
+        host's copies of deleted versions go with them."""
+        current = self.pointer(project, fresh=True).version
         versions = [info.version for info in self.versions(project)]
         removable = [v for v in versions[: max(len(versions) - keep, 0)] if v != current]
         for version in removable:
-            shutil.rmtree(self.version_dir(project, version), ignore_errors=True)
+            self.store.delete_under(_prefix(project, version))
+            with self._lock:
+                self._infos.pop((int(project), version), None)
+        served = self.files(project).served
+        if removable and served.is_dir():
+            for copy in served.iterdir():
+                if any(copy.name.lstrip(".").startswith(f"{version}-") for version in removable):  # and its lock
+                    copy.unlink(missing_ok=True)
         return removable
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+@dataclass(frozen=True)
+class Pointer:
+    """What ``current`` holds: a version's name (None: absent, the base model is served), the tag to replace it by,
+    and why it cannot be read, if it cannot."""
+
+    version: str | None
+    tag: str | None
+    problem: str | None = None
+
+
+def _prefix(project: int, version: str | None = None) -> str:
+    return f"projects/{int(project)}" + (f"/versions/{version}" if version is not None else "")
+
+
+def _record(info: VersionInfo) -> bytes:
+    return json.dumps(asdict(info), indent=2).encode()
+
+
+def _check_registered(path: Path, info: VersionInfo) -> None:
+    """The weights are the file registered: its size and SHA-256 (a PyTorch archive for versions registered before
+    those were recorded); raises :class:`ModelFetchError` with what differs."""
+    size = path.stat().st_size
+    if info.weights_size is not None and size != info.weights_size:
+        raise ModelFetchError(f"version {info.version}'s weights are {size} bytes, {info.weights_size} were "
+                              "registered")
+    if info.weights_sha256 and file_sha256(path) != info.weights_sha256:
+        raise ModelFetchError(f"version {info.version}'s weights are not the file registered (SHA-256 differs)")
+    if not info.weights_sha256 and not _is_archive(path):
+        raise ModelFetchError(f"version {info.version}'s weights are not a PyTorch archive (truncated?)")
+
+
+_registries: dict[tuple, Registry] = {}
+_registries_lock = threading.Lock()
+
+
+def registry_for(settings: Settings) -> Registry:
+    """The process's registry for ``settings`` (``MODEL_REGISTRY``, ``MODEL_DIR``, ``REGISTRY_POLL_SECONDS``): one
+    per process, so that what it has read of a bucket is shared by every request."""
+    key = (settings.model_registry, settings.model_dir, settings.registry_poll_seconds)
+    with _registries_lock:
+        registry = _registries.get(key)
+        if registry is None:
+            store = open_store(settings.model_registry, settings.model_dir)
+            registry = _registries[key] = Registry(settings.model_dir, store, settings.registry_poll_seconds)
+        return registry
 
 
 def served_source(settings: Settings, project: Any) -> ModelSource:
@@ -241,7 +396,7 @@ def served_source(settings: Settings, project: Any) -> ModelSource:
     pid = project_id(project)
     if pid is None:
         return resolve_model_source(settings)
-    registry = Registry(settings.model_dir)
+    registry = registry_for(settings)
     serving = registry.serving(pid)
     if serving.problem:
         _log_once(pid, serving.problem)

@@ -39,7 +39,7 @@ from ale_backend.images import ImageLoadError, decode_image, get_image_loader, i
 from ale_backend.label_config import parse_label_config
 from ale_backend.label_studio import UNLABELED, LabelStudioClient, LabelStudioError, unlabeled_between
 from ale_backend.predictions import predict_tasks
-from ale_backend.registry import Registry, served_source
+from ale_backend.registry import registry_for, served_source
 from ale_backend.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class _Rescoring:
         self.source = served_source(settings, project)
         self.detector = get_detector(settings, self.source)
         self.loader = get_image_loader(settings)
-        self.cache = ImageCache(Registry(settings.model_dir).files(project).image_cache, self.loader)
+        self.cache = ImageCache(registry_for(settings).files(project).image_cache, self.loader)
 
     def score_pool(self, tasks: Iterable[dict], page_size: int, report: Callable[..., None], replace: bool):
         """Score ``tasks``, a page at a time, and import the predictions: ``(scored, [(task, reason)] of the

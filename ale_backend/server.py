@@ -40,14 +40,14 @@ from label_studio_ml import api as ls_api
 from label_studio_ml.model import LabelStudioMLManager, ModelWrapper
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from ale_backend import logs, metrics
+from ale_backend import announcements, logs, metrics
 from ale_backend.detector import get_detector
 from ale_backend.label_config import LabelConfigError, parse_label_config
 from ale_backend.label_studio import project_id
 from ale_backend.model import ALEModel
 from ale_backend.model_source import resolve_model_source
 from ale_backend.project_files import ModelDir
-from ale_backend.registry import Registry
+from ale_backend.registry import registry_for
 from ale_backend.settings import Settings, get_settings
 from ale_backend.training_queue import QueueUnavailable, TrainingQueue
 
@@ -88,7 +88,7 @@ class ALEManager(LabelStudioMLManager):
     def _get_models_from_workdir(cls, project):
         settings = cls.init_kwargs["settings"]
         pid = project_id(project)
-        trained = [info.version for info in Registry(settings.model_dir).versions(pid)] if pid is not None else []
+        trained = [info.version for info in registry_for(settings).versions(pid)] if pid is not None else []
         return [resolve_model_source(settings).version, *trained]
 
 
@@ -118,6 +118,10 @@ def create_app(settings: Settings | None = None, warm_up: bool = True) -> Flask:
     app.config["ALE_QUEUE"] = None  # connected on first use
     if warm_up:
         threading.Thread(target=_warm_up, args=(settings,), name="model-warm-up", daemon=True).start()
+    registry = registry_for(settings)
+    if not registry.store.is_local:  # a bucket: hear promotions at once (the poll is the guarantee)
+        announcements.follow(settings, registry)
+    logger.info("model registry: %s", registry.location)
     return app
 
 

@@ -203,6 +203,13 @@ def _url(raw: str) -> str:
     return value
 
 
+def _registry(raw: str) -> str:
+    value = raw.strip().rstrip("/")
+    if value and not re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?", value):
+        raise ValueError("expected s3://bucket/prefix (a bucket name in lower case), or nothing for MODEL_DIR")
+    return value
+
+
 # field name -> (environment variable, default, parser)
 _VARIABLES: dict[str, tuple[str, str, Callable[[str], object]]] = {
     "model_path": ("MODEL_PATH", DEFAULT_MODEL_PATH, _text),
@@ -212,6 +219,8 @@ _VARIABLES: dict[str, tuple[str, str, Callable[[str], object]]] = {
     "model_download_url": ("MODEL_DOWNLOAD_URL", DEFAULT_MODEL_DOWNLOAD_URL, _url),
     "model_max_mb": ("MODEL_MAX_MB", "500", _positive_float),
     "weights_dir": ("WEIGHTS_DIR", "", _optional_path),
+    "model_registry": ("MODEL_REGISTRY", "", _registry),
+    "registry_poll_seconds": ("REGISTRY_POLL_SECONDS", "30", _positive_float),
     "strategy": ("ALE_STRATEGY", DEFAULT_STRATEGY, _strategy),
     "random_seed": ("ALE_RANDOM_SEED", "0", int),
     "device": ("DEVICE", "", _text),
@@ -298,6 +307,11 @@ class Settings:
     """Where a release name (``yolov5nu.pt``) is fetched from: ``<this URL>/<name>`` (a mirror may stand in)."""
     model_max_mb: float = 500.0
     """Downloaded weights larger than this are refused."""
+    model_registry: str = ""
+    """Where trained versions are kept: ``s3://bucket/prefix`` (an S3-compatible bucket, shared by hosts), or
+    ``MODEL_DIR`` when empty."""
+    registry_poll_seconds: float = 30.0
+    """With a bucket: how often a process reads the served-version pointer again when no message said it changed."""
     weights_dir: Path | None = None
     """Where fetched weights are kept; unset: ``MODEL_DIR/weights``."""
     strategy: str = DEFAULT_STRATEGY

@@ -45,7 +45,7 @@ from ale_backend.images import get_image_loader
 from ale_backend.label_config import LabelConfig, map_labels, parse_label_config
 from ale_backend.label_studio import ANNOTATED, LabelStudioClient
 from ale_backend.model_source import ModelSource
-from ale_backend.registry import Registry, VersionInfo, served_source
+from ale_backend.registry import Pointer, Registry, VersionInfo, registry_for, served_source
 from ale_backend.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class NothingToTrain(Exception):
 def train_project(project: int, settings: Settings, report: Report = lambda stage, **details: None,
                   run_name: str = "round") -> dict[str, Any]:
     """Run one training round for ``project``; returns a JSON-able summary (also stored in the version)."""
-    registry = Registry(settings.model_dir)
+    registry = registry_for(settings)
     files = registry.files(project)
     files.clean_incomplete()
     with files.round(run_name, discarded=(NothingToTrain,)) as work:
@@ -78,6 +78,8 @@ class _Annotations:
     fingerprint: str
     skips: Skips
     """What was left out, by reason (the tasks whose image cannot be read are added when the dataset is written)."""
+    pointer: Pointer
+    """The registry's ``current`` when the parent was chosen."""
 
 
 def _train_round(project: int, settings: Settings, report: Report, registry: Registry, work: Path) -> dict[str, Any]:
@@ -128,7 +130,8 @@ def _train_round(project: int, settings: Settings, report: Report, registry: Reg
                "patience": patience, "stopped_early": trained.stopped_early, "warnings": warnings,
                "fingerprint": annotations.fingerprint},
     )
-    registry.add(trained.weights, info)
+    info = registry.add(trained.weights, info, expected=annotations.pointer)
+    promoted, reason = info.promoted, info.reason
     pruned = registry.prune(project, settings.keep_versions)
     (logger.info if promoted else logger.warning)(
         "project %s: version %s %s (%s) after %.0f s, %d of %d epochs%s%s", project, info.version,
@@ -152,12 +155,13 @@ def _read_annotations(project: int, settings: Settings, registry: Registry, repo
     if not examples:
         left_out = f"; left out: {skips.as_dict()}" if skips.counts else ""
         raise NothingToTrain(f"project {project} has no annotation to train on (skipped tasks do not count){left_out}")
+    pointer = registry.pointer(project, fresh=True)  # the round promotes only if it is still current at the end
     parent = served_source(settings, project)
     fingerprint = annotations_fingerprint(tasks)
     if parent.version in {i.version for i in registry.versions(project)} and \
             registry.info(project, parent.version).extra.get("fingerprint") == fingerprint:
         raise NothingToTrain(f"no annotation changed since {parent.version} was trained")
-    return _Annotations(config, examples, parent, fingerprint, skips)
+    return _Annotations(config, examples, parent, fingerprint, skips, pointer)
 
 
 def _write_round_dataset(project: int, settings: Settings, registry: Registry, annotations: _Annotations,

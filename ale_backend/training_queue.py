@@ -39,7 +39,7 @@ from ale_backend.label_studio import project_id
 from ale_backend.lock import record_dead_job
 from ale_backend.model_source import ModelNotFoundError, resolve_model_source
 from ale_backend.project_files import ModelDir
-from ale_backend.registry import Registry
+from ale_backend.registry import registry_for
 from ale_backend.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -199,8 +199,9 @@ class TrainingQueue:
 
 def _serving(settings: Settings, project: int) -> dict[str, Any]:
     """The served version (None: the base model) and why it is not the one ``current`` names, if it is not."""
-    serving = Registry(settings.model_dir).serving(project)
-    return {"current_version": serving.version, "serving_problem": serving.problem}
+    registry = registry_for(settings)
+    serving = registry.serving(project)
+    return {"current_version": serving.version, "serving_problem": serving.problem, "registry": registry.location}
 
 
 def _base_model(settings: Settings) -> dict[str, Any]:

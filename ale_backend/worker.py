@@ -1,10 +1,12 @@
 """The worker side of the queues: the jobs' bodies and the RQ workers that run them.
 
 :func:`work` (``python -m ale_backend worker``) is the one way in: it takes the process's :class:`Settings`, checks
-``MODEL_DIR`` belongs to its Label Studio, and runs two RQ workers for that instance: the training queue in this
-process, the scoring queue in a child process (:func:`_scoring_worker`), so that new tasks are scored while a round
-trains (see :mod:`ale_backend.jobs`). RQ runs each job in a work horse forked from its worker, which inherits those
-settings; a job reads them with :func:`_settings`.
+``MODEL_DIR`` belongs to its Label Studio, and runs the RQ workers for that instance: by default the training queue
+in this process and the scoring queue in a child process (:func:`_scoring_worker`), so that new tasks are scored
+while a round trains (see :mod:`ale_backend.jobs`); ``--queues training`` or ``--queues scoring`` runs one of them,
+for hosts that do one kind of work (any number of hosts may serve a queue: they meet in Redis and, with
+``MODEL_REGISTRY=s3://...``, in the bucket). RQ runs each job in a work horse forked from its worker, which
+inherits those settings; a job reads them with :func:`_settings`.
 
 :func:`run_training_job` takes the project's lock (:mod:`ale_backend.lock`), claims its generation (new events now
 make a new waiting job; see :mod:`ale_backend.jobs`), runs :func:`ale_backend.training.train_project` and records
@@ -31,6 +33,7 @@ from typing import Any
 import redis
 from rq import Queue, Worker, get_current_job
 
+from ale_backend.announcements import announce
 from ale_backend.jobs import (
     CLAIM,
     Names,
@@ -49,31 +52,48 @@ logger = logging.getLogger(__name__)
 _worker_settings: Settings | None = None
 
 
-def work(settings: Settings, burst: bool = False) -> None:
-    """Run the RQ workers of ``settings``' Label Studio: training here, scoring in a child process (each forks one
-    work horse per job). ``burst``: one process, the training jobs and then the scoring jobs they queued, until both
-    queues are empty."""
+QUEUES = ("training", "scoring")
+"""The kinds of work a worker serves (``python -m ale_backend worker --queues``)."""
+
+
+def work(settings: Settings, burst: bool = False, queues: tuple[str, ...] = QUEUES) -> None:
+    """Run the RQ workers of ``settings``' Label Studio for ``queues``: both (the default) is training here and
+    scoring in a child process (each forks one work horse per job); one of them runs in this process, so that a GPU
+    host trains and CPU hosts score. ``burst``: one process, the training jobs and then the scoring jobs they queued,
+    until the queues are empty."""
     global _worker_settings
+    unknown = set(queues) - set(QUEUES)
+    if unknown or not queues:
+        raise ValueError(f"queues {sorted(unknown) or '(none)'}: a worker serves training, scoring or both")
     ModelDir(settings.model_dir).claim(settings.label_studio_url)
     connection = redis.Redis.from_url(settings.redis_url)
     connection.ping()
     names = Names(settings)
-    logger.info("worker for Label Studio %s (%s): queues %s and %s at %s", settings.label_studio_url or "(none set)",
-                names.instance, names.queue, names.scoring_queue, redis_address(settings.redis_url))
+    served = {"training": names.queue, "scoring": names.scoring_queue}
+    logger.info("worker for Label Studio %s (%s): %s at %s; models in %s", settings.label_studio_url or "(none set)",
+                names.instance, " and ".join(f"{kind} ({served[kind]})" for kind in QUEUES if kind in queues),
+                redis_address(settings.redis_url), settings.model_registry or settings.model_dir)
     _worker_settings = settings
     if burst:
-        for queue in (names.queue, names.scoring_queue):
-            _run_worker(settings, queue, burst=True)
+        for kind in QUEUES:
+            if kind in queues:
+                _run_worker(settings, served[kind], burst=True)
         return
-    scorer = multiprocessing.get_context("spawn").Process(target=_scoring_worker, args=(settings,),
-                                                          name="scoring-worker")
-    scorer.start()
+    if "training" not in queues:
+        _run_worker(settings, names.scoring_queue, scheduler=True)  # RQ's scheduler runs the arrivals' retries
+        return
+    scorer = None
+    if "scoring" in queues:
+        scorer = multiprocessing.get_context("spawn").Process(target=_scoring_worker, args=(settings,),
+                                                              name="scoring-worker")
+        scorer.start()
     try:
         _run_worker(settings, names.queue)
     finally:
-        if scorer.is_alive():
-            scorer.terminate()  # RQ's warm shutdown: a scoring job in progress finishes first
-        scorer.join()
+        if scorer is not None:
+            if scorer.is_alive():
+                scorer.terminate()  # RQ's warm shutdown: a scoring job in progress finishes first
+            scorer.join()
 
 
 def _run_worker(settings: Settings, queue: str, burst: bool = False, scheduler: bool = False) -> None:
@@ -127,6 +147,8 @@ def run_training_job(project: int, generation: int) -> dict[str, Any]:
                 logger.info("project %s: %s; re-scoring the pool instead", project, exc)
                 result, nothing_new = {"status": "nothing new to train on", "reason": str(exc)}, True
             outcome.update(result)
+    if result.get("promoted"):
+        announce(connection, settings, project, result.get("version"))  # web replicas read the pointer again
     if result.get("promoted") or nothing_new:
         # once per promoted version; with nothing new, a re-scoring of its own each time (the pool may have grown)
         queue = Queue(names.scoring_queue, connection=connection)

@@ -1,0 +1,223 @@
+"""The registry on an S3-compatible bucket: a real S3 server on loopback (moto's server mode, from the integration
+tests' virtualenv), reached through boto3's standard configuration (``AWS_ENDPOINT_URL`` and the credentials in the
+environment). Each "host" is a :class:`Registry` with a ``MODEL_DIR`` of its own; they share only the bucket."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+import redis
+
+from ale_backend import announcements
+from ale_backend.object_store import BucketStore, Changed, FolderStore, open_store
+from ale_backend.registry import Registry, VersionInfo, registry_for, served_source
+from ale_backend.settings import Settings
+from testkit.stack import S3_KEYS, free_port, serving, start_s3_server
+
+BUCKET = "ale-models"
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("s3")
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    with serving(start_s3_server(folder, port), endpoint + "/", 60, folder / "s3.log"):
+        yield endpoint
+
+
+@pytest.fixture()
+def bucket(s3_endpoint, monkeypatch, request):
+    """An empty bucket of its own for each test, reached through the environment as a user configures it."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", S3_KEYS["aws_access_key_id"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_KEYS["aws_secret_access_key"])
+    monkeypatch.setenv("AWS_DEFAULT_REGION", S3_KEYS["region_name"])
+    import boto3
+
+    name = f"{BUCKET}-{abs(hash(request.node.name)) % 10**8}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name
+
+
+def host(tmp_path, bucket: str, name: str, poll: float = 0.0) -> Registry:
+    return Registry(tmp_path / name, BucketStore(bucket, "team/models"), poll_seconds=poll)
+
+
+def info(version, project=3, promoted=True, created="2026-12-04T10:00:00+00:00"):
+    return VersionInfo(version=version, project=project, parent="base", class_names=["a"], metrics={"map50_95": 0.5},
+                       annotations=4, boxes=9, created_at=created, train_seconds=1.0, promoted=promoted)
+
+
+@pytest.fixture()
+def weights(tmp_path):
+    path = tmp_path / "w.pt"
+    path.write_bytes(b"weights of version one")
+    return path
+
+
+def test_a_version_trained_on_one_host_is_served_from_a_checked_copy_on_another(tmp_path, bucket, weights):
+    trainer, web = host(tmp_path, bucket, "gpu-host"), host(tmp_path, bucket, "web-host")
+    trainer.add(weights, info("p3-v1-a"))
+    assert web.current(3) == "p3-v1-a"
+    copy = web.weights(3, "p3-v1-a")
+    assert copy.read_bytes() == weights.read_bytes()
+    assert copy.parent == tmp_path / "web-host" / "projects" / "3" / "served"
+    assert not (tmp_path / "web-host" / "projects" / "3" / "versions").exists()  # nothing of the bucket's layout
+    source = served_source(Settings(model_dir=tmp_path / "web-host", model_registry=f"s3://{bucket}/team/models"), 3)
+    assert source.version == "p3-v1-a" and source.path.startswith(str(tmp_path / "web-host"))
+    # the objects in the bucket, under the prefix
+    import boto3
+
+    keys = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=bucket)["Contents"]}
+    assert keys == {"team/models/projects/3/current", "team/models/projects/3/versions/p3-v1-a/weights.pt",
+                    "team/models/projects/3/versions/p3-v1-a/version.json"}
+
+
+def test_a_copy_that_no_longer_matches_is_brought_again_and_bad_weights_in_the_bucket_are_never_served(
+        tmp_path, bucket, weights):
+    trainer, web = host(tmp_path, bucket, "gpu-host"), host(tmp_path, bucket, "web-host")
+    trainer.add(weights, info("p3-v1-a"))
+    copy = web.weights(3, "p3-v1-a")
+    copy.write_bytes(b"weights of version One")  # same size, other bytes
+    assert web.serving(3).version == "p3-v1-a" and web.weights(3, "p3-v1-a").read_bytes() == weights.read_bytes()
+    # the bucket's own object replaced behind the registry's back: the host refuses it and says why
+    weights.write_bytes(b"tampered")
+    trainer.add(weights, info("p3-v2-b", created="2026-12-04T11:00:00+00:00"))
+    import boto3
+
+    boto3.client("s3").put_object(Bucket=bucket, Key="team/models/projects/3/versions/p3-v2-b/weights.pt",
+                                  Body=b"tamperex")
+    other = host(tmp_path, bucket, "third-host")
+    serving = other.serving(3)
+    assert serving.version == "p3-v1-a"
+    assert serving.problem == ("version p3-v2-b's weights are not the file registered (SHA-256 differs); serving "
+                               "p3-v1-a instead")
+    assert not list((tmp_path / "third-host" / "projects" / "3" / "served").glob("p3-v2-b*"))
+
+
+def test_a_version_without_its_record_is_not_listed_and_cannot_be_served(tmp_path, bucket, weights):
+    """Weights are stored first, the record last: a trainer that dies in between leaves nothing listed."""
+    registry = host(tmp_path, bucket, "gpu-host")
+    import boto3
+
+    boto3.client("s3").put_object(Bucket=bucket, Key="team/models/projects/3/versions/p3-v1-a/weights.pt",
+                                  Body=b"half")
+    assert registry.versions(3) == []
+    with pytest.raises(FileNotFoundError):
+        registry.set_current(3, "p3-v1-a")
+    assert registry.current(3) is None
+
+
+def test_two_promotions_that_race_leave_one_winner_and_a_recorded_loser(tmp_path, bucket, weights):
+    first, second = host(tmp_path, bucket, "host-a"), host(tmp_path, bucket, "host-b")
+    first.add(weights, info("p3-v1-a"))
+    # both rounds read the pointer when they chose their parent ...
+    seen_by_a, seen_by_b = first.pointer(3, fresh=True), second.pointer(3, fresh=True)
+    assert seen_by_a == seen_by_b and seen_by_a.version == "p3-v1-a"
+    # ... and finish one after the other
+    won = first.add(weights, info("p3-v2-a", created="2026-12-04T11:00:00+00:00"), expected=seen_by_a)
+    lost = second.add(weights, info("p3-v3-b", created="2026-12-04T11:00:01+00:00"), expected=seen_by_b)
+    assert won.promoted and not lost.promoted
+    assert "p3-v2-a became the served version while this one trained" in lost.reason
+    third = host(tmp_path, bucket, "host-c")
+    assert third.current(3) == "p3-v2-a"
+    assert [(i.version, i.promoted) for i in third.versions(3)] == [("p3-v1-a", True), ("p3-v2-a", True),
+                                                                     ("p3-v3-b", False)]
+    with pytest.raises(Changed):
+        second.set_current(3, "p3-v3-b", expected=seen_by_b)
+
+
+@pytest.mark.parametrize("kind", ["folder", "bucket"])
+def test_a_conditional_replace_refuses_a_stale_tag_in_both_stores(tmp_path, bucket, kind):
+    store = FolderStore(tmp_path) if kind == "folder" else BucketStore(bucket, "p")
+    tag = store.replace("projects/1/current", b"v1\n", None)
+    with pytest.raises(Changed):
+        store.replace("projects/1/current", b"v0\n", None)  # must not exist yet: it does
+    newer = store.replace("projects/1/current", b"v2\n", tag)
+    with pytest.raises(Changed):
+        store.replace("projects/1/current", b"v3\n", tag)  # the tag read before v2
+    assert store.read("projects/1/current").data == b"v2\n" and store.read("projects/1/current").tag == newer
+    assert store.read_if_changed("projects/1/current", newer) is None
+
+
+def test_a_web_process_follows_the_pointer_by_its_poll_without_reading_the_bucket_on_every_request(
+        tmp_path, bucket, weights):
+    trainer, web = host(tmp_path, bucket, "gpu-host"), host(tmp_path, bucket, "web-host", poll=0.5)
+    trainer.add(weights, info("p3-v1-a"))
+    assert web.current(3) == "p3-v1-a"
+    calls = []
+    web.store.client.meta.events.register("before-call.s3.*", lambda **kw: calls.append(kw["model"].name))
+    for _ in range(20):
+        assert web.current(3) == "p3-v1-a"
+    assert calls == []  # twenty requests, no call to the bucket
+    trainer.add(weights, info("p3-v2-b", created="2026-12-04T11:00:00+00:00"))
+    assert web.current(3) == "p3-v1-a"  # not yet read again
+    time.sleep(0.6)
+    assert web.current(3) == "p3-v2-b"
+    assert calls.count("GetObject") >= 1 and "ListObjectsV2" not in calls
+
+
+def test_an_announcement_makes_a_replica_follow_before_its_poll(tmp_path, bucket, weights, redis_url):
+    settings = Settings(model_dir=tmp_path / "web-host", model_registry=f"s3://{bucket}/team/models",
+                        registry_poll_seconds=3600, redis_url=redis_url)
+    web = registry_for(settings)
+    trainer = host(tmp_path, bucket, "gpu-host")
+    trainer.add(weights, info("p3-v1-a"))
+    assert web.current(3) == "p3-v1-a"
+    stop = threading.Event()
+    announcements.follow(settings, web, stop)
+    try:
+        time.sleep(1.0)  # subscribed (and, having subscribed, it read the pointer again: nothing was missed)
+        assert web.current(3) == "p3-v1-a"
+        trainer.add(weights, info("p3-v2-b", created="2026-12-04T11:00:00+00:00"))
+        assert web.current(3) == "p3-v1-a"  # an hour's poll: not read again by itself
+        announcements.announce(redis.Redis.from_url(redis_url), settings, 3, "p3-v2-b")
+        deadline = time.monotonic() + 10
+        while web.current(3) != "p3-v2-b":
+            assert time.monotonic() < deadline, "the announcement was not followed"
+            time.sleep(0.1)
+    finally:
+        stop.set()
+
+
+def test_pruning_deletes_the_versions_objects_and_this_hosts_copies(tmp_path, bucket, weights):
+    registry = host(tmp_path, bucket, "gpu-host")
+    for n in range(1, 5):
+        registry.add(weights, info(f"p3-v{n}-x", promoted=(n == 1), created=f"2026-12-04T1{n}:00:00+00:00"))
+        registry.weights(3, f"p3-v{n}-x")
+    assert registry.prune(3, keep=2) == ["p3-v2-x"]
+    assert [i.version for i in registry.versions(3)] == ["p3-v1-x", "p3-v3-x", "p3-v4-x"]
+    left = sorted(p.name for p in registry.files(3).served.iterdir())
+    assert [name.split("-")[1] for name in left if not name.startswith(".")] == ["v1", "v3", "v4"]
+    assert not [name for name in left if "p3-v2-x" in name]
+    import boto3
+
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=bucket)["Contents"]]
+    assert not [k for k in keys if "p3-v2-x" in k]
+
+
+def test_a_bucket_that_does_not_answer_serves_what_was_read_last(tmp_path, bucket, weights, monkeypatch):
+    trainer, web = host(tmp_path, bucket, "gpu-host"), host(tmp_path, bucket, "web-host", poll=0.01)
+    trainer.add(weights, info("p3-v1-a"))
+    assert web.current(3) == "p3-v1-a"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    web.store._client = None  # the bucket is gone for this process
+    time.sleep(0.05)
+    assert web.current(3) == "p3-v1-a"
+    new_host = host(tmp_path, bucket, "new-host")
+    serving = new_host.serving(3)
+    assert serving.version is None and "cannot be read" in serving.problem
+
+
+def test_the_registry_setting_names_a_bucket_or_the_model_dir(tmp_path):
+    assert isinstance(open_store("", tmp_path), FolderStore)
+    store = open_store("s3://my-bucket/some/prefix", tmp_path)
+    assert isinstance(store, BucketStore) and (store.bucket, store.prefix) == ("my-bucket", "some/prefix")
+    with pytest.raises(Exception, match="MODEL_REGISTRY"):
+        Settings.from_env({"MODEL_REGISTRY": "https://my-bucket.example.org/"})
+    assert Settings.from_env({"MODEL_REGISTRY": "s3://my-bucket/p/"}).model_registry == "s3://my-bucket/p"
+    assert json.loads(json.dumps(Settings().to_env()))["MODEL_REGISTRY"] == ""
