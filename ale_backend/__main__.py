@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ale_backend import worker
     from ale_backend.jobs import redis_address
+    from ale_backend.object_store import StoreError
     from ale_backend.project_files import ModelDirTaken
 
     try:
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     except redis.exceptions.ConnectionError as exc:
         print(f"Redis does not answer at {redis_address(settings.redis_url)} (REDIS_URL): {exc}", file=sys.stderr)
         return 1
-    except ModelDirTaken as exc:
+    except (ModelDirTaken, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

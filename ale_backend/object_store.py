@@ -40,6 +40,11 @@ class NotStored(FileNotFoundError):
     """No object has this key."""
 
 
+class StoreError(RuntimeError):
+    """The store cannot be used as the registry (unreachable, no access, no conditional writes); the message says
+    why."""
+
+
 class Changed(RuntimeError):
     """A conditional write found the object changed since it was read (another writer came first)."""
 
@@ -267,6 +272,25 @@ class BucketStore:
         with response["Body"] as body, open(target, "wb") as out:
             for chunk in iter(lambda: body.read(1 << 20), b""):
                 out.write(chunk)
+
+    def check_conditional_writes(self) -> None:
+        """Make sure the bucket refuses a stale conditional write (a store that ignores ``If-None-Match`` would let
+        two promotions both win); raises :class:`StoreError` saying so, or why the bucket cannot be written. Two
+        small writes and a delete."""
+        key = f"probes/conditional-{os.getpid()}-{os.urandom(4).hex()}"
+        try:
+            self.replace(key, b"1", None)
+            try:
+                self.replace(key, b"2", None)
+            except Changed:
+                return
+            finally:
+                self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except Exception as exc:
+            raise StoreError(f"{self.location} cannot be written ({type(exc).__name__}: {exc}): check the bucket, "
+                             "the credentials (AWS_ACCESS_KEY_ID...) and AWS_ENDPOINT_URL") from exc
+        raise StoreError(f"{self.location} ignores conditional writes (If-None-Match): promotions on several hosts "
+                         "could overwrite each other; use a store that supports them (AWS S3, recent MinIO)")
 
     def delete_under(self, prefix: str) -> None:
         keys = [self._key(k) for k in self.keys(prefix)]

@@ -45,6 +45,7 @@ from ale_backend.jobs import (
 )
 from ale_backend.lock import heartbeat, project_lock, record_dead_job
 from ale_backend.project_files import ModelDir
+from ale_backend.registry import registry_for
 from ale_backend.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -74,6 +75,9 @@ def work(settings: Settings, burst: bool = False, queues: tuple[str, ...] = QUEU
                 names.instance, " and ".join(f"{kind} ({served[kind]})" for kind in QUEUES if kind in queues),
                 redis_address(settings.redis_url), settings.model_registry or settings.model_dir)
     _worker_settings = settings
+    store = registry_for(settings).store
+    if not store.is_local:
+        store.check_conditional_writes()  # before it promotes anything there
     if burst:
         for kind in QUEUES:
             if kind in queues:

@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from ale_backend import announcements
-from ale_backend.object_store import BucketStore, Changed, FolderStore, open_store
+from ale_backend.object_store import BucketStore, Changed, FolderStore, StoreError, open_store
 from ale_backend.registry import Registry, VersionInfo, registry_for, served_source
 from ale_backend.settings import Settings
 from testkit.stack import S3_KEYS, free_port, serving, start_s3_server
@@ -221,3 +221,31 @@ def test_the_registry_setting_names_a_bucket_or_the_model_dir(tmp_path):
         Settings.from_env({"MODEL_REGISTRY": "https://my-bucket.example.org/"})
     assert Settings.from_env({"MODEL_REGISTRY": "s3://my-bucket/p/"}).model_registry == "s3://my-bucket/p"
     assert json.loads(json.dumps(Settings().to_env()))["MODEL_REGISTRY"] == ""
+
+
+def test_a_worker_refuses_a_store_that_ignores_conditional_writes_or_cannot_be_written(tmp_path, bucket, redis_url):
+    store = BucketStore(bucket, "p")
+    store.check_conditional_writes()  # the real server honours them, and the probe leaves nothing behind
+    assert store.keys("probes") == []
+
+    def ignore_conditions(params, **_):  # a store that drops the header, as an old S3-compatible server would
+        params.get("headers", {}).pop("If-None-Match", None)
+
+    store.client.meta.events.register("before-call.s3.PutObject", ignore_conditions)
+    with pytest.raises(StoreError, match="ignores conditional writes"):
+        store.check_conditional_writes()
+    missing = BucketStore("no-such-bucket", "p")
+    with pytest.raises(StoreError, match="cannot be written .*NoSuchBucket"):
+        missing.check_conditional_writes()
+    # the worker says so and stops before it takes a job
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {**os.environ, **Settings(model_dir=tmp_path / "w", model_registry="s3://no-such-bucket/p",
+                                    redis_url=redis_url).to_env()}
+    result = subprocess.run([sys.executable, "-m", "ale_backend", "worker", "--burst"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "s3://no-such-bucket/p cannot be written" in result.stderr, result.stderr
