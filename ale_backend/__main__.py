@@ -205,7 +205,8 @@ def _label_studio_command(args, settings) -> int:
 
     from ale_backend.connect import BasicAuth, ConnectError, connect
     from ale_backend.label_studio import LabelStudioClient, LabelStudioError
-    from ale_backend.project_files import ModelDir, ModelDirTaken
+    from ale_backend.project_files import ModelDirTaken
+    from ale_backend.registry import registry_for
     from ale_backend.rescoring import RescoringError, rescore_project
 
     settings = dataclasses.replace(
@@ -221,12 +222,12 @@ def _label_studio_command(args, settings) -> int:
               "personal access token from Label Studio's Account & Settings page", file=sys.stderr)
         return 2
     try:
-        ModelDir(settings.model_dir).claim(settings.label_studio_url)
+        registry_for(settings).claim(settings.label_studio_url)
         client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
         if args.command == "connect":
             auth = BasicAuth(settings.basic_auth_user, settings.basic_auth_pass) if settings.basic_auth_user else None
             changed = connect(client, args.project, args.backend_url, auth)
-            ModelDir(settings.model_dir).project(args.project).mark_connected(settings.label_studio_url)
+            registry_for(settings).mark_connected(args.project, settings.label_studio_url)
             print("changed: " + (", ".join(changed) if changed else "nothing (already connected)"))
             if args.no_scoring:
                 return 0

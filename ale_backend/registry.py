@@ -38,14 +38,15 @@ from ale_backend.label_studio import project_id
 from ale_backend.model_source import ModelSource, resolve_model_source
 from ale_backend.object_store import Changed, FolderStore, NotStored, ObjectStore, open_store
 from ale_backend.pretrained import ModelFetchError, bring, file_sha256
-from ale_backend.project_files import ModelDir, ProjectFiles
-from ale_backend.settings import Settings
+from ale_backend.project_files import OWNER, ModelDir, ModelDirTaken, ProjectFiles
+from ale_backend.settings import Settings, label_studio_instance
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS = "weights.pt"
 INFO = "version.json"
 POINTER = "current"
+CONNECTED = "connected.json"
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,7 @@ class Registry:
         self.poll_seconds = poll_seconds
         self._pointers: dict[int, tuple[Pointer, float]] = {}
         self._infos: dict[tuple[int, str], VersionInfo] = {}
+        self._connected: set[int] = set()
         self._lock = threading.Lock()
 
     @property
@@ -115,6 +117,57 @@ class Registry:
 
     def files(self, project: int) -> ProjectFiles:
         return self.model_dir.project(project)
+
+    def claim(self, label_studio_url: str) -> None:
+        """Make sure these are the projects of the Label Studio at ``label_studio_url``: ``MODEL_DIR``'s record
+        (:meth:`ModelDir.claim`) and, with a bucket, the same record in it (written once, by whichever host comes
+        first). Raises :class:`ModelDirTaken` when another instance's URL is recorded."""
+        self.model_dir.claim(label_studio_url)
+        if self.store.is_local or not label_studio_url:
+            return
+        instance = label_studio_instance(label_studio_url)
+        key = f"projects/{OWNER}"
+        try:
+            recorded = json.loads(self.store.read(key).data)
+        except NotStored:
+            try:
+                self.store.replace(key, json.dumps({"url": label_studio_url, "instance": instance}).encode(), None)
+                return
+            except Changed:  # another host recorded one meanwhile
+                recorded = json.loads(self.store.read(key).data)
+        if recorded.get("instance") != instance:
+            raise ModelDirTaken(
+                f"MODEL_REGISTRY {self.location} holds the models of the Label Studio at {recorded.get('url')}, not "
+                f"{label_studio_url} (LABEL_STUDIO_URL): give each Label Studio instance its own bucket or prefix"
+            )
+
+    def mark_connected(self, project: int, label_studio_url: str) -> None:
+        """Record that ``connect`` wired this project to the backend (in ``MODEL_DIR``, and in the bucket where
+        there is one: every host's web process then takes the project's new tasks)."""
+        self.files(project).mark_connected(label_studio_url)
+        if not self.store.is_local:
+            record = json.dumps({"label_studio": label_studio_url}).encode()
+            key = f"{_prefix(project)}/{CONNECTED}"
+            try:
+                self.store.replace(key, record, None)
+            except Changed:
+                pass  # recorded already
+
+    def is_connected(self, project: int) -> bool:
+        """Whether the backend works for this project: ``connect`` recorded it (here, or in the bucket), or the
+        backend has already scored or trained it."""
+        if self.files(project).is_connected() or int(project) in self._connected:
+            return True
+        if self.store.is_local:
+            return False
+        try:
+            self.store.read(f"{_prefix(project)}/{CONNECTED}")
+        except NotStored:
+            if not self.versions(project):
+                return False
+        with self._lock:
+            self._connected.add(int(project))  # it stays connected
+        return True
 
     def current(self, project: int) -> str | None:
         """The served version's name, or None when the project serves the base model (see :meth:`serving`)."""

@@ -46,7 +46,6 @@ from ale_backend.label_config import LabelConfigError, parse_label_config
 from ale_backend.label_studio import project_id
 from ale_backend.model import ALEModel
 from ale_backend.model_source import resolve_model_source
-from ale_backend.project_files import ModelDir
 from ale_backend.registry import registry_for
 from ale_backend.settings import Settings, get_settings
 from ale_backend.training_queue import QueueUnavailable, TrainingQueue
@@ -100,7 +99,7 @@ def create_app(settings: Settings | None = None, warm_up: bool = True) -> Flask:
     settings = settings or get_settings()
     logs.configure(settings)
     resolve_model_source(settings)  # at start-up: fetch named weights, fail on missing ones, say any fallback
-    ModelDir(settings.model_dir).claim(settings.label_studio_url)  # fail at start-up on another instance's MODEL_DIR
+    registry_for(settings).claim(settings.label_studio_url)  # fail at start-up on another instance's
     if not isinstance(ls_api._manager, ALEManager):
         ls_api._manager = ALEManager()
     app = ls_api.init_app(model_class=ALEModel, model_dir=str(settings.model_dir), settings=settings)

@@ -38,7 +38,6 @@ from ale_backend.jobs import (
 from ale_backend.label_studio import project_id
 from ale_backend.lock import record_dead_job
 from ale_backend.model_source import ModelNotFoundError, resolve_model_source
-from ale_backend.project_files import ModelDir
 from ale_backend.registry import registry_for
 from ale_backend.settings import Settings
 
@@ -111,7 +110,7 @@ class TrainingQueue:
         ids = sorted({t["id"] for t in tasks if isinstance(t, dict) and type(t.get("id")) is int and t["id"] >= 1})
         if not ids:
             return 400, {"error": "'tasks' must list the new tasks, each with its integer 'id'"}
-        if not ModelDir(self.settings.model_dir).project(project).is_connected():
+        if not registry_for(self.settings).is_connected(project):
             # an organisation-wide webhook, or a stranger: predictions go only into the projects connect wired
             self.redis.hset(self.names.key(project, "ignored"), mapping={
                 "event": event, "tasks": len(ids), "at": timestamp(),

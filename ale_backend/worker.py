@@ -44,7 +44,6 @@ from ale_backend.jobs import (
     timestamp,
 )
 from ale_backend.lock import heartbeat, project_lock, record_dead_job
-from ale_backend.project_files import ModelDir
 from ale_backend.registry import registry_for
 from ale_backend.settings import Settings
 
@@ -66,7 +65,7 @@ def work(settings: Settings, burst: bool = False, queues: tuple[str, ...] = QUEU
     unknown = set(queues) - set(QUEUES)
     if unknown or not queues:
         raise ValueError(f"queues {sorted(unknown) or '(none)'}: a worker serves training, scoring or both")
-    ModelDir(settings.model_dir).claim(settings.label_studio_url)
+    registry_for(settings).claim(settings.label_studio_url)
     connection = redis.Redis.from_url(settings.redis_url)
     connection.ping()
     names = Names(settings)

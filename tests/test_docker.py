@@ -15,6 +15,7 @@ from tests.conftest import ROOT
 COMPOSE = yaml.safe_load((ROOT / "docker" / "docker-compose.yml").read_text())
 GPU = yaml.safe_load((ROOT / "docker" / "docker-compose.gpu.yml").read_text())
 BACKEND_ONLY = yaml.safe_load((ROOT / "docker" / "docker-compose.backend.yml").read_text())
+HOSTS = yaml.safe_load((ROOT / "docker" / "docker-compose.hosts.yml").read_text())
 DOCKERFILE = (ROOT / "docker" / "Dockerfile").read_text()
 CONFIGURATION = (ROOT / "docs" / "configuration.md").read_text()
 
@@ -124,3 +125,29 @@ def test_the_image_can_carry_the_pretrained_weights_the_stacks_share():
         for name in ("backend", "worker"):
             mounts = [v for v in stack["services"][name]["volumes"] if v.split(":")[1] == weights_dir]
             assert mounts and mounts[0].split(":")[0] in stack["volumes"], (name, mounts)
+
+
+def test_the_several_hosts_stack_shares_only_redis_and_the_bucket():
+    services = HOSTS["services"]
+    assert set(services) == {"redis", "s3", "bucket", "backend", "trainer", "scorer"}
+    roles = {name: services[name] for name in ("backend", "trainer", "scorer")}
+    env = roles["backend"]["environment"]
+    assert all(role["environment"] == env and role["image"] == "ale-backend:latest" for role in roles.values())
+    registry = urlsplit(env["MODEL_REGISTRY"])
+    assert registry.scheme == "s3" and f"mb --ignore-existing store/{registry.hostname}" in services["bucket"][
+        "command"][0]
+    assert urlsplit(env["AWS_ENDPOINT_URL"]).hostname == "s3" and services["s3"]["command"][0] == "server"
+    assert urlsplit(env["REDIS_URL"]).hostname == "redis"
+    local = [v.split(":")[0] for role in roles.values() for v in role.get("volumes", [])
+             if v.endswith(":" + env["MODEL_DIR"])]
+    assert len(local) == len(set(local)) == 2 and set(local) <= set(HOSTS["volumes"])  # the scorers': their own
+    for role in roles.values():
+        assert role["depends_on"]["bucket"]["condition"] == "service_completed_successfully"
+    for name, queues in (("trainer", "training"), ("scorer", "scoring")):
+        command = services[name]["command"]
+        assert command[:4] == ["python", "-m", "ale_backend", "worker"] and command[4:] == ["--queues", queues]
+        shown = subprocess.run([sys.executable, "-m", "ale_backend", *command[3:], "--help"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=60)
+        assert shown.returncode == 0, shown.stderr
+    assert roles["backend"]["command"] == ["gunicorn", "_wsgi:app"] and roles["backend"]["build"]["dockerfile"] == \
+        "docker/Dockerfile"

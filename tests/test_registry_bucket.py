@@ -249,3 +249,20 @@ def test_a_worker_refuses_a_store_that_ignores_conditional_writes_or_cannot_be_w
     result = subprocess.run([sys.executable, "-m", "ale_backend", "worker", "--burst"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "s3://no-such-bucket/p cannot be written" in result.stderr, result.stderr
+
+
+def test_a_bucket_holds_one_label_studio_instances_projects_and_who_is_connected(tmp_path, bucket, weights):
+    from ale_backend.project_files import ModelDirTaken
+
+    first, second = host(tmp_path, bucket, "host-a"), host(tmp_path, bucket, "host-b")
+    first.claim("http://label-studio.example.org:8080")
+    second.claim("http://LABEL-STUDIO.example.org:8080/")  # the same instance, written otherwise
+    other = host(tmp_path, bucket, "host-c")
+    with pytest.raises(ModelDirTaken, match="holds the models of the Label Studio at http://label-studio.example"):
+        other.claim("http://another-label-studio:8080")
+    # connect, run on one host, is seen by the web processes of the others
+    assert not second.is_connected(5)
+    first.mark_connected(5, "http://label-studio.example.org:8080")
+    assert second.is_connected(5) and not second.is_connected(6)
+    first.add(weights, info("p6-v1-a", project=6))  # a project trained before connect recorded projects
+    assert second.is_connected(6)
