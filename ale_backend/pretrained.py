@@ -1,4 +1,6 @@
-"""Pretrained weights named by ``MODEL_PATH``: fetched once, checked, kept in ``WEIGHTS_DIR``.
+"""Weights brought onto this host: pretrained ones named by ``MODEL_PATH``, fetched once, checked, kept in
+``WEIGHTS_DIR``; :func:`bring` is the one way weights arrive, whatever their source (a release name, a URL, or a
+version of a registry held in a bucket, :mod:`ale_backend.registry`).
 
 ``MODEL_PATH`` may name, besides a local file or a model config (:mod:`ale_backend.model_source`):
 
