@@ -89,6 +89,10 @@ class Names:
     def rescoring_job(self, project: int, version: str | None) -> str:
         return f"ale-rescore-{self.instance}-p{int(project)}-{version or uuid.uuid4().hex[:8]}"
 
+    def rescoring_part(self, rescoring: str, part: int) -> str:
+        """Part ``part`` of the re-scoring job ``rescoring`` (``-finish``: the job that ends it)."""
+        return f"{rescoring}-part{part}" if part else f"{rescoring}-finish"
+
     def arrivals_job(self, project: int, number: int) -> str:
         return f"ale-arrivals-{self.instance}-p{int(project)}-{int(number)}"
 
@@ -116,6 +120,34 @@ def enqueue_rescoring(queue: Queue, names: Names, project: int, version: str | N
     except DuplicateJobError:
         return None
     return jid
+
+
+PART_RETRY = (10, 60)
+"""Seconds after which a failed part of a split re-scoring runs again (a part whose worker died too, once RQ finds
+it abandoned)."""
+
+
+def enqueue_rescoring_parts(queue: Queue, names: Names, rescoring: str, project: int, version: str,
+                            parts: list[list[int]], waiting: list[int], timeout: int) -> str:
+    """Queue the parts of the re-scoring ``rescoring`` on the scoring queue (``queue``), and the job that ends it
+    once every part has ended (succeeded, or failed for good); returns that job's id."""
+    from rq import Retry
+    from rq.job import Dependency
+
+    jobs = [queue.enqueue_call("ale_backend.worker.run_rescoring_part", args=(project, version, part),
+                               job_id=names.rescoring_part(rescoring, number), timeout=timeout,
+                               result_ttl=RESULT_TTL, failure_ttl=RESULT_TTL,
+                               retry=Retry(max=len(PART_RETRY), interval=list(PART_RETRY)),
+                               description=f"re-score project {project}, part {number} of {len(parts)}",
+                               meta={"project": project, "stage": "queued"})
+            for number, part in enumerate(parts, 1)]
+    finish = queue.enqueue_call("ale_backend.worker.run_rescoring_finish",
+                                args=(project, version, [job.id for job in jobs], waiting),
+                                job_id=names.rescoring_part(rescoring, 0), timeout=timeout, result_ttl=RESULT_TTL,
+                                failure_ttl=RESULT_TTL, depends_on=Dependency(jobs=jobs, allow_failure=True),
+                                description=f"end the re-scoring of project {project}",
+                                meta={"project": project, "stage": "queued"})
+    return finish.id
 
 
 def queue_arrivals(connection: redis.Redis, names: Names, queue: Queue, project: int, timeout: int

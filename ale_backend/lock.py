@@ -6,6 +6,7 @@ One job at a time per project holds :func:`project_lock` (renewed while it runs,
 :func:`record_dead_job` at the next status read or job start. So a job whose worker was killed, or whose machine went
 away, shows as failed within seconds.
 
+:func:`import_slot` bounds the prediction imports a project receives at once, across workers and hosts.
 :func:`file_lock` is the lock the processes of one host take on a file (fetching weights, replacing a pointer in a
 folder).
 """
@@ -102,6 +103,33 @@ def _every(seconds: float, action: Callable[[], Any], what: str):
     finally:
         stop.set()
         thread.join()
+
+
+IMPORT_SLOT_SECONDS = 300
+"""A slot whose holder went away (a worker killed during an import) is free again after this long."""
+
+# KEYS[1]: the project's import slots (holder -> when taken); ARGV: holder, now, limit, slot seconds
+_TAKE_SLOT = (
+    "redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[2]) - tonumber(ARGV[4])) "
+    "if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[3]) then "
+    "redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1]) redis.call('EXPIRE', KEYS[1], ARGV[4]) return 1 end "
+    "return 0"
+)
+
+
+@contextmanager
+def import_slot(connection: redis.Redis, names: Names, project: int, limit: int, poll: float = 0.1):
+    """Hold one of the project's ``limit`` import slots for the block (waits for one to be free)."""
+    import time
+    import uuid
+
+    key, holder = names.key(project, "import-slots"), uuid.uuid4().hex
+    while not connection.eval(_TAKE_SLOT, 1, key, holder, time.time(), limit, IMPORT_SLOT_SECONDS):
+        time.sleep(poll)
+    try:
+        yield
+    finally:
+        connection.zrem(key, holder)
 
 
 @contextmanager

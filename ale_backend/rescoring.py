@@ -17,6 +17,12 @@ when every unlabelled task carries a prediction of the project's current ``model
 
 Tasks whose image cannot be read get no prediction; they are listed once per round in the log and the result.
 
+A pool larger than ``RESCORE_PART_TASKS`` is split over the scoring workers (:mod:`ale_backend.worker` queues the
+parts): :func:`rescore_part` scores a run of task ids, leaving those that already hold a prediction of the version
+(so a part done twice, after a failure or a worker's death, gives no task two predictions of it), and
+:func:`finish_parts` switches the version once every part succeeded. Every import waits for one of the project's
+``IMPORTS_PER_PROJECT`` slots (``import_slot``), whatever the number of workers.
+
 :func:`score_arrivals` scores the tasks of an import (ids from Label Studio's ``TASKS_CREATED`` webhook) the same
 way, without deleting or switching anything: their predictions join the project's current version, so they take
 their place in the ALE order. When the project's ``model_version`` in Label Studio is not the served version (never
@@ -31,6 +37,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager as ContextManager
+from contextlib import nullcontext
 from typing import Any
 
 from ale_backend.detector import get_detector
@@ -52,11 +60,12 @@ def rescore_project(
     page_size: int = 100,
     keep: int | None = None,
     client: LabelStudioClient | None = None,
+    import_slot: Callable[[], ContextManager] = nullcontext,
 ) -> dict[str, Any]:
     """Re-score the project's pool; returns counts and where the time went."""
     started = time.perf_counter()
     run = _Rescoring(project, settings, client or LabelStudioClient(settings.label_studio_url,
-                                                                    settings.label_studio_api_key))
+                                                                    settings.label_studio_api_key), import_slot)
     tasks = run.client.tasks(project, filters=UNLABELED, page_size=page_size)
     scored, unreadable, seconds = run.score_pool(tasks, page_size, report, replace=True)
     if not scored and unreadable:
@@ -85,6 +94,7 @@ def score_arrivals(
     report: Callable[..., None] = lambda stage, **details: None,
     page_size: int = 100,
     client: LabelStudioClient | None = None,
+    import_slot: Callable[[], ContextManager] = nullcontext,
 ) -> dict[str, Any]:
     """Score the unlabelled tasks among ``task_ids`` with the served version and import their predictions (the whole
     pool instead when the project is not on that version: see the module docstring)."""
@@ -93,15 +103,13 @@ def score_arrivals(
     wanted = {int(i) for i in task_ids}
     if not wanted:
         return {"status": "nothing to score", "model_version": served_source(settings, project).version, "scored": 0}
-    run = _Rescoring(project, settings, client)
+    run = _Rescoring(project, settings, client, import_slot)
     if run.project_data.get("model_version") != run.source.version:
         logger.info("project %s is on model version %r, not %s: re-scoring the whole pool for its new tasks",
                     project, run.project_data.get("model_version"), run.source.version)
-        return {**rescore_project(project, settings, report, page_size, client=client), "arrived": "pool re-scored"}
-    listed = client.tasks(project, filters=unlabeled_between(min(wanted), max(wanted)), page_size=page_size)
-    version = run.source.version
-    tasks = (task for task in listed if task.get("id") in wanted  # and not scored by a re-scoring since
-             and not any(p.get("model_version") == version for p in task.get("predictions") or []))
+        return {**rescore_project(project, settings, report, page_size, client=client, import_slot=import_slot),
+                "arrived": "pool re-scored"}
+    tasks = _unscored(client, project, wanted, run.source.version, page_size)  # and not scored by a re-scoring since
     scored, unreadable, seconds = run.score_pool(tasks, page_size, report, replace=False)
     if unreadable:
         logger.warning("project %s: %d new tasks have no prediction, their image could not be read: %s", project,
@@ -114,11 +122,106 @@ def score_arrivals(
             "seconds": {**{k: round(v, 2) for k, v in seconds.items()}, "total": round(total, 2)}}
 
 
-class _Rescoring:
-    """One scoring of a project's tasks (its pool, or an import) with its served version."""
+def unlabelled_ids(project: int, client: LabelStudioClient, page_size: int = 100) -> list[int]:
+    """The ids of the project's unlabelled tasks, in order (what a re-scoring scores)."""
+    return sorted(task["id"] for task in client.tasks(project, filters=UNLABELED, page_size=page_size)
+                  if not task.get("annotations"))
 
-    def __init__(self, project: int, settings: Settings, client: LabelStudioClient):
+
+def split(ids: list[int], size: int) -> list[list[int]]:
+    """Parts of at most ``size`` tasks, each a run of neighbouring ids (listed by one id range)."""
+    return [ids[start:start + size] for start in range(0, len(ids), size)]
+
+
+def rescore_part(
+    project: int,
+    version: str,
+    task_ids: Iterable[int],
+    settings: Settings,
+    report: Callable[..., None] = lambda stage, **details: None,
+    page_size: int = 100,
+    client: LabelStudioClient | None = None,
+    import_slot: Callable[[], ContextManager] = nullcontext,
+) -> dict[str, Any]:
+    """One part of a re-scoring split over workers: ``task_ids`` scored with ``version`` and imported. A task that
+    already holds a prediction of ``version`` (an earlier try of this part got that far) is left as it is, so a part
+    done twice gives each task one prediction. When the project is served another version by now, nothing is
+    scored: that version's own re-scoring follows its promotion."""
+    client = client or LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
+    wanted = {int(i) for i in task_ids}
+    run = _Rescoring(project, settings, client, import_slot)
+    if run.source.version != version:
+        return {"status": "superseded", "model_version": run.source.version, "scored": 0, "unreadable_count": 0}
+    already: list[int] = []
+    tasks = _unscored(client, project, wanted, version, page_size, already)
+    scored, unreadable, seconds = run.score_pool(tasks, page_size, report, replace=False)
+    return {"status": "part scored", "model_version": version, "scored": scored, "already_scored": len(already),
+            "unreadable": unreadable[:100], "unreadable_count": len(unreadable),
+            "seconds": {k: round(v, 2) for k, v in seconds.items()}}
+
+
+def finish_parts(
+    project: int,
+    version: str,
+    parts: list[dict[str, Any]],
+    settings: Settings,
+    keep: int | None = None,
+    client: LabelStudioClient | None = None,
+) -> dict[str, Any]:
+    """After every part of a split re-scoring succeeded (their results ``parts``): switch the project to
+    ``version``, as :func:`rescore_project` does at its end. Not when a part found the project served another
+    version by then, nor when no image of the pool could be read (:class:`RescoringError`)."""
+    client = client or LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
+    scored = sum(part["scored"] for part in parts)
+    already = sum(part.get("already_scored", 0) for part in parts)  # by a try of a part that failed after
+    unreadable = [item for part in parts for item in part.get("unreadable", [])]
+    count = sum(part.get("unreadable_count", 0) for part in parts)
+    if any(part["status"] == "superseded" for part in parts):
+        return {"status": "superseded", "model_version": version, "scored": scored, "unreadable_count": count}
+    if not scored + already and count:
+        task, reason = unreadable[0]
+        raise RescoringError(f"no image of project {project}'s {count} unlabelled tasks could be read (task {task}: "
+                             f"{reason}); the project stays on its previous model version and predictions")
+    removed = switch_version(client, project, version, settings.keep_prediction_versions if keep is None else keep
+                             ) if scored + already else []
+    logger.info("project %s: %d tasks re-scored with %s in %d parts", project, scored + already, version, len(parts))
+    return {"status": "rescored" if scored + already else "nothing to score", "model_version": version,
+            "scored": scored + already, "unreadable": unreadable[:100], "unreadable_count": count,
+            "deleted_versions": removed, "parts": len(parts)}
+
+
+def _unscored(client: LabelStudioClient, project: int, wanted: set[int], version: str, page_size: int,
+              already: list[int] | None = None) -> Iterator[dict]:
+    """The unlabelled tasks among ``wanted`` that hold no prediction of ``version`` (listed by their id range); the
+    ids of those that do go to ``already``."""
+    for task in client.tasks(project, filters=unlabeled_between(min(wanted), max(wanted)), page_size=page_size):
+        if task.get("id") not in wanted:
+            continue
+        if any(p.get("model_version") == version for p in task.get("predictions") or []):
+            if already is not None:
+                already.append(task["id"])
+            continue
+        yield task
+
+
+def switch_version(client: LabelStudioClient, project: int, version: str, keep: int) -> list[str]:
+    """Point the project at ``version`` (Label Studio accepts one only once it has predictions) and delete
+    prediction versions beyond the newest ``keep``; returns those deleted."""
+    client.update_project(project, model_version=version)
+    versions = list(client.model_versions(project))
+    removed = [v for v in versions if v != version][max(keep - 1, 0):]
+    for old in removed:
+        client.delete_model_version(project, old)
+    return removed
+
+
+class _Rescoring:
+    """One scoring of a project's tasks (its pool, an import, or a part of a pool) with its served version."""
+
+    def __init__(self, project: int, settings: Settings, client: LabelStudioClient,
+                 import_slot: Callable[[], ContextManager] = nullcontext):
         self.project, self.settings, self.client = project, settings, client
+        self.import_slot = import_slot
         self.project_data = client.project(project)
         self.config = parse_label_config(self.project_data["label_config"])
         self.source = served_source(settings, project)
@@ -196,7 +299,8 @@ class _Rescoring:
         """Send one page's predictions (runs in the import thread, while the next page is scored)."""
         if first:  # a version's earlier predictions go once there are new ones (not if none come)
             self.client.delete_model_version(self.project, self.source.version)
-        created = self.client.import_predictions(self.project, items)
+        with self.import_slot():  # Label Studio takes a bounded number of imports per project at once
+            created = self.client.import_predictions(self.project, items)
         if created != len(items):
             raise LabelStudioError(
                 f"Label Studio created {created} of {len(items)} predictions for project {self.project} (it skips "
@@ -205,15 +309,7 @@ class _Rescoring:
             )
 
     def switch_version(self, keep: int) -> list[str]:
-        """Point the project at the new version (Label Studio accepts one only once it has predictions) and delete
-        prediction versions beyond the newest ``keep``; returns those deleted."""
-        version = self.source.version
-        self.client.update_project(self.project, model_version=version)
-        versions = list(self.client.model_versions(self.project))
-        removed = [v for v in versions if v != version][max(keep - 1, 0):]
-        for old in removed:
-            self.client.delete_model_version(self.project, old)
-        return removed
+        return switch_version(self.client, self.project, self.source.version, keep)
 
 
 class RescoringError(RuntimeError):

@@ -273,6 +273,8 @@ _VARIABLES: dict[str, tuple[str, str, Callable[[str], object]]] = {
     "promotion_tolerance": ("PROMOTION_TOLERANCE", "0.02", _unit_interval),
     "keep_versions": ("KEEP_VERSIONS", "5", _positive_int),
     "keep_prediction_versions": ("KEEP_PREDICTION_VERSIONS", "2", _positive_int),
+    "rescore_part_tasks": ("RESCORE_PART_TASKS", "1000", _positive_int),
+    "imports_per_project": ("IMPORTS_PER_PROJECT", "2", _positive_int),
 }
 
 
@@ -424,6 +426,10 @@ class Settings:
     """Versions kept per project (the current one is never deleted)."""
     keep_prediction_versions: int = 2
     """Prediction versions kept in Label Studio per project after a re-scoring (the current one included)."""
+    rescore_part_tasks: int = 1000
+    """A pool of more unlabelled tasks is re-scored in parts of this many, by every scoring worker."""
+    imports_per_project: int = 2
+    """Prediction imports one project receives at once, whatever the number of scoring workers."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -38,12 +38,13 @@ from ale_backend.jobs import (
     CLAIM,
     Names,
     enqueue_rescoring,
+    enqueue_rescoring_parts,
     is_waiting,
     queue_arrivals,
     redis_address,
     timestamp,
 )
-from ale_backend.lock import heartbeat, project_lock, record_dead_job
+from ale_backend.lock import heartbeat, import_slot, project_lock, record_dead_job
 from ale_backend.registry import registry_for
 from ale_backend.settings import Settings
 
@@ -99,9 +100,15 @@ def work(settings: Settings, burst: bool = False, queues: tuple[str, ...] = QUEU
             scorer.join()
 
 
+MAINTENANCE_SECONDS = 60
+"""How often a worker looks for jobs whose worker died (RQ's default is 10 minutes): such a job is retried, or
+recorded failed, within about this plus RQ's 90-second heartbeat."""
+
+
 def _run_worker(settings: Settings, queue: str, burst: bool = False, scheduler: bool = False) -> None:
     connection = redis.Redis.from_url(settings.redis_url)
-    Worker([Queue(queue, connection=connection)], connection=connection).work(
+    Worker([Queue(queue, connection=connection)], connection=connection,
+           maintenance_interval=MAINTENANCE_SECONDS).work(
         burst=burst, logging_level=settings.log_level, with_scheduler=scheduler)
 
 
@@ -162,17 +169,88 @@ def run_training_job(project: int, generation: int) -> dict[str, Any]:
 
 def run_rescoring_job(project: int) -> dict[str, Any]:
     """The RQ job that re-scores a project's pool with its served version; the new tasks that were waiting when it
-    began are scored with the pool (their ids leave the waiting set once it succeeds)."""
-    from ale_backend.rescoring import rescore_project
+    began are scored with the pool (their ids leave the waiting set once it succeeds). A pool of more than
+    ``RESCORE_PART_TASKS`` tasks is split into parts that every scoring worker takes
+    (:func:`run_rescoring_part`), and :func:`run_rescoring_finish` ends it."""
+    from ale_backend.label_studio import LabelStudioClient
+    from ale_backend.registry import served_source
+    from ale_backend.rescoring import rescore_project, split, unlabelled_ids
 
     def score(settings, report, connection, key):
         waiting = connection.smembers(key(project, "arrived"))  # before the pool is listed: it holds them
-        result = rescore_project(project, settings, report)
-        if waiting:
+        slot = _import_slot(settings, connection, project)
+        client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
+        ids = unlabelled_ids(project, client)
+        if len(ids) <= settings.rescore_part_tasks:
+            result = rescore_project(project, settings, report, client=client, import_slot=slot)
+            if waiting:
+                connection.srem(key(project, "arrived"), *waiting)
+            return result
+        version = served_source(settings, project).version
+        # the version's earlier predictions go first, as a single job's first import does (a clean start)
+        client.delete_model_version(project, version)
+        parts = split(ids, settings.rescore_part_tasks)
+        names = Names(settings)
+        job = get_current_job()
+        finish = enqueue_rescoring_parts(Queue(names.scoring_queue, connection=connection), names,
+                                         job.id if job else names.rescoring_job(project, None), project, version,
+                                         parts, sorted(int(i) for i in waiting), settings.train_timeout)
+        logger.info("project %s: %d unlabelled tasks to score with %s, in %d parts; %s ends it", project, len(ids),
+                    version, len(parts), finish)
+        return {"status": f"split into {len(parts)} parts", "model_version": version, "scored": 0,
+                "parts": len(parts), "finish_job": finish}
+
+    return _scoring_job(project, "rescore", score)
+
+
+def run_rescoring_part(project: int, version: str, task_ids: list[int]) -> dict[str, Any]:
+    """The RQ job of one part of a split re-scoring (retried when it fails or its worker dies; a part done twice
+    gives no task two predictions)."""
+    from ale_backend.rescoring import rescore_part
+
+    _die_with_worker()
+    settings = _settings()
+    connection = redis.Redis.from_url(settings.redis_url)
+    job = get_current_job()
+    report = _reporter(job, project)
+    return rescore_part(project, version, task_ids, settings, report,
+                        import_slot=_import_slot(settings, connection, project))
+
+
+def run_rescoring_finish(project: int, version: str, part_ids: list[str], waiting: list[int]) -> dict[str, Any]:
+    """The RQ job that ends a split re-scoring once every part has ended: the project switches to ``version`` if
+    every part succeeded; otherwise it stays on its previous version and the failure is recorded (and the new tasks
+    that were waiting go to an arrivals job)."""
+    from rq.job import Job, JobStatus
+
+    from ale_backend.rescoring import RescoringError, finish_parts
+
+    def score(settings, report, connection, key):
+        results, failures = [], []
+        for number, jid in enumerate(part_ids, 1):
+            job = Job.fetch(jid, connection=connection)
+            if job.get_status() == JobStatus.FINISHED:
+                results.append(job.return_value())
+            else:
+                last = job.latest_result()
+                reason = (last.exc_string or "").strip().splitlines()[-1:] if last else []
+                failures.append(f"part {number} {job.get_status()}" + (f": {reason[0]}" if reason else ""))
+        if failures:
+            raise RescoringError(f"{len(failures)} of {len(part_ids)} parts failed ({'; '.join(failures[:3])}); the "
+                                 "project stays on its previous model version")
+        result = finish_parts(project, version, results, settings)
+        if waiting and result["status"] != "superseded":
             connection.srem(key(project, "arrived"), *waiting)
         return result
 
     return _scoring_job(project, "rescore", score)
+
+
+def _import_slot(settings: Settings, connection: redis.Redis, project: int):
+    """What a scoring job's imports wait on: one of the project's ``IMPORTS_PER_PROJECT`` slots."""
+    from functools import partial
+
+    return partial(import_slot, connection, Names(settings), project, settings.imports_per_project)
 
 
 def run_arrivals_job(project: int) -> dict[str, Any]:
@@ -190,7 +268,7 @@ def run_arrivals_job(project: int) -> dict[str, Any]:
             return {"status": "left to the waiting re-scoring", "model_version": version, "scored": 0,
                     "rescoring_job": waiting, "waiting_tasks": len(ids)}
         report("scoring new tasks", tasks=len(ids))
-        result = score_arrivals(project, ids, settings, report)
+        result = score_arrivals(project, ids, settings, report, import_slot=_import_slot(settings, connection, project))
         if taken:
             connection.srem(key(project, "arrived"), *taken)
         return result

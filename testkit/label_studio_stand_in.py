@@ -46,7 +46,8 @@ class FakeLabelStudio:
     ``/together/...`` answers only when ``barrier.parties`` requests wait at once (proof of concurrent fetching);
     ``/redirect?to=<url>`` answers 302 to that URL; ``/drip?every=<seconds>`` sends a 1000-byte body one byte at a time.
     ``projects`` maps a project id to ``{"label_config": ..., "tasks": [...]}``, served by ``/api/projects/<id>/``
-    and ``/api/tasks/?project=<id>&page=&page_size=`` (paginated like Label Studio: ``{"tasks", "total"}``).
+    and ``/api/tasks/?project=<id>&page=&page_size=`` (paginated like Label Studio: ``{"tasks", "total"}``; each
+    task lists the predictions imported for it, as ``fields=all`` does).
     """
 
     def __init__(self, root: Path, legacy_token: str, refresh_token: str, access_token: str):
@@ -63,6 +64,11 @@ class FakeLabelStudio:
         """The next this many API requests answer 503, as an overloaded Label Studio would."""
         self.import_failures_after_commit = 0
         """The next this many prediction imports are stored, then answered 504 (a proxy that timed out waiting)."""
+        self.import_seconds = 0.0
+        """How long each prediction import takes."""
+        self.importing = self.most_importing = 0
+        """Prediction imports in progress now, and the most there were at once."""
+        self.lock = threading.Lock()
         self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self._httpd.stand_in = self
         self._httpd.daemon_threads = True
@@ -93,6 +99,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(length) or b"{}")
         if self.path.startswith("/api/projects/") and self.path.endswith("/import/predictions"):
             project = int(self.path.split("/")[3])
+            with self.stand_in.lock:
+                self.stand_in.importing += 1
+                self.stand_in.most_importing = max(self.stand_in.most_importing, self.stand_in.importing)
+            time.sleep(self.stand_in.import_seconds)
+            with self.stand_in.lock:
+                self.stand_in.importing -= 1
             created = body[: self.stand_in.max_created] if self.stand_in.max_created is not None else body
             self.stand_in.predictions.setdefault(project, []).extend(created)
             if self.stand_in.import_failures_after_commit > 0:
@@ -215,6 +227,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 return self._send(404, b'{"detail": "Not found."}', "application/json")
             page, size = int(query.get("page", ["1"])[0]), int(query.get("page_size", ["100"])[0])
             tasks = project["tasks"][(page - 1) * size: page * size]
+            imported = self.stand_in.predictions.get(int(query["project"][0]), [])
+            tasks = [{**task, "predictions": [*task.get("predictions", []),  # as fields=all lists them
+                                              *(p for p in imported if p.get("task") == task["id"])]}
+                     for task in tasks]
             if page > 1 and not tasks:
                 return self._send(404, b'{"detail": "Invalid page."}', "application/json")
             body = {"tasks": tasks, "total": len(project["tasks"])}

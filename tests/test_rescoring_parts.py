@@ -1,0 +1,166 @@
+"""A pool re-scored in parts by several scoring workers: real RQ worker processes and a real Redis; Label Studio is
+the local stand-in (it lists the predictions imported for each task, as ``fields=all`` does)."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import redis
+from rq import Queue, Worker
+from rq.job import Job
+
+from ale_backend.jobs import PART_RETRY, Names, enqueue_rescoring
+from ale_backend.model_source import resolve_model_source
+from ale_backend.rescoring import finish_parts, rescore_part, split, unlabelled_ids
+from testkit.label_studio_stand_in import add_project
+from testkit.stack import stop
+from tests.conftest import ROOT
+
+PROJECT = 41
+
+
+@pytest.fixture()
+def pool(settings, label_studio, redis_url, tmp_path):
+    """Project 41: 4 labelled tasks and 26 unlabelled ones; settings that split its pool into parts of 8."""
+    redis.Redis.from_url(redis_url).flushdb()
+    add_project(label_studio, PROJECT, n_tasks=30, seed=3, size=96)
+    for task in label_studio.projects[PROJECT]["tasks"][4:]:
+        task["annotations"] = []
+    app_settings = dataclasses.replace(settings, model_dir=tmp_path / "models", label_studio_url=label_studio.url,
+                                       label_studio_api_key=label_studio.legacy_token, redis_url=redis_url,
+                                       rescore_part_tasks=8, imports_per_project=1, imgsz=96)
+    unlabelled = [t["id"] for t in label_studio.projects[PROJECT]["tasks"][4:]]
+    return app_settings, unlabelled
+
+
+def predictions_per_task(label_studio, version):
+    return collections.Counter(p["task"] for p in label_studio.predictions.get(PROJECT, [])
+                               if p["model_version"] == version)
+
+
+def test_a_part_done_twice_gives_each_task_one_prediction_and_the_end_switches_the_version(pool, label_studio):
+    app_settings, unlabelled = pool
+    version = resolve_model_source(app_settings).version
+    from ale_backend.label_studio import LabelStudioClient
+
+    client = LabelStudioClient(app_settings.label_studio_url, app_settings.label_studio_api_key)
+    ids = unlabelled_ids(PROJECT, client)
+    assert ids == unlabelled and [len(p) for p in split(ids, 8)] == [8, 8, 8, 2]
+    first = rescore_part(PROJECT, version, ids[:8], app_settings, page_size=3)
+    again = rescore_part(PROJECT, version, ids[:8], app_settings, page_size=3)  # a retry after it got this far
+    assert first["scored"] == 8 and (again["scored"], again["already_scored"]) == (0, 8)
+    assert predictions_per_task(label_studio, version) == {task: 1 for task in ids[:8]}
+    assert "model_version" not in label_studio.projects[PROJECT]  # parts never switch
+    rest = rescore_part(PROJECT, version, ids[8:], app_settings, page_size=5)
+    result = finish_parts(PROJECT, version, [again, rest], app_settings)  # the last try of each part
+    assert result["status"] == "rescored" and result["scored"] == 26
+    assert label_studio.projects[PROJECT]["model_version"] == version
+    # a part that finds the project served another version scores nothing, and the end does not switch
+    other = rescore_part(PROJECT, "another-version", ids[:8], app_settings)
+    assert other["status"] == "superseded" and other["scored"] == 0
+    label_studio.projects[PROJECT]["model_version"] = "before"
+    assert finish_parts(PROJECT, "another-version", [other], app_settings)["status"] == "superseded"
+    assert label_studio.projects[PROJECT]["model_version"] == "before"
+
+
+@pytest.fixture()
+def scoring_workers(pool):
+    """Start ``n`` scoring worker processes (``--queues scoring``), each with a MODEL_DIR of its own."""
+    app_settings, _ = pool
+    processes = []
+
+    def start(n: int) -> None:
+        for i in range(n):
+            env = {**os.environ, **dataclasses.replace(app_settings, model_dir=app_settings.model_dir / f"w{i}"
+                                                       ).to_env()}
+            processes.append(subprocess.Popen([sys.executable, "-m", "ale_backend", "worker", "--queues", "scoring"],
+                                              cwd=ROOT, env=env, start_new_session=True))
+        connection = redis.Redis.from_url(app_settings.redis_url)
+        queue = Queue(Names(app_settings).scoring_queue, connection=connection)
+        deadline = time.monotonic() + 120
+        while len(Worker.all(queue=queue)) < n:
+            assert time.monotonic() < deadline, "the scoring workers did not start"
+            time.sleep(0.5)
+
+    yield start
+    for process in processes:
+        stop(process)
+
+
+def last_result(app_settings) -> dict | None:
+    raw = redis.Redis.from_url(app_settings.redis_url).get(Names(app_settings).key(PROJECT, "last-result"))
+    return json.loads(raw) if raw else None
+
+
+def wait_for_end(app_settings, timeout=300) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = last_result(app_settings)
+        if result and result["status"] not in ("split into 4 parts",):
+            return result
+        time.sleep(0.5)
+    raise AssertionError(f"the re-scoring did not end; last result: {last_result(app_settings)}")
+
+
+def test_two_workers_share_the_parts_one_import_at_a_time_and_the_version_switches_once(
+        pool, label_studio, scoring_workers):
+    app_settings, unlabelled = pool
+    version = resolve_model_source(app_settings).version
+    label_studio.import_seconds = 0.5  # imports overlap unless something holds them apart
+    scoring_workers(2)
+    connection = redis.Redis.from_url(app_settings.redis_url)
+    names = Names(app_settings)
+    jid = enqueue_rescoring(Queue(names.scoring_queue, connection=connection), names, PROJECT, version, 600)
+    result = wait_for_end(app_settings)
+    assert result["status"] == "rescored" and result["scored"] == 26, result
+    assert predictions_per_task(label_studio, version) == {task: 1 for task in unlabelled}
+    assert label_studio.projects[PROJECT]["model_version"] == version
+    assert label_studio.most_importing == 1  # IMPORTS_PER_PROJECT=1, whatever the number of workers
+    parts = [Job.fetch(names.rescoring_part(jid, n), connection=connection) for n in range(1, 5)]
+    assert len({job.worker_name for job in parts}) == 2  # both workers took parts
+
+
+def test_a_part_that_fails_is_done_again_without_duplicates(pool, label_studio, scoring_workers):
+    app_settings, unlabelled = pool
+    version = resolve_model_source(app_settings).version
+    label_studio.import_failures_after_commit = 1  # one import is stored, then answered 504
+    scoring_workers(1)
+    connection = redis.Redis.from_url(app_settings.redis_url)
+    names = Names(app_settings)
+    jid = enqueue_rescoring(Queue(names.scoring_queue, connection=connection), names, PROJECT, version, 600)
+    result = wait_for_end(app_settings, timeout=300)
+    assert predictions_per_task(label_studio, version) == {task: 1 for task in unlabelled}
+    parts = [Job.fetch(names.rescoring_part(jid, n), connection=connection) for n in range(1, 5)]
+    retried = [job for job in parts if job.retries_left < len(PART_RETRY)]
+    assert len(retried) == 1
+    # the try that failed had imported its page: the retry found those tasks scored and left them
+    assert result["status"] == "rescored" and result["scored"] == 26, result
+    assert retried[0].return_value()["already_scored"] == len(retried[0].args[2])
+
+
+def test_a_part_that_keeps_failing_leaves_the_project_on_its_version_and_says_why(pool, label_studio,
+                                                                                   scoring_workers):
+    app_settings, _ = pool
+    version = resolve_model_source(app_settings).version
+    label_studio.projects[PROJECT]["model_version"] = "before"
+    label_studio.max_created = 0  # every import is refused (Label Studio creates none of the predictions)
+    scoring_workers(1)
+    connection = redis.Redis.from_url(app_settings.redis_url)
+    names = Names(app_settings)
+    enqueue_rescoring(Queue(names.scoring_queue, connection=connection), names, PROJECT, version, 600)
+    deadline = time.monotonic() + 400
+    while True:
+        failure = connection.get(names.key(PROJECT, "last-failure"))
+        if failure and "parts failed" in json.loads(failure)["error"]:
+            break
+        assert time.monotonic() < deadline, "the failure was not recorded"
+        time.sleep(1)
+    assert "4 of 4 parts failed" in json.loads(failure)["error"] and "created 0 of" in json.loads(failure)["error"]
+    assert label_studio.projects[PROJECT]["model_version"] == "before"
