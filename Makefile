@@ -14,7 +14,7 @@ STAMP   := $(VENV)/.installed
 LS_VENV ?= .venv-label-studio
 LS_STAMP := $(LS_VENV)/.installed
 
-.PHONY: install run label-studio test lint bench-predict bench-training bench-epoch bench-rescoring bench-gpu clean
+.PHONY: install run label-studio test lint bench-predict bench-training bench-epoch bench-rescoring bench-fanout bench-gpu clean
 
 install: $(STAMP)
 
@@ -58,6 +58,10 @@ bench-epoch: install
 
 bench-rescoring: install $(LS_STAMP)
 	LABEL_STUDIO_BIN=$(abspath $(LS_VENV))/bin/label-studio $(BIN)/python -m benchmarks.rescoring_speed
+
+# A pool re-scored in parts by 1, 2 and 4 scoring workers (docs/speed.md)
+bench-fanout: install
+	$(BIN)/python -m benchmarks.rescoring_fanout
 
 # On a machine with one GPU: predict (fp32, half) and epoch time, under 5 minutes
 bench-gpu: install

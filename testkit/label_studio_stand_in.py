@@ -47,7 +47,8 @@ class FakeLabelStudio:
     ``/redirect?to=<url>`` answers 302 to that URL; ``/drip?every=<seconds>`` sends a 1000-byte body one byte at a time.
     ``projects`` maps a project id to ``{"label_config": ..., "tasks": [...]}``, served by ``/api/projects/<id>/``
     and ``/api/tasks/?project=<id>&page=&page_size=`` (paginated like Label Studio: ``{"tasks", "total"}``; each
-    task lists the predictions imported for it, as ``fields=all`` does).
+    task lists the predictions imported for it, as ``fields=all`` does; the Data Manager filters the backend sends,
+    an id range and "no annotation", are applied).
     """
 
     def __init__(self, root: Path, legacy_token: str, refresh_token: str, access_token: str):
@@ -226,14 +227,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if project is None:
                 return self._send(404, b'{"detail": "Not found."}', "application/json")
             page, size = int(query.get("page", ["1"])[0]), int(query.get("page_size", ["100"])[0])
-            tasks = project["tasks"][(page - 1) * size: page * size]
-            imported = self.stand_in.predictions.get(int(query["project"][0]), [])
-            tasks = [{**task, "predictions": [*task.get("predictions", []),  # as fields=all lists them
-                                              *(p for p in imported if p.get("task") == task["id"])]}
-                     for task in tasks]
+            chosen = [task for task in project["tasks"] if _matches(task, query)]
+            tasks = chosen[(page - 1) * size: page * size]
+            imported: dict[int, list] = {}
+            for prediction in self.stand_in.predictions.get(int(query["project"][0]), []):
+                imported.setdefault(prediction.get("task"), []).append(prediction)
+            tasks = [{**task, "predictions": [*task.get("predictions", []), *imported.get(task["id"], [])]}
+                     for task in tasks]  # as fields=all lists them
             if page > 1 and not tasks:
                 return self._send(404, b'{"detail": "Invalid page."}', "application/json")
-            body = {"tasks": tasks, "total": len(project["tasks"])}
+            body = {"tasks": tasks, "total": len(chosen)}
             return self._send(200, json.dumps(body).encode(), "application/json")
         return self._send(404, b'{"detail": "Not found."}', "application/json")
 
@@ -243,6 +246,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+
+def _matches(task: dict, query: dict) -> bool:
+    """Whether ``task`` passes the Data Manager filters of ``query`` the backend sends (id range, no annotation)."""
+    if "query" not in query:
+        return True
+    for item in json.loads(query["query"][0]).get("filters", {}).get("items", []):
+        field, value = item["filter"].rsplit(":", 1)[-1], item["value"]
+        actual = task["id"] if field == "id" else len(task.get("annotations") or []) if field == "total_annotations" \
+            else None
+        if actual is None:
+            continue  # a filter the stand-in does not know: not applied
+        if not {"equal": actual == value, "greater_or_equal": actual >= value,
+                "less_or_equal": actual <= value}.get(item["operator"], True):
+            return False
+    return True
 
 
 def make_jwt(token_type: str, lifetime_s: int = 3600) -> str:
