@@ -158,3 +158,12 @@ def label_studio(tmp_path):
         yield server
 
 
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
+    """``predicate()``'s first true value, asked every ``interval`` seconds; fails after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")

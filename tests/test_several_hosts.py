@@ -27,7 +27,7 @@ from ale_backend.registry import Registry
 from testkit import synthetic
 from testkit.label_studio_stand_in import LABEL_CONFIG, add_project, annotated_task
 from testkit.stack import S3_KEYS, free_port, serving, start_s3_server, stop, wait_until_up
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_for
 
 BUCKET = "ale-hosts"
 PREFIX = "team/models"
@@ -92,16 +92,6 @@ def status(url: str, project: int) -> dict:
     response = requests.get(f"{url}/status", params={"project": project}, timeout=30)
     assert response.status_code == 200, response.text
     return response.json()
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def annotate_more(label_studio, project: int, n: int, seed: int) -> None:

@@ -37,7 +37,7 @@ from ale_backend.training import RECIPES, NothingToTrain, fine_tune, promotion, 
 from testkit import synthetic
 from testkit.label_studio_stand_in import LABEL_CONFIG, add_project
 from testkit.stack import stop
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_for
 
 
 @pytest.fixture()
@@ -81,16 +81,6 @@ def work_horse(worker: subprocess.Popen) -> psutil.Process | None:
 
 def webhook(client, action, project, **extra):
     return client.post("/webhook", json={"action": action, "project": {"id": project}, **extra})
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def status(client, project):
