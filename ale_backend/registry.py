@@ -36,7 +36,7 @@ from typing import Any
 
 from ale_backend.label_studio import project_id
 from ale_backend.model_source import ModelSource, resolve_model_source
-from ale_backend.object_store import Changed, FolderStore, NotStored, ObjectStore, open_store
+from ale_backend.object_store import Changed, FolderStore, NotStored, ObjectStore, StoreError, open_store
 from ale_backend.pretrained import ModelFetchError, bring, file_sha256
 from ale_backend.project_files import OWNER, ModelDir, ModelDirTaken, ProjectFiles
 from ale_backend.settings import Settings, label_studio_instance
@@ -128,13 +128,19 @@ class Registry:
         instance = label_studio_instance(label_studio_url)
         key = f"projects/{OWNER}"
         try:
-            recorded = json.loads(self.store.read(key).data)
-        except NotStored:
             try:
-                self.store.replace(key, json.dumps({"url": label_studio_url, "instance": instance}).encode(), None)
-                return
-            except Changed:  # another host recorded one meanwhile
                 recorded = json.loads(self.store.read(key).data)
+            except NotStored:
+                try:
+                    self.store.replace(key, json.dumps({"url": label_studio_url, "instance": instance}).encode(), None)
+                    return
+                except Changed:  # another host recorded one meanwhile
+                    recorded = json.loads(self.store.read(key).data)
+        except (ModelDirTaken, StoreError):
+            raise
+        except Exception as exc:  # unreachable, no access, no such bucket: say so at start-up
+            raise StoreError(f"MODEL_REGISTRY {self.location} cannot be read ({type(exc).__name__}: {exc}): check the "
+                             "bucket, the credentials (AWS_ACCESS_KEY_ID...) and AWS_ENDPOINT_URL") from exc
         if recorded.get("instance") != instance:
             raise ModelDirTaken(
                 f"MODEL_REGISTRY {self.location} holds the models of the Label Studio at {recorded.get('url')}, not "

@@ -249,6 +249,12 @@ def test_a_worker_refuses_a_store_that_ignores_conditional_writes_or_cannot_be_w
     result = subprocess.run([sys.executable, "-m", "ale_backend", "worker", "--burst"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "s3://no-such-bucket/p cannot be written" in result.stderr, result.stderr
+    # with a Label Studio to record, the first read says it
+    env["LABEL_STUDIO_URL"] = "http://label-studio.example.org:8080"
+    result = subprocess.run([sys.executable, "-m", "ale_backend", "worker", "--burst"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "MODEL_REGISTRY s3://no-such-bucket/p cannot be read (NoSuchBucket" in \
+        result.stderr, result.stderr
 
 
 def test_a_bucket_holds_one_label_studio_instances_projects_and_who_is_connected(tmp_path, bucket, weights):
