@@ -101,14 +101,15 @@ def work(settings: Settings, burst: bool = False, queues: tuple[str, ...] = QUEU
 
 
 MAINTENANCE_SECONDS = 60
-"""How often a worker looks for jobs whose worker died (RQ's default is 10 minutes): such a job is retried, or
-recorded failed, within about this plus RQ's 90-second heartbeat."""
+"""How often a worker looks for jobs whose worker died (RQ's default is 10 minutes, and an idle worker wakes only
+every ``worker_ttl`` less 15 s, 405 s by default, so the worker's TTL is lowered to match): such a job is retried,
+or recorded failed, within about three minutes (RQ's 90-second heartbeat, then at most this plus 45 s)."""
 
 
 def _run_worker(settings: Settings, queue: str, burst: bool = False, scheduler: bool = False) -> None:
     connection = redis.Redis.from_url(settings.redis_url)
-    Worker([Queue(queue, connection=connection)], connection=connection,
-           maintenance_interval=MAINTENANCE_SECONDS).work(
+    Worker([Queue(queue, connection=connection)], connection=connection, maintenance_interval=MAINTENANCE_SECONDS,
+           worker_ttl=MAINTENANCE_SECONDS).work(
         burst=burst, logging_level=settings.log_level, with_scheduler=scheduler)
 
 

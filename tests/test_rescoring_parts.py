@@ -88,6 +88,7 @@ def scoring_workers(pool):
         while len(Worker.all(queue=queue)) < n:
             assert time.monotonic() < deadline, "the scoring workers did not start"
             time.sleep(0.5)
+        return processes
 
     yield start
     for process in processes:
@@ -164,3 +165,33 @@ def test_a_part_that_keeps_failing_leaves_the_project_on_its_version_and_says_wh
         time.sleep(1)
     assert "4 of 4 parts failed" in json.loads(failure)["error"] and "created 0 of" in json.loads(failure)["error"]
     assert label_studio.projects[PROJECT]["model_version"] == "before"
+
+
+def test_a_part_whose_worker_dies_is_done_again_by_another(pool, label_studio, scoring_workers):
+    """A scoring host killed (-9) in the middle of a part: RQ finds the part abandoned (its heartbeat stopped) and
+    runs it again on the other worker; no task gets two predictions, none is left without."""
+    import psutil
+
+    app_settings, unlabelled = pool
+    version = resolve_model_source(app_settings).version
+    label_studio.import_seconds = 3.0  # parts last long enough to be caught in the middle
+    processes = scoring_workers(2)
+    connection = redis.Redis.from_url(app_settings.redis_url)
+    names = Names(app_settings)
+    jid = enqueue_rescoring(Queue(names.scoring_queue, connection=connection), names, PROJECT, version, 600)
+    deadline = time.monotonic() + 120
+    while not label_studio.importing:  # a part is importing: kill the worker whose horse runs it
+        assert time.monotonic() < deadline, "no import started"
+        time.sleep(0.05)
+    busy = [p for p in processes if psutil.Process(p.pid).children()]
+    doomed = busy[0]
+    for process in [*psutil.Process(doomed.pid).children(recursive=True), psutil.Process(doomed.pid)]:
+        process.kill()
+    killed_at = time.monotonic()
+    result = wait_for_end(app_settings, timeout=420)
+    assert result["status"] == "rescored" and result["scored"] == 26, result
+    assert predictions_per_task(label_studio, version) == {task: 1 for task in unlabelled}
+    assert label_studio.projects[PROJECT]["model_version"] == version
+    parts = [Job.fetch(names.rescoring_part(jid, n), connection=connection) for n in range(1, 5)]
+    assert any(job.retries_left < len(PART_RETRY) for job in parts)  # the abandoned one ran again
+    print(f"re-scoring ended {time.monotonic() - killed_at:.0f} s after a worker was killed")
