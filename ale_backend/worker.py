@@ -5,8 +5,10 @@
 in this process and the scoring queue in a child process (:func:`_scoring_worker`), so that new tasks are scored
 while a round trains (see :mod:`ale_backend.jobs`); ``--queues training`` or ``--queues scoring`` runs one of them,
 for hosts that do one kind of work (any number of hosts may serve a queue: they meet in Redis and, with
-``MODEL_REGISTRY=s3://...``, in the bucket). RQ runs each job in a work horse forked from its worker, which
-inherits those settings; a job reads them with :func:`_settings`.
+``MODEL_REGISTRY=s3://...``, in the bucket). A training job runs in a work horse that RQ forks from its worker,
+which inherits those settings; scoring jobs run in the scoring worker's own process (:class:`ScoringWorker`), so
+that the models they load stay loaded for the next part or arrivals job. A job reads the settings with
+:func:`_settings`.
 
 :func:`run_training_job` takes the project's lock (:mod:`ale_backend.lock`), claims its generation (new events now
 make a new waiting job; see :mod:`ale_backend.jobs`), runs :func:`ale_backend.training.train_project` and records
@@ -16,7 +18,8 @@ Scoring jobs take no project lock (they only read the served version). Progress 
 meta, for the status.
 
 RQ runs each horse in a process group of its own, so stopping the worker's group would leave the horse training:
-the horse asks the kernel to kill it when the worker dies (:func:`_die_with_worker`).
+the horse asks the kernel to kill it when the worker dies (:func:`_die_with_worker`). The scoring worker of a
+combined worker is its child process, started again when it dies (:func:`_supervise`).
 """
 
 from __future__ import annotations
@@ -27,11 +30,13 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 from contextlib import contextmanager
 from typing import Any
 
 import redis
-from rq import Queue, Worker, get_current_job
+from rq import Queue, SimpleWorker, Worker, get_current_job
+from rq.worker import BaseWorker, WorkerStatus
 
 from ale_backend.announcements import announce
 from ale_backend.jobs import (
@@ -86,18 +91,39 @@ def work(settings: Settings, burst: bool = False, queues: tuple[str, ...] = QUEU
     if "training" not in queues:
         _run_worker(settings, names.scoring_queue, scheduler=True)  # RQ's scheduler runs the arrivals' retries
         return
-    scorer = None
+    stopping = threading.Event()
+    scorer = threading.Thread(target=_supervise, args=(settings, stopping), name="scoring-supervisor", daemon=True)
     if "scoring" in queues:
-        scorer = multiprocessing.get_context("spawn").Process(target=_scoring_worker, args=(settings,),
-                                                              name="scoring-worker")
         scorer.start()
     try:
         _run_worker(settings, names.queue)
     finally:
-        if scorer is not None:
-            if scorer.is_alive():
-                scorer.terminate()  # RQ's warm shutdown: a scoring job in progress finishes first
+        stopping.set()
+        if scorer.is_alive():
             scorer.join()
+
+
+SCORER_RESTART_SECONDS = 5.0
+"""How long a combined worker waits before it starts its scoring worker again after it died."""
+
+
+def _supervise(settings: Settings, stopping: threading.Event) -> None:
+    """A combined worker's thread that keeps its scoring worker (a child process) running: started at once, started
+    again when it dies (a job that took all the memory, a kill), stopped with RQ's warm shutdown (a scoring job in
+    progress finishes first) when the training worker stops."""
+    while not stopping.is_set():
+        scorer = multiprocessing.get_context("spawn").Process(target=_scoring_worker, args=(settings,),
+                                                              name="scoring-worker")
+        scorer.start()
+        while scorer.is_alive() and not stopping.wait(0.5):
+            pass
+        if scorer.is_alive():
+            scorer.terminate()
+        scorer.join()
+        if stopping.wait(SCORER_RESTART_SECONDS):  # it ended with the worker (a Ctrl-C reaches both)
+            return
+        logger.error("the scoring worker (pid %s) ended with exit code %s; started again", scorer.pid,
+                     scorer.exitcode)
 
 
 MAINTENANCE_SECONDS = 60
@@ -106,10 +132,50 @@ every ``worker_ttl`` less 15 s, 405 s by default, so the worker's TTL is lowered
 or recorded failed, within about three minutes (RQ's 90-second heartbeat, then at most this plus 45 s)."""
 
 
+class ScoringWorker(SimpleWorker):
+    """An RQ worker that runs each job in its own process instead of a forked work horse: a scoring job's models
+    (:func:`ale_backend.detector.get_detector`) and imports stay loaded for the next job, where a horse would load
+    them again for every part of a re-scoring. While a job runs, a thread keeps its heartbeat as RQ's forking worker
+    does, so that a worker that dies mid-job is found within a minute and a half and its job retried, as with a
+    horse (RQ's own in-process worker holds the heartbeat for the job's whole timeout)."""
+
+    def execute_job(self, job, queue) -> None:
+        execution = self.prepare_execution(job)
+        done = threading.Event()
+
+        def keep_heartbeat() -> None:
+            while not done.wait(self.job_monitoring_interval):
+                try:
+                    self.maintain_heartbeats(job, execution)
+                except Exception as exc:  # Redis away for a moment: the next beat tries again
+                    logger.warning("heartbeat of job %s: %s", job.id, exc)
+
+        beat = threading.Thread(target=keep_heartbeat, name=f"heartbeat-{job.id}", daemon=True)
+        beat.start()
+        try:
+            self.perform_job(job, queue, execution)
+        finally:
+            done.set()
+            beat.join()
+        self.set_state(WorkerStatus.IDLE)
+
+    def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
+        return BaseWorker.get_heartbeat_ttl(self, job, working_time)  # bounded by the beat, not the job's timeout
+
+
+_worker_pid: int | None = None
+"""The process that runs the RQ worker: a job that runs elsewhere runs in a forked work horse."""
+
+
 def _run_worker(settings: Settings, queue: str, burst: bool = False, scheduler: bool = False) -> None:
+    """Serve ``queue``: scoring jobs in this process (:class:`ScoringWorker`), training jobs each in a work horse
+    (a round's memory goes back when it ends, a GPU's too)."""
+    global _worker_pid
+    _worker_pid = os.getpid()
     connection = redis.Redis.from_url(settings.redis_url)
-    Worker([Queue(queue, connection=connection)], connection=connection, maintenance_interval=MAINTENANCE_SECONDS,
-           worker_ttl=MAINTENANCE_SECONDS).work(
+    kind = ScoringWorker if queue == Names(settings).scoring_queue else Worker
+    kind([Queue(queue, connection=connection)], connection=connection, maintenance_interval=MAINTENANCE_SECONDS,
+         worker_ttl=MAINTENANCE_SECONDS).work(
         burst=burst, logging_level=settings.log_level, with_scheduler=scheduler)
 
 
@@ -282,6 +348,7 @@ def _scoring_job(project: int, kind: str, score) -> dict[str, Any]:
     the status, the outcome recorded."""
     _die_with_worker()
     settings = _settings()
+    registry_for(settings).forget(project)  # the scoring worker lives on: read the served version now
     names = Names(settings)
     connection = redis.Redis.from_url(settings.redis_url)
     job = get_current_job()
@@ -355,7 +422,8 @@ def _die_with_worker() -> None:
     """In RQ's work horse: be killed when the worker process dies (Linux ``PR_SET_PDEATHSIG``).
 
     The horse runs in a process group of its own, so stopping the worker's group, or killing the worker, would leave
-    it training (and holding the project lock) with nobody to record how it ends.
+    it training (and holding the project lock) with nobody to record how it ends. A job that runs in the worker's
+    own process (:class:`ScoringWorker`) has no horse: nothing to do.
     """
-    if get_current_job() is not None:
+    if get_current_job() is not None and os.getpid() != _worker_pid:
         _die_with_parent()

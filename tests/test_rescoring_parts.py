@@ -71,8 +71,9 @@ def test_a_part_done_twice_gives_each_task_one_prediction_and_the_end_switches_t
 
 
 @pytest.fixture()
-def scoring_workers(pool):
-    """Start ``n`` scoring worker processes (``--queues scoring``), each with a MODEL_DIR of its own."""
+def scoring_workers(pool, tmp_path):
+    """Start ``n`` scoring worker processes (``--queues scoring``), each with a MODEL_DIR of its own; worker i logs
+    to ``tmp_path / f"scoring-{i}.log"``."""
     app_settings, _ = pool
     processes = []
 
@@ -80,8 +81,10 @@ def scoring_workers(pool):
         for i in range(n):
             env = {**os.environ, **dataclasses.replace(app_settings, model_dir=app_settings.model_dir / f"w{i}"
                                                        ).to_env()}
-            processes.append(subprocess.Popen([sys.executable, "-m", "ale_backend", "worker", "--queues", "scoring"],
-                                              cwd=ROOT, env=env, start_new_session=True))
+            with open(tmp_path / f"scoring-{i}.log", "wb") as log:
+                processes.append(subprocess.Popen([sys.executable, "-m", "ale_backend", "worker", "--queues",
+                                                   "scoring"], cwd=ROOT, env=env, start_new_session=True,
+                                                  stdout=log, stderr=subprocess.STDOUT))
         connection = redis.Redis.from_url(app_settings.redis_url)
         queue = Queue(Names(app_settings).scoring_queue, connection=connection)
         deadline = time.monotonic() + 120
@@ -128,7 +131,7 @@ def test_two_workers_share_the_parts_one_import_at_a_time_and_the_version_switch
     assert len({job.worker_name for job in parts}) == 2  # both workers took parts
 
 
-def test_a_part_that_fails_is_done_again_without_duplicates(pool, label_studio, scoring_workers):
+def test_a_part_that_fails_is_done_again_without_duplicates(pool, label_studio, scoring_workers, tmp_path):
     app_settings, unlabelled = pool
     version = resolve_model_source(app_settings).version
     label_studio.import_failures_after_commit = 1  # one import is stored, then answered 504
@@ -144,6 +147,9 @@ def test_a_part_that_fails_is_done_again_without_duplicates(pool, label_studio, 
     # the try that failed had imported its page: the retry found those tasks scored and left them
     assert result["status"] == "rescored" and result["scored"] == 26, result
     assert retried[0].return_value()["already_scored"] == len(retried[0].args[2])
+    # the worker ran the four parts and the retry in its own process: it loaded the model once
+    log = (tmp_path / "scoring-0.log").read_text()
+    assert log.count(f"loaded model {version} ") == 1, log
 
 
 def test_a_part_that_keeps_failing_leaves_the_project_on_its_version_and_says_why(pool, label_studio,
@@ -180,11 +186,12 @@ def test_a_part_whose_worker_dies_is_done_again_by_another(pool, label_studio, s
     names = Names(app_settings)
     jid = enqueue_rescoring(Queue(names.scoring_queue, connection=connection), names, PROJECT, version, 600)
     deadline = time.monotonic() + 120
-    while not label_studio.importing:  # a part is importing: kill the worker whose horse runs it
+    while not label_studio.importing:  # a part is importing: kill the worker that runs it
         assert time.monotonic() < deadline, "no import started"
         time.sleep(0.05)
-    busy = [p for p in processes if psutil.Process(p.pid).children()]
-    doomed = busy[0]
+    queue = Queue(names.scoring_queue, connection=connection)
+    busy = {w.pid for w in Worker.all(queue=queue) if w.get_state() == "busy"}  # scoring runs in the worker itself
+    doomed = next(p for p in processes if p.pid in busy)
     for process in [*psutil.Process(doomed.pid).children(recursive=True), psutil.Process(doomed.pid)]:
         process.kill()
     killed_at = time.monotonic()

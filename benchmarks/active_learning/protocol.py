@@ -250,9 +250,10 @@ def data_source(config: BenchConfig, cache_dir: Path) -> DataSource:
 
 def _settings(config: BenchConfig, seed: int, work: Path) -> Settings:
     """A fine-tune's settings: the product's defaults (its recipe), the configuration's sizes and ``recipe``."""
-    return dataclasses.replace(_common_settings(config, seed, work), train_keep_best=config.keep_best,
-                               train_patience=config.finetune_patience or config.finetune_epochs + 1,
-                               **dict(config.recipe))
+    return dataclasses.replace(_common_settings(config, seed, work), **{
+        "train_keep_best": config.keep_best,
+        "train_patience": config.finetune_patience or config.finetune_epochs + 1,
+        **dict(config.recipe)})  # a recipe may set the epochs and patience too
 
 
 def _common_settings(config: BenchConfig, seed: int, work: Path) -> Settings:
