@@ -27,6 +27,7 @@ apart, and a worker only takes the jobs of the instance whose annotations it can
 
 from __future__ import annotations
 
+import collections
 import json
 import uuid
 from datetime import datetime, timezone
@@ -146,7 +147,8 @@ def enqueue_rescoring_parts(queue: Queue, names: Names, rescoring: str, project:
                                 job_id=names.rescoring_part(rescoring, 0), timeout=timeout, result_ttl=RESULT_TTL,
                                 failure_ttl=RESULT_TTL, depends_on=Dependency(jobs=jobs, allow_failure=True),
                                 description=f"end the re-scoring of project {project}",
-                                meta={"project": project, "stage": "queued"})
+                                meta={"project": project, "stage": f"waiting for {len(jobs)} parts",
+                                      "parts": [job.id for job in jobs]})
     return finish.id
 
 
@@ -185,6 +187,11 @@ def describe(jid: str, connection: redis.Redis) -> dict[str, Any] | None:
         return None
     status = job.get_status(refresh=True)
     info = {"id": jid, "status": status.value if status else None, **{k: v for k, v in job.meta.items()}}
+    if "parts" in info:  # the job that ends a split re-scoring: how far its parts are
+        parts = Job.fetch_many(info["parts"], connection=connection)
+        states = collections.Counter(getattr(part and part.get_status(refresh=False), "value", "gone")
+                                     for part in parts)
+        info["parts"] = {"of": len(info["parts"]), **{state: states[state] for state in sorted(states)}}
     for name in ("enqueued_at", "started_at", "ended_at"):
         value = getattr(job, name, None)
         if value:

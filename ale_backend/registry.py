@@ -81,6 +81,8 @@ class Serving:
 
     version: str | None
     problem: str | None = None
+    weights: Path | None = field(default=None, compare=False)
+    """The version's weights on this host, checked (None for the base model)."""
 
 
 _RECORD_FIELDS: dict[str, tuple[type, ...]] = {
@@ -239,17 +241,21 @@ class Registry:
         elif not self.has_version(project, name):
             problem = f"'current' names {name!r}, which project {project} does not have"
         else:
-            problem = self.check(project, name)
+            weights, problem = self._checked(project, name)
             if problem is None:
-                return Serving(name)
+                return Serving(name, weights=weights)
+        fallback, weights = None, None
         try:
-            fallback = next((info.version for info in reversed(self.versions(project))
-                             if info.promoted and info.version != name and self.check(project, info.version) is None),
-                            None)
+            for info in reversed(self.versions(project)):
+                if info.promoted and info.version != name:
+                    weights, failed = self._checked(project, info.version)
+                    if failed is None:
+                        fallback = info.version
+                        break
         except Exception as exc:  # the bucket does not answer
             logger.warning("project %s: no fallback version: %s cannot be listed (%s)", project, self.location, exc)
-            fallback = None
-        return Serving(fallback, f"{problem}; serving {fallback or 'the base model'} instead")
+        return Serving(fallback, f"{problem}; serving {fallback or 'the base model'} instead",
+                       weights if fallback else None)
 
     def has_version(self, project: int, version: str) -> bool:
         if self.store.is_local:
@@ -265,27 +271,32 @@ class Registry:
     def check(self, project: int, version: str) -> str | None:
         """What is wrong with a version's weights (missing, not the file registered, not a PyTorch archive), or
         None. With a bucket, this brings them to the host (checked before they are used)."""
+        return self._checked(project, version)[1]
+
+    def _checked(self, project: int, version: str) -> tuple[Path | None, str | None]:
+        """A version's weights on this host once checked, or what is wrong with them."""
         if self.store.is_local and not self.weights(project, version).is_file():
-            return f"version {version} has no weights file"
+            return None, f"version {version} has no weights file"
         try:
             info = self.info(project, version)
         except (OSError, ValueError, TypeError) as exc:
-            return f"version {version}'s record cannot be read ({type(exc).__name__})"
+            return None, f"version {version}'s record cannot be read ({type(exc).__name__})"
         except Exception as exc:  # the bucket does not answer
-            return f"version {version}'s record cannot be read from {self.location} ({type(exc).__name__})"
+            return None, f"version {version}'s record cannot be read from {self.location} ({type(exc).__name__})"
         try:
             weights = self.weights(project, version, info)
         except NotStored:
-            return f"version {version} has no weights file"
+            return None, f"version {version} has no weights file"
         except ModelFetchError as exc:
-            return str(exc)
+            return None, str(exc)
         except Exception as exc:  # the bucket does not answer
-            return f"version {version}'s weights cannot be brought from {self.location} ({type(exc).__name__})"
+            return None, (f"version {version}'s weights cannot be brought from {self.location} "
+                          f"({type(exc).__name__})")
         try:
             _check_registered(weights, info)
         except ModelFetchError as exc:
-            return str(exc)
-        return None
+            return None, str(exc)
+        return weights, None
 
     def version_dir(self, project: int, version: str) -> Path:
         """A version's folder (a registry in ``MODEL_DIR`` only)."""
@@ -460,7 +471,7 @@ def served_source(settings: Settings, project: Any) -> ModelSource:
     if serving.problem:
         _log_once(pid, serving.problem)
     if serving.version is not None:
-        source = ModelSource(str(registry.weights(pid, serving.version)), serving.version, False)
+        source = ModelSource(str(serving.weights), serving.version, False)  # checked by serving()
     else:
         source = resolve_model_source(settings)
     return replace(source, fallback=serving.problem or source.fallback)

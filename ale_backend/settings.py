@@ -89,6 +89,15 @@ def _optional_positive_float(raw: str) -> float | None:
     return None if not raw.strip() else _positive_float(raw)
 
 
+def _optional_decay(raw: str) -> float | None:
+    if not raw.strip():
+        return None
+    value = float(raw)
+    if not 0.0 < value < 1.0:
+        raise ValueError("expected a number between 0 and 1, both excluded")
+    return value
+
+
 def _strategy(raw: str) -> str:
     value = raw.strip().lower()
     if value not in STRATEGIES:
@@ -260,6 +269,7 @@ _VARIABLES: dict[str, tuple[str, str, Callable[[str], object]]] = {
     "train_warmup_epochs": ("TRAIN_WARMUP_EPOCHS", "", _optional_int),
     "train_close_mosaic": ("TRAIN_CLOSE_MOSAIC", "", _optional_int),
     "train_nominal_batch": ("TRAIN_NOMINAL_BATCH", "", _optional_positive_int),
+    "train_ema_decay": ("TRAIN_EMA_DECAY", "", _optional_decay),
     "train_mosaic": ("TRAIN_MOSAIC", "1.0", _unit_interval),
     "train_fliplr": ("TRAIN_FLIPLR", "0.5", _unit_interval),
     "train_freeze": ("TRAIN_FREEZE", "0", _non_negative_int),
@@ -395,6 +405,10 @@ class Settings:
     train_nominal_batch: int | None = None
     """Images per optimizer step (ultralytics' ``nbs``: gradients of ``TRAIN_BATCH``-image batches accumulate up to
     it); unset: the recipe's (ultralytics' 64)."""
+    train_ema_decay: float | None = None
+    """Decay per optimizer step of the moving average of the weights that ultralytics validates and keeps; unset:
+    ultralytics' own, which ramps up to 0.9999 over thousands of steps (on a round of a few hundred steps its
+    average is close to the last step's weights)."""
     train_mosaic: float = 1.0
     """Probability of ultralytics' mosaic augmentation (0 turns it off: faster convergence on small data)."""
     train_fliplr: float = 0.5

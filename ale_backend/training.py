@@ -284,7 +284,19 @@ def train_arguments(parent: ModelSource, settings: Settings) -> dict[str, Any]:
         "seed": settings.train_seed,
         # ultralytics' own nominal batch (64) is left unsaid, so that equal trainings give equal arguments
         **({"nbs": nbs} if (nbs := pick(settings.train_nominal_batch, recipe.nominal_batch)) not in (None, 64) else {}),
+        # not an ultralytics argument: fine_tune() sets the weights' moving average with it
+        **({"ema_decay": settings.train_ema_decay} if settings.train_ema_decay is not None else {}),
     }
+
+
+def _set_ema_decay(decay: float) -> Callable[[Any], None]:
+    """An ultralytics callback (``on_train_start``) that gives the trainer's weight average ``decay`` from the first
+    step: it starts from the parent's weights, which are worth keeping (ultralytics ramps its decay up from 0, for
+    a model whose first weights are random)."""
+    def set_decay(trainer) -> None:
+        if getattr(trainer, "ema", None) is not None:
+            trainer.ema.decay = lambda steps: decay
+    return set_decay
 
 
 def fine_tune(parent: ModelSource, data_yaml: Path, settings: Settings, run_dir: Path,
@@ -303,9 +315,12 @@ def fine_tune(parent: ModelSource, data_yaml: Path, settings: Settings, run_dir:
         on_epoch(reported[0])
 
     model.add_callback("on_fit_epoch_end", epoch_done)
+    arguments = train_arguments(parent, settings)
+    if "ema_decay" in arguments:
+        model.add_callback("on_train_start", _set_ema_decay(arguments.pop("ema_decay")))
     runtime = training_runtime(settings)
     model.train(
-        data=str(data_yaml), **train_arguments(parent, settings), device=_device(settings), workers=runtime.workers,
+        data=str(data_yaml), **arguments, device=_device(settings), workers=runtime.workers,
         deterministic=runtime.deterministic, amp=runtime.amp, plots=False, verbose=False,
         project=str(Path(run_dir).resolve()), name="train", exist_ok=True,  # ultralytics puts relative ones in runs/
     )

@@ -259,9 +259,12 @@ def run_rescoring_job(project: int) -> dict[str, Any]:
         parts = split(ids, settings.rescore_part_tasks)
         names = Names(settings)
         job = get_current_job()
-        finish = enqueue_rescoring_parts(Queue(names.scoring_queue, connection=connection), names,
-                                         job.id if job else names.rescoring_job(project, None), project, version,
-                                         parts, sorted(int(i) for i in waiting), settings.train_timeout)
+        rescoring = job.id if job else names.rescoring_job(project, None)
+        # the project's scoring mark passes to the job that ends it: the status shows the parts' progress
+        connection.set(key(project, "scoring"), names.rescoring_part(rescoring, 0))
+        finish = enqueue_rescoring_parts(Queue(names.scoring_queue, connection=connection), names, rescoring,
+                                         project, version, parts, sorted(int(i) for i in waiting),
+                                         settings.train_timeout)
         logger.info("project %s: %d unlabelled tasks to score with %s, in %d parts; %s ends it", project, len(ids),
                     version, len(parts), finish)
         return {"status": f"split into {len(parts)} parts", "model_version": version, "scored": 0,
@@ -377,6 +380,9 @@ def _reporter(job, project: int):
     return report
 
 
+_CLEAR_MARK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+
 @contextmanager
 def _outcome(connection: redis.Redis, names: Names, project: int, jid: str, report, training: bool = False,
              running: str = "running"):
@@ -393,8 +399,8 @@ def _outcome(connection: redis.Redis, names: Names, project: int, jid: str, repo
         connection.set(key(project, "last-failure"), json.dumps(failure))
         report("failed", error=failure["error"])
         raise
-    finally:
-        connection.delete(key(project, running))
+    finally:  # unless the job handed it on (a split re-scoring's mark names the job that ends it)
+        connection.eval(_CLEAR_MARK, 1, key(project, running), jid)
     summary = {"job": jid, "at": timestamp(), **{k: outcome.get(k) for k in (
         "status", "reason", "version", "promoted", "metrics", "annotations", "boxes", "train_seconds", "scored",
         "model_version", "unreadable_count", "arrived") if k in outcome},

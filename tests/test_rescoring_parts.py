@@ -19,6 +19,7 @@ from rq.job import Job
 from ale_backend.jobs import PART_RETRY, Names, enqueue_rescoring
 from ale_backend.model_source import resolve_model_source
 from ale_backend.rescoring import finish_parts, rescore_part, split, unlabelled_ids
+from ale_backend.training_queue import TrainingQueue
 from testkit.label_studio_stand_in import add_project
 from testkit.stack import stop
 from tests.conftest import ROOT
@@ -122,11 +123,21 @@ def test_two_workers_share_the_parts_one_import_at_a_time_and_the_version_switch
     connection = redis.Redis.from_url(app_settings.redis_url)
     names = Names(app_settings)
     jid = enqueue_rescoring(Queue(names.scoring_queue, connection=connection), names, PROJECT, version, 600)
+    status = TrainingQueue(app_settings, connection)
+    seen = []  # the project's scoring mark while the parts run
+    deadline = time.monotonic() + 300
+    while (last_result(app_settings) or {}).get("status") in (None, "split into 4 parts"):
+        assert time.monotonic() < deadline, "the re-scoring did not end"
+        seen.append(status.status(PROJECT)["scoring"])
+        time.sleep(0.2)
     result = wait_for_end(app_settings)
     assert result["status"] == "rescored" and result["scored"] == 26, result
     assert predictions_per_task(label_studio, version) == {task: 1 for task in unlabelled}
     assert label_studio.projects[PROJECT]["model_version"] == version
     assert label_studio.most_importing == 1  # IMPORTS_PER_PROJECT=1, whatever the number of workers
+    progress = [mark["parts"] for mark in seen if mark and mark["id"] == names.rescoring_part(jid, 0)]
+    assert progress and all(p["of"] == 4 for p in progress), seen  # the mark stays while the parts run
+    assert any(p.get("finished", 0) < 4 for p in progress) and status.status(PROJECT)["scoring"] is None
     parts = [Job.fetch(names.rescoring_part(jid, n), connection=connection) for n in range(1, 5)]
     assert len({job.worker_name for job in parts}) == 2  # both workers took parts
 

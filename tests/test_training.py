@@ -616,6 +616,31 @@ def test_a_round_stopped_by_patience_says_so(dataset, settings, tmp_path):
                                      f"epochs since epoch {trained.epochs - 2} (TRAIN_PATIENCE)")
 
 
+def test_the_weight_average_decay_decides_what_a_fine_tune_keeps(dataset, settings, tmp_path):
+    """TRAIN_EMA_DECAY reaches ultralytics' weight average: near 1, the kept weights stay the parent's however far
+    one epoch at a high learning rate moves the trained ones; unset, ultralytics' ramp keeps about the last step's."""
+    from ale_backend.detector import load_model
+
+    parent = resolve_model_source(settings)
+    quick = dataclasses.replace(settings, train_epochs=1, train_imgsz=96, train_lr0=0.05, train_keep_best=False,
+                                train_device="cpu")
+
+    def first_conv(path):
+        source = dataclasses.replace(parent, path=str(path), version=str(path))
+        return load_model(source, settings).model.model[0].conv.weight.detach().clone()
+
+    before = first_conv(parent.path)
+    moved = {}
+    for decay in (None, 0.999999):
+        run = tmp_path / str(decay)
+        kept = fine_tune(parent, dataset / "data.yaml", dataclasses.replace(quick, train_ema_decay=decay), run,
+                         on_epoch=lambda e: None).weights
+        moved[decay] = float((first_conv(kept) - before).abs().max())
+    assert moved[0.999999] * 10 < moved[None], moved  # (kept in half precision: not exactly the parent)
+    assert "ema_decay" not in train_arguments(parent, quick)
+    assert train_arguments(parent, dataclasses.replace(quick, train_ema_decay=0.99))["ema_decay"] == 0.99
+
+
 def test_a_fine_tune_keeps_the_rows_of_the_classes_the_project_maps_and_starts_its_new_ones(dataset, settings,
                                                                                           tmp_path):
     """A model with other classes than the project's (as a COCO model is): the first fine-tune's model has the
