@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from ale_backend.registry import registry_for
+from ale_backend.registry import Serving, registry_for
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +48,13 @@ class _StateCollector:
                                      "and another model stands in (the reason in the log and /status)",
                                      labels=["project"])
         registry = registry_for(self.settings)
-        for project in registry.model_dir.project_ids():
-            serving = registry.serving(project)
+        here = set(registry.model_dir.project_ids())
+        for project in registry.project_ids():
+            if project in here:
+                serving = registry.serving(project)
+            else:  # a bucket's project this host has not served: what its pointer says, no weights brought
+                pointer = registry.pointer(project)
+                serving = Serving(pointer.version, pointer.problem)
             problems.add_metric([str(project)], 1 if serving.problem else 0)
             if serving.version:
                 info.add_metric([str(project), serving.version], 1)

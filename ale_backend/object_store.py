@@ -72,6 +72,7 @@ class ObjectStore(Protocol):
     def write_set(self, prefix: str, parts: Sequence[Part]) -> None: ...
     def replace(self, key: str, data: bytes, expected: str | None) -> str: ...
     def keys(self, prefix: str) -> list[str]: ...
+    def folders(self, prefix: str) -> list[str]: ...
     def download(self, key: str, target: Path) -> None: ...
     def delete_under(self, prefix: str) -> None: ...
     def path(self, key: str) -> Path: ...
@@ -171,6 +172,13 @@ class FolderStore:
             found += [f"{relative.as_posix()}/{f}" for f in filenames if not f.startswith(".")]
         return sorted(found)
 
+    def folders(self, prefix: str) -> list[str]:
+        """The names one level below ``prefix`` that hold keys (hidden ones left out)."""
+        folder = self.path(prefix)
+        if not folder.is_dir():
+            return []
+        return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
     def download(self, key: str, target: Path) -> None:
         try:
             shutil.copyfile(self.path(key), target)
@@ -258,6 +266,14 @@ class BucketStore:
         found = []
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
             found += [item["Key"][start:] for item in page.get("Contents", [])]
+        return sorted(found)
+
+    def folders(self, prefix: str) -> list[str]:
+        full = self._key(prefix).rstrip("/") + "/"
+        found = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full,
+                                                                           Delimiter="/"):
+            found += [item["Prefix"][len(full):].rstrip("/") for item in page.get("CommonPrefixes", [])]
         return sorted(found)
 
     def download(self, key: str, target: Path) -> None:

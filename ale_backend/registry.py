@@ -110,12 +110,31 @@ class Registry:
         self._pointers: dict[int, tuple[Pointer, float]] = {}
         self._infos: dict[tuple[int, str], VersionInfo] = {}
         self._connected: set[int] = set()
+        self._projects: tuple[list[int], float] = ([], float("-inf"))
         self._lock = threading.Lock()
 
     @property
     def location(self) -> str:
         """Where the versions are: ``MODEL_DIR``'s path or ``s3://bucket/prefix``."""
         return self.store.location
+
+    def project_ids(self) -> list[int]:
+        """The projects this registry holds: ``MODEL_DIR``'s; with a bucket, the bucket's too (listed at most every
+        ``poll_seconds``; when it does not answer, as last listed)."""
+        local = self.model_dir.project_ids()
+        if self.store.is_local:
+            return local
+        with self._lock:
+            known, at = self._projects
+        if time.monotonic() - at >= self.poll_seconds:
+            try:
+                known = sorted(int(name) for name in self.store.folders("projects") if name.isdigit())
+            except Exception as exc:  # the bucket does not answer
+                logger.warning("the projects in %s cannot be listed (%s)", self.location, exc)
+            else:
+                with self._lock:
+                    self._projects = (known, time.monotonic())
+        return sorted(set(local) | set(known))
 
     def files(self, project: int) -> ProjectFiles:
         return self.model_dir.project(project)

@@ -272,3 +272,17 @@ def test_a_bucket_holds_one_label_studio_instances_projects_and_who_is_connected
     assert second.is_connected(5) and not second.is_connected(6)
     first.add(weights, info("p6-v1-a", project=6))  # a project trained before connect recorded projects
     assert second.is_connected(6)
+
+
+def test_the_metrics_of_any_host_list_every_project_in_the_bucket_without_bringing_weights(tmp_path, bucket, weights):
+    from ale_backend.metrics import render
+
+    trainer = host(tmp_path, bucket, "trainer")
+    trainer.add(weights, info("p3-v1-a"))
+    trainer.add(weights, info("p4-v1-a", project=4))
+    web = Settings(model_dir=tmp_path / "web", model_registry=f"s3://{bucket}/team/models", registry_poll_seconds=0)
+    text = render(web).decode()
+    for project in (3, 4):
+        assert f'ale_model_version_info{{project="{project}",version="p{project}-v1-a"}} 1.0' in text, text
+        assert f'ale_serving_problem{{project="{project}"}} 0.0' in text
+    assert not (tmp_path / "web" / "projects").exists()  # a scrape brings no weights to the host
