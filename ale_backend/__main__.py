@@ -12,8 +12,9 @@
     status --project ID    the project's training queue, progress, served version and last failure (JSON)
     connect --project ID --backend-url URL [--label-studio-url URL] [--api-key KEY] [--no-scoring]
                            wire a Label Studio project to this backend (idempotent) and score its pool
-    rescore --project ID [--label-studio-url URL] [--api-key KEY]
+    rescore --project ID [--label-studio-url URL] [--api-key KEY] [--on-workers]
                            score every unlabelled task with the served version and push the predictions
+                           (--on-workers: queue it for the scoring workers, which split a large pool among them)
 """
 
 from __future__ import annotations
@@ -101,6 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     connect.add_argument("--no-scoring", action="store_true", help="skip the first scoring of the pool")
     rescore = commands.add_parser("rescore", help="re-score a project's unlabelled tasks now")
     rescore.add_argument("--project", type=int, required=True)
+    rescore.add_argument("--on-workers", action="store_true",
+                         help="queue the re-scoring for the scoring workers instead of scoring in this process")
     for command in (connect, rescore):
         command.add_argument("--label-studio-url", help="default: LABEL_STUDIO_URL")
         command.add_argument("--api-key", help="legacy token or personal access token; default: LABEL_STUDIO_API_KEY")
@@ -221,6 +224,8 @@ def _label_studio_command(args, settings) -> int:
         print(f"error: say which Label Studio to use: give {' and '.join(missing)}; the key is a legacy token or a "
               "personal access token from Label Studio's Account & Settings page", file=sys.stderr)
         return 2
+    if getattr(args, "on_workers", False):
+        return _queue_rescoring(settings, args.project)
     try:
         registry_for(settings).claim(settings.label_studio_url)
         client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
@@ -238,6 +243,28 @@ def _label_studio_command(args, settings) -> int:
     except (ConnectError, LabelStudioError, ModelDirTaken, RescoringError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _queue_rescoring(settings, project: int) -> int:
+    """``rescore --on-workers``: the re-scoring job on the scoring queue, as a promotion queues it."""
+    import redis
+    from rq import Queue
+
+    from ale_backend.jobs import Names, enqueue_rescoring, redis_address
+
+    names = Names(settings)
+    connection = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3)
+    try:
+        jid = enqueue_rescoring(Queue(names.scoring_queue, connection=connection), names, project, None,
+                                settings.train_timeout)
+    except redis.exceptions.ConnectionError as exc:
+        print(f"error: Redis at {redis_address(settings.redis_url)} does not answer ({exc}); set REDIS_URL to the "
+              "workers' Redis", file=sys.stderr)
+        return 1
+    print(f"queued {jid} on {names.scoring_queue}: the scoring workers re-score project {project} (pools above "
+          f"RESCORE_PART_TASKS={settings.rescore_part_tasks} tasks in parts); follow it with "
+          f"`python -m ale_backend status --project {project}`")
     return 0
 
 

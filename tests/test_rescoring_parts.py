@@ -122,7 +122,11 @@ def test_two_workers_share_the_parts_one_import_at_a_time_and_the_version_switch
     scoring_workers(2)
     connection = redis.Redis.from_url(app_settings.redis_url)
     names = Names(app_settings)
-    jid = enqueue_rescoring(Queue(names.scoring_queue, connection=connection), names, PROJECT, version, 600)
+    queued = subprocess.run([sys.executable, "-m", "ale_backend", "rescore", "--project", str(PROJECT),
+                             "--on-workers"], cwd=ROOT, env={**os.environ, **app_settings.to_env()},
+                            capture_output=True, text=True, timeout=60)
+    assert queued.returncode == 0, queued.stderr
+    jid = queued.stdout.split()[1]  # "queued <job> on <queue>: ..."
     status = TrainingQueue(app_settings, connection)
     seen = []  # the project's scoring mark while the parts run
     deadline = time.monotonic() + 300
