@@ -93,6 +93,16 @@ def start_s3_server(data_dir: Path, port: int) -> subprocess.Popen:
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+@contextmanager
+def s3_server(data_dir: Path):
+    """A running S3-compatible server on a free loopback port (:func:`start_s3_server`) for the block; yields its
+    endpoint URL."""
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    with serving(start_s3_server(data_dir, port), endpoint + "/", 60, Path(data_dir) / "s3.log"):
+        yield endpoint
+
+
 def upload_to_s3(endpoint: str, bucket: str, files: dict[str, Path]) -> None:
     """Create ``bucket`` and put ``files`` (key -> local path) in it, with boto3 from Label Studio's virtualenv."""
     script = (

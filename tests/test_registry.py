@@ -4,12 +4,8 @@ import os
 import pytest
 
 from ale_backend.label_studio import project_id
-from ale_backend.registry import Registry, Serving, VersionInfo
-
-
-def info(version, project=3, promoted=True, created="2026-11-26T10:00:00+00:00"):
-    return VersionInfo(version=version, project=project, parent="base", class_names=["a"], metrics={"map50_95": 0.5},
-                       annotations=4, boxes=9, created_at=created, train_seconds=1.0, promoted=promoted)
+from ale_backend.registry import Registry, Serving
+from testkit.versions import version_info as info
 
 
 @pytest.fixture()

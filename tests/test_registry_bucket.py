@@ -13,19 +13,17 @@ import redis
 
 from ale_backend import announcements
 from ale_backend.object_store import BucketStore, Changed, FolderStore, StoreError, open_store
-from ale_backend.registry import Registry, VersionInfo, registry_for, served_source
+from ale_backend.registry import Registry, registry_for, served_source
 from ale_backend.settings import Settings
-from testkit.stack import S3_KEYS, free_port, serving, start_s3_server
+from testkit.stack import S3_KEYS, free_port, s3_server
+from testkit.versions import version_info as info
 
 BUCKET = "ale-models"
 
 
 @pytest.fixture(scope="module")
 def s3_endpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("s3")
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    with serving(start_s3_server(folder, port), endpoint + "/", 60, folder / "s3.log"):
+    with s3_server(tmp_path_factory.mktemp("s3")) as endpoint:
         yield endpoint
 
 
@@ -45,11 +43,6 @@ def bucket(s3_endpoint, monkeypatch, request):
 
 def host(tmp_path, bucket: str, name: str, poll: float = 0.0) -> Registry:
     return Registry(tmp_path / name, BucketStore(bucket, "team/models"), poll_seconds=poll)
-
-
-def info(version, project=3, promoted=True, created="2026-12-04T10:00:00+00:00"):
-    return VersionInfo(version=version, project=project, parent="base", class_names=["a"], metrics={"map50_95": 0.5},
-                       annotations=4, boxes=9, created_at=created, train_seconds=1.0, promoted=promoted)
 
 
 @pytest.fixture()

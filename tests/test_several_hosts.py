@@ -26,7 +26,7 @@ from ale_backend.object_store import BucketStore
 from ale_backend.registry import Registry
 from testkit import synthetic
 from testkit.label_studio_stand_in import LABEL_CONFIG, add_project, annotated_task
-from testkit.stack import S3_KEYS, free_port, serving, start_s3_server, stop, wait_until_up
+from testkit.stack import S3_KEYS, free_port, s3_server, stop, wait_until_up
 from tests.conftest import ROOT, wait_for
 
 BUCKET = "ale-hosts"
@@ -36,13 +36,12 @@ PREFIX = "team/models"
 @pytest.fixture()
 def s3_env(tmp_path, monkeypatch):
     """A local S3 server with an empty bucket; the environment every host reads it from (and this test)."""
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": S3_KEYS["aws_access_key_id"],
-           "AWS_SECRET_ACCESS_KEY": S3_KEYS["aws_secret_access_key"], "AWS_DEFAULT_REGION": S3_KEYS["region_name"]}
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    with serving(start_s3_server(tmp_path, port), endpoint + "/", 60, tmp_path / "s3.log"):
+    with s3_server(tmp_path) as endpoint:
+        env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": S3_KEYS["aws_access_key_id"],
+               "AWS_SECRET_ACCESS_KEY": S3_KEYS["aws_secret_access_key"],
+               "AWS_DEFAULT_REGION": S3_KEYS["region_name"]}
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
         boto3.client("s3").create_bucket(Bucket=BUCKET)
         yield env
 

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import requests
 
-from testkit import synthetic
+from testkit import stack, synthetic
 from testkit.label_studio_stand_in import LABEL_CONFIG, LABELS
-from testkit.stack import S3_KEYS, free_port, serving, start_s3_server, upload_to_s3
+from testkit.stack import S3_KEYS, upload_to_s3
 from tests.integration.conftest import all_tasks, assert_queue_follows_ale, ground_truth, next_task
 
 N_TASKS = 16
@@ -30,9 +30,7 @@ BUCKET = "camera-traps"
 def s3_server(tmp_path_factory):
     """A local S3-compatible server holding N_TASKS generated images under ``site-a/``; yields (endpoint, samples)."""
     folder = tmp_path_factory.mktemp("s3")
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    with serving(start_s3_server(folder, port), endpoint + "/", 60, folder / "s3.log"):
+    with stack.s3_server(folder) as endpoint:
         rng = np.random.default_rng(7)
         samples, files = {}, {}
         for i in range(N_TASKS):
