@@ -401,6 +401,9 @@ def _outcome(connection: redis.Redis, names: Names, project: int, jid: str, repo
         raise
     finally:  # unless the job handed it on (a split re-scoring's mark names the job that ends it)
         connection.eval(_CLEAR_MARK, 1, key(project, running), jid)
+    if outcome.get("finish_job"):  # split into parts: the job that ends them records the outcome (it may have)
+        report("done", parts=outcome.get("parts"))
+        return
     summary = {"job": jid, "at": timestamp(), **{k: outcome.get(k) for k in (
         "status", "reason", "version", "promoted", "metrics", "annotations", "boxes", "train_seconds", "scored",
         "model_version", "unreadable_count", "arrived") if k in outcome},
