@@ -73,6 +73,7 @@ class ObjectStore(Protocol):
     def replace(self, key: str, data: bytes, expected: str | None) -> str: ...
     def keys(self, prefix: str) -> list[str]: ...
     def folders(self, prefix: str) -> list[str]: ...
+    def what_failed(self, exc: Exception) -> str: ...
     def download(self, key: str, target: Path) -> None: ...
     def delete_under(self, prefix: str) -> None: ...
     def path(self, key: str) -> Path: ...
@@ -171,6 +172,9 @@ class FolderStore:
             relative = Path(dirpath).relative_to(self.root)
             found += [f"{relative.as_posix()}/{f}" for f in filenames if not f.startswith(".")]
         return sorted(found)
+
+    def what_failed(self, exc: Exception) -> str:
+        return f"({type(exc).__name__}: {exc}): check MODEL_DIR and its permissions"
 
     def folders(self, prefix: str) -> list[str]:
         """The names one level below ``prefix`` that hold keys (hidden ones left out)."""
@@ -303,10 +307,32 @@ class BucketStore:
             finally:
                 self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
         except Exception as exc:
-            raise StoreError(f"{self.location} cannot be written ({type(exc).__name__}: {exc}): check the bucket, "
-                             "the credentials (AWS_ACCESS_KEY_ID...) and AWS_ENDPOINT_URL") from exc
+            raise StoreError(f"{self.location} cannot be written: {self.what_failed(exc)}") from exc
         raise StoreError(f"{self.location} ignores conditional writes (If-None-Match): promotions on several hosts "
                          "could overwrite each other; use a store that supports them (AWS S3, recent MinIO)")
+
+    def what_failed(self, exc: Exception) -> str:
+        """Why a call to the bucket failed, in words, and what to set: the store does not answer, the credentials
+        are missing or refused, or the bucket does not exist."""
+        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+        endpoint = self.client.meta.endpoint_url
+        raw = f"({type(exc).__name__}: {exc})"
+        if isinstance(exc, EndpointConnectionError) or isinstance(exc, ConnectionError):
+            return (f"the store at {endpoint} does not answer {raw}: check AWS_ENDPOINT_URL (empty for AWS S3) and "
+                    "that the store is running")
+        if isinstance(exc, NoCredentialsError):
+            return (f"no credentials were found {raw}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
+                    "AWS_PROFILE)")
+        code = _code(exc) if isinstance(exc, ClientError) else ""
+        if code == "NoSuchBucket":
+            return (f"bucket {self.bucket!r} does not exist at {endpoint} {raw}: create it, or set MODEL_REGISTRY "
+                    "to s3://<an existing bucket>/<prefix>")
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "InvalidToken",
+                    "ExpiredToken"):
+            return (f"the credentials are refused {raw}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY to a key "
+                    f"that may read and write {self.location}")
+        return f"{raw}: check MODEL_REGISTRY, the credentials (AWS_ACCESS_KEY_ID...) and AWS_ENDPOINT_URL"
 
     def delete_under(self, prefix: str) -> None:
         keys = [self._key(k) for k in self.keys(prefix)]

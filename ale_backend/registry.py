@@ -160,8 +160,7 @@ class Registry:
         except (ModelDirTaken, StoreError):
             raise
         except Exception as exc:  # unreachable, no access, no such bucket: say so at start-up
-            raise StoreError(f"MODEL_REGISTRY {self.location} cannot be read ({type(exc).__name__}: {exc}): check the "
-                             "bucket, the credentials (AWS_ACCESS_KEY_ID...) and AWS_ENDPOINT_URL") from exc
+            raise StoreError(f"MODEL_REGISTRY {self.location} cannot be read: {self.store.what_failed(exc)}") from exc
         if recorded.get("instance") != instance:
             raise ModelDirTaken(
                 f"MODEL_REGISTRY {self.location} holds the models of the Label Studio at {recorded.get('url')}, not "

@@ -228,7 +228,7 @@ def test_a_worker_refuses_a_store_that_ignores_conditional_writes_or_cannot_be_w
     with pytest.raises(StoreError, match="ignores conditional writes"):
         store.check_conditional_writes()
     missing = BucketStore("no-such-bucket", "p")
-    with pytest.raises(StoreError, match="cannot be written .*NoSuchBucket"):
+    with pytest.raises(StoreError, match="cannot be written: .*NoSuchBucket"):
         missing.check_conditional_writes()
     # the worker says so and stops before it takes a job
     import os
@@ -246,8 +246,23 @@ def test_a_worker_refuses_a_store_that_ignores_conditional_writes_or_cannot_be_w
     env["LABEL_STUDIO_URL"] = "http://label-studio.example.org:8080"
     result = subprocess.run([sys.executable, "-m", "ale_backend", "worker", "--burst"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "MODEL_REGISTRY s3://no-such-bucket/p cannot be read (NoSuchBucket" in \
-        result.stderr, result.stderr
+    assert result.returncode == 2 and "MODEL_REGISTRY s3://no-such-bucket/p cannot be read: bucket 'no-such-bucket' " \
+        "does not exist" in result.stderr and "set MODEL_REGISTRY" in result.stderr, result.stderr
+
+
+def test_a_store_that_cannot_be_used_says_which_failure_and_what_to_set(bucket, monkeypatch):
+    from botocore.exceptions import ClientError
+
+    with pytest.raises(StoreError, match="bucket 'no-such-bucket' does not exist .*: create it, or set MODEL_REGISTRY"):
+        BucketStore("no-such-bucket", "p").check_conditional_writes()
+    # the S3 server here accepts any key: a refusal is made the way botocore reports one
+    refused = ClientError({"Error": {"Code": "InvalidAccessKeyId", "Message": "The key does not exist"}}, "PutObject")
+    assert "the credentials are refused" in BucketStore(bucket, "p").what_failed(refused)
+    assert "AWS_SECRET_ACCESS_KEY" in BucketStore(bucket, "p").what_failed(refused)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    with pytest.raises(StoreError, match="does not answer .*: check AWS_ENDPOINT_URL"):
+        BucketStore(bucket, "p").check_conditional_writes()
 
 
 def test_a_bucket_holds_one_label_studio_instances_projects_and_who_is_connected(tmp_path, bucket, weights):
