@@ -98,6 +98,15 @@ def _optional_decay(raw: str) -> float | None:
     return value
 
 
+def _optional_window(raw: str) -> float | None:
+    if not raw.strip():
+        return None
+    value = float(raw)
+    if not 0.0 < value <= 1.0:
+        raise ValueError("expected a fraction of the round's steps, above 0 and at most 1")
+    return value
+
+
 def _strategy(raw: str) -> str:
     value = raw.strip().lower()
     if value not in STRATEGIES:
@@ -270,6 +279,7 @@ _VARIABLES: dict[str, tuple[str, str, Callable[[str], object]]] = {
     "train_close_mosaic": ("TRAIN_CLOSE_MOSAIC", "", _optional_int),
     "train_nominal_batch": ("TRAIN_NOMINAL_BATCH", "", _optional_positive_int),
     "train_ema_decay": ("TRAIN_EMA_DECAY", "", _optional_decay),
+    "train_ema_window": ("TRAIN_EMA_WINDOW", "", _optional_window),
     "train_mosaic": ("TRAIN_MOSAIC", "1.0", _unit_interval),
     "train_fliplr": ("TRAIN_FLIPLR", "0.5", _unit_interval),
     "train_freeze": ("TRAIN_FREEZE", "0", _non_negative_int),
@@ -408,7 +418,10 @@ class Settings:
     train_ema_decay: float | None = None
     """Decay per optimizer step of the moving average of the weights that ultralytics validates and keeps; unset:
     ultralytics' own, which ramps up to 0.9999 over thousands of steps (on a round of a few hundred steps its
-    average is close to the last step's weights)."""
+    average is close to the last step's weights). Wins over ``train_ema_window``."""
+    train_ema_window: float | None = None
+    """Time constant of that moving average as a fraction of the round's optimizer steps (a decay sized to the
+    round: ``training.ema_decay_for``); unset: the recipe's."""
     train_mosaic: float = 1.0
     """Probability of ultralytics' mosaic augmentation (0 turns it off: faster convergence on small data)."""
     train_fliplr: float = 0.5

@@ -249,6 +249,9 @@ class Recipe:
     """Last epochs without mosaic."""
     nominal_batch: int | None = None
     """Images per optimizer step (ultralytics' ``nbs``); None: ultralytics' 64."""
+    ema_window: float | None = None
+    """Time constant of the weights' moving average as a fraction of the round's optimizer steps
+    (:func:`ema_decay_for`); None: ultralytics' own average."""
 
 
 RECIPES = {
@@ -284,18 +287,44 @@ def train_arguments(parent: ModelSource, settings: Settings) -> dict[str, Any]:
         "seed": settings.train_seed,
         # ultralytics' own nominal batch (64) is left unsaid, so that equal trainings give equal arguments
         **({"nbs": nbs} if (nbs := pick(settings.train_nominal_batch, recipe.nominal_batch)) not in (None, 64) else {}),
-        # not an ultralytics argument: fine_tune() sets the weights' moving average with it
-        **({"ema_decay": settings.train_ema_decay} if settings.train_ema_decay is not None else {}),
+        # not ultralytics arguments: fine_tune() sets the weights' moving average with one of them
+        **_weight_average(settings, recipe),
     }
 
 
-def _set_ema_decay(decay: float) -> Callable[[Any], None]:
-    """An ultralytics callback (``on_train_start``) that gives the trainer's weight average ``decay`` from the first
-    step: it starts from the parent's weights, which are worth keeping (ultralytics ramps its decay up from 0, for
-    a model whose first weights are random)."""
+def _weight_average(settings: Settings, recipe: Recipe) -> dict[str, float]:
+    """``{"ema_decay": d}`` (a fixed decay per step, ``TRAIN_EMA_DECAY``), else ``{"ema_window": f}`` (a decay sized to
+    the round, ``TRAIN_EMA_WINDOW`` or the recipe's), else nothing (ultralytics' own)."""
+    if settings.train_ema_decay is not None:
+        return {"ema_decay": settings.train_ema_decay}
+    window = settings.train_ema_window if settings.train_ema_window is not None else recipe.ema_window
+    return {} if window is None else {"ema_window": window}
+
+
+def ema_decay_for(window: float, steps: int) -> float:
+    """The decay per optimizer step of a moving average whose time constant is ``window`` of a round's ``steps``:
+    ``d = 1 - 1 / (window * steps)`` (an average of decay d weighs the step k steps back by ``d**k``, so its time
+    constant is ``1 / (1 - d)`` steps). At the end of the round the parent's weights keep a share of about
+    ``exp(-1 / window)`` (5 % for a third), whatever the round's length; a fixed decay keeps most of the parent in a
+    short round and almost none in a long one. 0 (no average) where the window is under one step."""
+    return max(0.0, 1.0 - 1.0 / (window * steps))
+
+
+def _set_ema_decay(decay: float | None = None, window: float | None = None) -> Callable[[Any], None]:
+    """An ultralytics callback (``on_train_start``) that gives the trainer's weight average a constant decay from the
+    first step, ``decay`` or :func:`ema_decay_for` ``window`` of the round's optimizer steps (counted from its
+    epochs, batches and gradient accumulation): the average starts from the parent's weights, which are worth
+    keeping (ultralytics ramps its decay up from 0, for a model whose first weights are random)."""
     def set_decay(trainer) -> None:
-        if getattr(trainer, "ema", None) is not None:
-            trainer.ema.decay = lambda steps: decay
+        if getattr(trainer, "ema", None) is None:
+            return
+        constant = decay
+        if constant is None:
+            steps = max(1, trainer.epochs * len(trainer.train_loader) // max(1, trainer.accumulate))
+            constant = ema_decay_for(window, steps)
+            logger.info("weight average: decay %.4f (a time constant of %.2f of %d optimizer steps)",
+                        constant, window, steps)
+        trainer.ema.decay = lambda updates: constant
     return set_decay
 
 
@@ -316,8 +345,9 @@ def fine_tune(parent: ModelSource, data_yaml: Path, settings: Settings, run_dir:
 
     model.add_callback("on_fit_epoch_end", epoch_done)
     arguments = train_arguments(parent, settings)
-    if "ema_decay" in arguments:
-        model.add_callback("on_train_start", _set_ema_decay(arguments.pop("ema_decay")))
+    if "ema_decay" in arguments or "ema_window" in arguments:
+        model.add_callback("on_train_start", _set_ema_decay(arguments.pop("ema_decay", None),
+                                                            arguments.pop("ema_window", None)))
     runtime = training_runtime(settings)
     model.train(
         data=str(data_yaml), **arguments, device=_device(settings), workers=runtime.workers,

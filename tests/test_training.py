@@ -33,7 +33,7 @@ from ale_backend.project_files import ModelDir, round_folder
 from ale_backend.registry import Registry, VersionInfo
 from ale_backend.server import create_app
 from ale_backend.settings import Settings
-from ale_backend.training import RECIPES, NothingToTrain, fine_tune, promotion, train_arguments
+from ale_backend.training import RECIPES, NothingToTrain, ema_decay_for, fine_tune, promotion, train_arguments
 from testkit import synthetic
 from testkit.label_studio_stand_in import LABEL_CONFIG, add_project
 from testkit.stack import stop
@@ -639,6 +639,36 @@ def test_the_weight_average_decay_decides_what_a_fine_tune_keeps(dataset, settin
     assert moved[0.999999] * 10 < moved[None], moved  # (kept in half precision: not exactly the parent)
     assert "ema_decay" not in train_arguments(parent, quick)
     assert train_arguments(parent, dataclasses.replace(quick, train_ema_decay=0.99))["ema_decay"] == 0.99
+
+
+def test_a_weight_average_sized_to_the_round_keeps_the_same_share_of_the_parent_in_short_and_long_rounds(
+        dataset, settings, tmp_path, caplog):
+    """TRAIN_EMA_WINDOW: the decay is chosen from the round's own optimizer steps (epochs x batches / accumulation),
+    so a round three times longer gets a decay whose power over the round is the same, exp(-1 / window)."""
+    import logging
+    import math
+    import re
+
+    parent = resolve_model_source(settings)
+    chosen = {}
+    for epochs in (1, 3):
+        recipe = dataclasses.replace(settings, train_epochs=epochs, train_imgsz=96, train_keep_best=False,
+                                     train_device="cpu", train_ema_window=0.5)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="ale_backend.training"):
+            fine_tune(parent, dataset / "data.yaml", recipe, tmp_path / str(epochs), on_epoch=lambda e: None)
+        said = [m for m in caplog.messages if m.startswith("weight average")]
+        decay, steps = re.search(r"decay (\S+) .* of (\d+) optimizer steps", said[0]).groups()
+        chosen[epochs] = float(decay), int(steps)
+    assert chosen[3][1] == 3 * chosen[1][1] and chosen[3][0] > chosen[1][0], chosen
+    for decay, steps in chosen.values():
+        assert decay == pytest.approx(ema_decay_for(0.5, steps), abs=1e-4), chosen
+    # what the parent keeps at the end of a round: the same in a round of 90 steps and of 900
+    for steps in (90, 900):
+        assert ema_decay_for(1 / 3, steps) ** steps == pytest.approx(math.exp(-3), abs=0.005)
+    assert ema_decay_for(1 / 3, 300) == pytest.approx(0.99) and ema_decay_for(0.5, 1) == 0.0
+    both = dataclasses.replace(settings, train_ema_decay=0.99, train_ema_window=0.5)
+    assert "ema_window" not in train_arguments(parent, both) and train_arguments(parent, both)["ema_decay"] == 0.99
 
 
 def test_a_fine_tune_keeps_the_rows_of_the_classes_the_project_maps_and_starts_its_new_ones(dataset, settings,
