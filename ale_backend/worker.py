@@ -19,7 +19,8 @@ meta, for the status.
 
 RQ runs each horse in a process group of its own, so stopping the worker's group would leave the horse training:
 the horse asks the kernel to kill it when the worker dies (:func:`_die_with_worker`). The scoring worker of a
-combined worker is its child process, started again when it dies (:func:`_supervise`).
+combined worker is its child process, started again when it dies (:func:`_supervise`); RQ's scheduler, which the
+scoring worker forks, dies with it (:func:`_run_worker`).
 """
 
 from __future__ import annotations
@@ -174,6 +175,11 @@ def _run_worker(settings: Settings, queue: str, burst: bool = False, scheduler: 
     _worker_pid = os.getpid()
     connection = redis.Redis.from_url(settings.redis_url)
     kind = ScoringWorker if queue == Names(settings).scoring_queue else Worker
+    if kind is ScoringWorker and scheduler and not burst:
+        # RQ forks its scheduler from this process: it inherits the socket on which the worker waits for a job
+        # (BLMOVE). Left alive by a killed worker, it would keep that wait open in Redis, which then moves the next
+        # job to the dead worker (it stays "queued" and nobody runs it). So a process forked here dies with it.
+        os.register_at_fork(after_in_child=_die_with_parent)
     kind([Queue(queue, connection=connection)], connection=connection, maintenance_interval=MAINTENANCE_SECONDS,
          worker_ttl=MAINTENANCE_SECONDS).work(
         burst=burst, logging_level=settings.log_level, with_scheduler=scheduler)

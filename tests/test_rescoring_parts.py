@@ -73,18 +73,18 @@ def test_a_part_done_twice_gives_each_task_one_prediction_and_the_end_switches_t
 
 @pytest.fixture()
 def scoring_workers(pool, tmp_path):
-    """Start ``n`` scoring worker processes (``--queues scoring``), each with a MODEL_DIR of its own; worker i logs
-    to ``tmp_path / f"scoring-{i}.log"``."""
+    """Start ``n`` scoring worker processes (``--queues scoring``, or the ``queues`` given), each with a MODEL_DIR of
+    its own; worker i logs to ``tmp_path / f"scoring-{i}.log"``."""
     app_settings, _ = pool
     processes = []
 
-    def start(n: int) -> None:
+    def start(n: int, queues: str = "scoring") -> list[subprocess.Popen]:
         for i in range(n):
             env = {**os.environ, **dataclasses.replace(app_settings, model_dir=app_settings.model_dir / f"w{i}"
                                                        ).to_env()}
             with open(tmp_path / f"scoring-{i}.log", "wb") as log:
                 processes.append(subprocess.Popen([sys.executable, "-m", "ale_backend", "worker", "--queues",
-                                                   "scoring"], cwd=ROOT, env=env, start_new_session=True,
+                                                   queues], cwd=ROOT, env=env, start_new_session=True,
                                                   stdout=log, stderr=subprocess.STDOUT))
         connection = redis.Redis.from_url(app_settings.redis_url)
         queue = Queue(Names(app_settings).scoring_queue, connection=connection)
@@ -217,3 +217,32 @@ def test_a_part_whose_worker_dies_is_done_again_by_another(pool, label_studio, s
     parts = [Job.fetch(names.rescoring_part(jid, n), connection=connection) for n in range(1, 5)]
     assert any(job.retries_left < len(PART_RETRY) for job in parts)  # the abandoned one ran again
     print(f"re-scoring ended {time.monotonic() - killed_at:.0f} s after a worker was killed")
+
+
+def test_a_combined_workers_scoring_process_that_dies_is_started_again_and_scores(pool, label_studio,
+                                                                                   scoring_workers):
+    """A combined worker (training and scoring) runs its scoring worker as a child process: killed (-9, as the
+    kernel's out-of-memory killer does, the one process), it is started again by the same worker, and the next
+    re-scoring is done."""
+    import psutil
+
+    app_settings, unlabelled = pool
+    [combined] = scoring_workers(1, queues="training,scoring")
+    connection = redis.Redis.from_url(app_settings.redis_url)
+    names = Names(app_settings)
+    queue = Queue(names.scoring_queue, connection=connection)
+    [first] = [w.pid for w in Worker.all(queue=queue)]
+    assert first in {child.pid for child in psutil.Process(combined.pid).children()}
+    psutil.Process(first).kill()
+    deadline = time.monotonic() + 120
+    while not (again := {w.pid for w in Worker.all(queue=queue)} - {first}):
+        assert time.monotonic() < deadline, "the scoring worker was not started again"
+        time.sleep(0.5)
+    assert again <= {child.pid for child in psutil.Process(combined.pid).children()}
+    version = resolve_model_source(app_settings).version
+    # the killed worker's scheduler (a process it forked) died with it: nothing holds its wait for a job in Redis,
+    # which would hand that worker the next job (lost: "queued" in no queue)
+    enqueue_rescoring(queue, names, PROJECT, version, 600)
+    result = wait_for_end(app_settings, timeout=120)
+    assert result["status"] == "rescored" and result["scored"] == 26, result
+    assert predictions_per_task(label_studio, version) == {task: 1 for task in unlabelled}
