@@ -102,8 +102,8 @@ def _optional_window(raw: str) -> float | None:
     if not raw.strip():
         return None
     value = float(raw)
-    if not 0.0 < value <= 1.0:
-        raise ValueError("expected a fraction of the round's steps, above 0 and at most 1")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError("expected a fraction of the round's steps, from 0 (ultralytics' own average) to 1")
     return value
 
 
@@ -416,12 +416,12 @@ class Settings:
     """Images per optimizer step (ultralytics' ``nbs``: gradients of ``TRAIN_BATCH``-image batches accumulate up to
     it); unset: the recipe's (ultralytics' 64)."""
     train_ema_decay: float | None = None
-    """Decay per optimizer step of the moving average of the weights that ultralytics validates and keeps; unset:
-    ultralytics' own, which ramps up to 0.9999 over thousands of steps (on a round of a few hundred steps its
-    average is close to the last step's weights). Wins over ``train_ema_window``."""
+    """A fixed decay per optimizer step of the moving average of the weights that ultralytics validates and keeps;
+    wins over ``train_ema_window``; unset: that one's."""
     train_ema_window: float | None = None
     """Time constant of that moving average as a fraction of the round's optimizer steps (a decay sized to the
-    round: ``training.ema_decay_for``); unset: the recipe's."""
+    round: ``training.ema_decay_for``); 0: ultralytics' own average, whose decay ramps up to 0.9999 over thousands
+    of steps (in a round of a few hundred, close to the last step's weights); unset: the recipe's."""
     train_mosaic: float = 1.0
     """Probability of ultralytics' mosaic augmentation (0 turns it off: faster convergence on small data)."""
     train_fliplr: float = 0.5

@@ -51,6 +51,10 @@ def test_training_recipe_and_thread_settings_are_parsed():
     with pytest.raises(SettingsError) as info:
         Settings.from_env({"TRAIN_FLIPLR": "2", "TORCH_THREADS": "-1"})
     assert "TRAIN_FLIPLR='2'" in str(info.value) and "TORCH_THREADS='-1'" in str(info.value)
+    assert Settings.from_env({"TRAIN_EMA_WINDOW": "0.5"}).train_ema_window == 0.5
+    assert Settings.from_env({"TRAIN_EMA_WINDOW": "0"}).train_ema_window == 0.0  # ultralytics' own average
+    with pytest.raises(SettingsError, match="TRAIN_EMA_WINDOW='1.5'"):
+        Settings.from_env({"TRAIN_EMA_WINDOW": "1.5"})
 
 
 def test_the_ecosystems_names_for_label_studio_are_aliases_and_ours_win():
