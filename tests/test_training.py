@@ -525,11 +525,12 @@ def test_a_warm_start_and_a_start_from_a_config_get_their_own_recipes_and_a_sett
     assert "nbs" not in train_arguments(scratch, defaults)  # ultralytics' own 64, left unsaid
     assert "nbs" not in train_arguments(warm, dataclasses.replace(defaults, train_nominal_batch=64))
     assert train_arguments(warm, defaults)["nbs"] == RECIPES["warm_start"].nominal_batch == 16
-    # a fine-tune keeps a weight average sized to its round; a model trained from its YAML, ultralytics' own
-    assert train_arguments(warm, defaults)["ema_window"] == RECIPES["warm_start"].ema_window
-    assert "ema_window" not in train_arguments(scratch, defaults)
-    assert "ema_window" not in train_arguments(warm, dataclasses.replace(defaults, train_ema_decay=0.9))
-    assert "ema_window" not in train_arguments(warm, dataclasses.replace(defaults, train_ema_window=0.0))
+    # the weight average: the recipe's unless a setting says otherwise; a fixed decay wins; 0 is ultralytics' own
+    windowed = dataclasses.replace(defaults, train_ema_window=0.33)
+    assert train_arguments(warm, windowed)["ema_window"] == train_arguments(scratch, windowed)["ema_window"] == 0.33
+    assert ("ema_window" in train_arguments(warm, defaults)) == (RECIPES["warm_start"].ema_window is not None)
+    assert "ema_window" not in train_arguments(warm, dataclasses.replace(windowed, train_ema_decay=0.9))
+    assert "ema_window" not in train_arguments(warm, dataclasses.replace(windowed, train_ema_window=0.0))
     assert train_arguments(scratch, dataclasses.replace(defaults, train_freeze=10))["freeze"] is None
     assert train_arguments(warm, dataclasses.replace(defaults, train_freeze=10))["freeze"] == 10
 
@@ -623,8 +624,7 @@ def test_a_round_stopped_by_patience_says_so(dataset, settings, tmp_path):
 
 def test_the_weight_average_decay_decides_what_a_fine_tune_keeps(dataset, settings, tmp_path):
     """TRAIN_EMA_DECAY reaches ultralytics' weight average: near 1, the kept weights stay the parent's however far
-    one epoch at a high learning rate moves the trained ones; unset, the recipe's average over a third of this
-    round of a few steps keeps about the last step's."""
+    one epoch at a high learning rate moves the trained ones; unset, ultralytics' ramp keeps about the last step's."""
     from ale_backend.detector import load_model
 
     parent = resolve_model_source(settings)
