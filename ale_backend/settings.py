@@ -98,13 +98,8 @@ def _optional_decay(raw: str) -> float | None:
     return value
 
 
-def _optional_window(raw: str) -> float | None:
-    if not raw.strip():
-        return None
-    value = float(raw)
-    if not 0.0 <= value <= 1.0:
-        raise ValueError("expected a fraction of the round's steps, from 0 (ultralytics' own average) to 1")
-    return value
+def _optional_unit_interval(raw: str) -> float | None:
+    return None if not raw.strip() else _unit_interval(raw)
 
 
 def _strategy(raw: str) -> str:
@@ -279,7 +274,7 @@ _VARIABLES: dict[str, tuple[str, str, Callable[[str], object]]] = {
     "train_close_mosaic": ("TRAIN_CLOSE_MOSAIC", "", _optional_int),
     "train_nominal_batch": ("TRAIN_NOMINAL_BATCH", "", _optional_positive_int),
     "train_ema_decay": ("TRAIN_EMA_DECAY", "", _optional_decay),
-    "train_ema_window": ("TRAIN_EMA_WINDOW", "", _optional_window),
+    "train_ema_window": ("TRAIN_EMA_WINDOW", "", _optional_unit_interval),
     "train_mosaic": ("TRAIN_MOSAIC", "1.0", _unit_interval),
     "train_fliplr": ("TRAIN_FLIPLR", "0.5", _unit_interval),
     "train_freeze": ("TRAIN_FREEZE", "0", _non_negative_int),
