@@ -85,3 +85,18 @@ def test_the_base_yaml_refuses_new_classes_in_known_splits(tmp_path):
     label.write_text("3 0.5 0.5 0.1 0.1\n")
     with pytest.raises(ValueError, match="new-class object"):
         data.write_base_yaml()
+
+
+def test_new_class_validation_images_join_the_split_without_changing_what_the_base_model_sees(tmp_path):
+    with_new = NewSpeciesConfig(seed=3, counts=SMALL.counts, val_new_images=5)
+    plain = GeneratedDigits(SMALL).write(3, tmp_path / "plain")
+    data = GeneratedDigits(with_new).write(3, tmp_path / "new")
+    labels = rows(tmp_path / "new", "val")
+    assert list(labels)[-5:] == [f"val_new_{i:05d}" for i in range(5)]
+    assert all(any(int(r[0]) in with_new.new_classes for r in labels[f"val_new_{i:05d}"]) for i in range(5))
+    assert {stem: r for stem, r in labels.items() if not stem.startswith("val_new")} == rows(tmp_path / "plain", "val")
+    assert data.counts()["val"]["new_images"] == 5 and plain.counts()["val"]["new_images"] == 0
+    for seed_data in (plain, data):  # the base model is validated on the same known-only images either way
+        seed_data.write_base_yaml()
+    assert digest(tmp_path / "new" / "base-known") == digest(tmp_path / "plain" / "base-known")
+    assert digest(tmp_path / "new" / "pool") == digest(tmp_path / "plain" / "pool")

@@ -7,7 +7,9 @@ Digits give real within-class variation and confusable classes (3/8, 1/7), which
 Splits, as the benchmark protocol asks (``al-benchmark-protocol``):
 
 * ``base``: training set of the base model: known classes only;
-* ``val``: validation for early stopping: known classes only;
+* ``val``: validation of every fine-tune (the promotion gate, early stopping): ``counts["val"]`` images of known
+  classes, then ``val_new_images`` drawn like the pool's images with a new class, as a project's validation split
+  holds the classes its annotators add (the base model is validated on the known-only ones);
 * ``pool``: the unlabelled pool the strategies select from: mostly one object per image with a tail of crowded
   images (by default 76 % / 13 % / 11 % for 1 / 2 / 3+ objects, the paper's pool), and new-class objects in a
   minority of images;
@@ -49,6 +51,9 @@ class NewSpeciesConfig:
     digit_size: tuple[int, int] = (16, 34)
     """Side of a pasted digit in pixels (before rotation), at the given image size."""
     max_rotation: float = 20.0
+    val_new_images: int = 0
+    """Images with a new-class object appended to the val split (``val_new_*``), from their own random stream: the
+    known-only images, and so the base model, stay the same whatever this count."""
 
     @property
     def known_classes(self) -> tuple[int, ...]:
@@ -139,27 +144,36 @@ class Generator:
         return box
 
 
+def _samples(generator: Generator, config: NewSpeciesConfig, split: str, index: int):
+    """``(stem, sample)`` of one split, in order: its ``counts`` images, then for ``val`` its new-class ones."""
+    rng = np.random.default_rng([config.seed, index])
+    allow_new = split not in BASE_SPLITS
+    for i in range(config.counts[split]):
+        want_new = allow_new and rng.random() < config.new_class_image_share
+        yield f"{split}_{i:05d}", generator.sample(rng, allow_new, want_new,
+                                                   None if allow_new else config.base_objects_per_image)
+    if split == "val":
+        new_rng = np.random.default_rng([config.seed, len(config.counts), 1])
+        for i in range(config.val_new_images):
+            yield f"val_new_{i:05d}", generator.sample(new_rng, allow_new=True, want_new=True)
+
+
 def generate(config: NewSpeciesConfig, root: Path) -> dict[str, dict]:
     """Write every split under ``root``; returns per split the image count and objects-per-image histogram."""
     root = Path(root)
     generator = Generator(config)
     stats = {}
-    for index, (split, count) in enumerate(config.counts.items()):
-        rng = np.random.default_rng([config.seed, index])
-        allow_new = split not in BASE_SPLITS
+    for index, split in enumerate(config.counts):
         make_split_folders(root / split)
         histogram: dict[int, int] = {}
-        with_new = 0
-        for i in range(count):
-            want_new = allow_new and rng.random() < config.new_class_image_share
-            sample = generator.sample(rng, allow_new, want_new,
-                                      None if allow_new else config.base_objects_per_image)
-            stem = f"{split}_{i:05d}"
+        count = with_new = 0
+        for stem, sample in _samples(generator, config, split, index):
             cv2.imwrite(str(root / split / "images" / f"{stem}.png"), sample.image)
             (root / split / "labels" / f"{stem}.txt").write_text(
                 pixel_label_text(sample.class_ids, sample.boxes, config.image_size, config.image_size))
             histogram[len(sample.class_ids)] = histogram.get(len(sample.class_ids), 0) + 1
             with_new += bool(set(sample.class_ids.tolist()) & set(config.new_classes))
+            count += 1
         stats[split] = {"images": count, "objects_per_image": dict(sorted(histogram.items())),
                         "images_with_new_classes": with_new}
     write_data_yaml(root / "data.yaml", root, CLASS_NAMES, train="base/images", val="val/images", test="test/images")
