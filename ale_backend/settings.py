@@ -286,6 +286,7 @@ _VARIABLES: dict[str, tuple[str, str, Callable[[str], object]]] = {
     "train_timeout": ("TRAIN_TIMEOUT", "21600", _positive_int),
     "base_dataset": ("BASE_DATASET", "", _optional_file),
     "promotion_tolerance": ("PROMOTION_TOLERANCE", "0.02", _unit_interval),
+    "promotion_new_class_tolerance": ("PROMOTION_NEW_CLASS_TOLERANCE", "0.1", _unit_interval),
     "keep_versions": ("KEEP_VERSIONS", "5", _positive_int),
     "keep_prediction_versions": ("KEEP_PREDICTION_VERSIONS", "2", _positive_int),
     "rescore_part_tasks": ("RESCORE_PART_TASKS", "1000", _positive_int),
@@ -444,6 +445,9 @@ class Settings:
     """A YOLO data.yaml whose training images are replayed in every round, so known classes are not forgotten."""
     promotion_tolerance: float = 0.02
     """A new version is served unless its validation mAP50-95 is worse than the current one's by more than this."""
+    promotion_new_class_tolerance: float = 0.1
+    """The larger drop on the known classes a new version may have when what it learnt of new classes outweighs it
+    (its mean over every class of the validation split is higher, the current model scoring 0 on a class it lacks)."""
     keep_versions: int = 5
     """Versions kept per project (the current one is never deleted)."""
     keep_prediction_versions: int = 2

@@ -106,7 +106,8 @@ def _train_round(project: int, settings: Settings, report: Report, registry: Reg
     trained = fine_tune(parent, summary.data_yaml, recipe, work / "run", on_epoch=on_epoch)
     report("evaluating")
     metrics = evaluate(trained.weights, summary.data_yaml, settings, work / "run")
-    promoted, reason = promotion(metrics, parent_metrics, settings.promotion_tolerance)
+    promoted, reason = promotion(metrics, parent_metrics, settings.promotion_tolerance,
+                                 settings.promotion_new_class_tolerance)
     warnings = round_warnings(metrics)
 
     report("registering")
@@ -387,27 +388,51 @@ def validate(model, data_yaml: Path, settings: Settings, run_dir: Path) -> dict[
     return metrics
 
 
-def promotion(new: dict[str, float], current: dict[str, float], tolerance: float) -> tuple[bool, str]:
-    """Serve the new version unless it does worse than the current one by more than ``tolerance`` on what the
-    current one knows: the mean validation mAP50-95 over the classes both were scored on (``map50_95/<class>``);
-    without per-class figures in common, their overall mAP50-95.
+def promotion(new: dict[str, float], current: dict[str, float], tolerance: float,
+              new_class_tolerance: float) -> tuple[bool, str]:
+    """Serve the new version unless, on the validation split, it is worse than the current one.
 
-    The current model is scored only on its own classes (a class it lacks earns it nothing, and is left out of its
-    mean), while the new version's overall mean also averages the classes it is learning, which start near 0: by
-    the overall figure a version that is better on every old class and has begun a new one would look worse (seen on
-    the benchmark's photographs). New classes are what a round adds; the gate asks that nothing known is lost.
+    Both are scored per class (``map50_95/<class>``), the current model only on its own classes. Two means of
+    mAP50-95 over classes:
+
+    * *known*: over the classes both were scored on: what the current model knows;
+    * *all*: over every class the new version was scored on, the current model earning 0 on a class it lacks (it
+      finds none of them): new classes learnt and known ones lost weighed on equal terms, as a test set weighs them.
+
+    Served when the known mean drops by at most ``tolerance`` (nothing known is lost), or, when the validation split
+    holds classes the current model lacks, when the all-class mean is higher and the known mean drops by at most
+    ``new_class_tolerance`` (what a round learns of a new species outweighs a small loss, never a large one). Without
+    per-class figures in common: the overall mAP50-95, within ``tolerance``.
     """
     shared = sorted(k for k in new if k.startswith("map50_95/") and k in current)
-    if shared:
-        new_score, current_score = (sum(m[k] for k in shared) / len(shared) for m in (new, current))
-        what = f"validation mAP50-95 on the {len(shared)} classes the current model knows"
-    else:
-        new_score, current_score, what = new["map50_95"], current["map50_95"], "validation mAP50-95"
-    delta = new_score - current_score
-    verdict = f"{what}: {new_score:.4f} vs {current_score:.4f} for the current model"
-    if delta < -tolerance:
-        return False, f"{verdict}: worse by {-delta:.4f}, more than the tolerance {tolerance}"
-    return True, verdict
+    if not shared:
+        delta = new["map50_95"] - current["map50_95"]
+        verdict = f"validation mAP50-95: {new['map50_95']:.4f} vs {current['map50_95']:.4f} for the current model"
+        if delta < -tolerance:
+            return False, f"{verdict}: worse by {-delta:.4f}, more than the tolerance {tolerance}"
+        return True, verdict
+    known_new, known_current = (sum(m[k] for k in shared) / len(shared) for m in (new, current))
+    loss = known_current - known_new
+    verdict = (f"validation mAP50-95 on the {len(shared)} classes the current model knows: {known_new:.4f} vs "
+               f"{known_current:.4f} for the current model")
+    every = sorted(k for k in new if k.startswith("map50_95/"))
+    lacking = len(every) - len(shared)
+    if lacking:
+        all_new = sum(new[k] for k in every) / len(every)
+        all_current = sum(current.get(k, 0.0) for k in every) / len(every)
+        on_all = (f"on all {len(every)} classes (the current model scores 0 on the {lacking} it lacks): "
+                  f"{all_new:.4f} vs {all_current:.4f}")
+    if loss <= tolerance:
+        return True, f"{verdict}; {on_all}" if lacking else verdict
+    refused = f"{verdict}: worse by {loss:.4f}, more than the tolerance {tolerance}"
+    if not lacking:
+        return False, refused
+    if all_new <= all_current:
+        return False, f"{refused}; {on_all}: no better"
+    if loss > new_class_tolerance:
+        return False, f"{refused}; {on_all}, but the loss is more than the {new_class_tolerance} new classes may cost"
+    return True, (f"{verdict}: worse by {loss:.4f}, within the {new_class_tolerance} new classes may cost; {on_all}: "
+                  f"better")
 
 
 def _device(settings: Settings) -> str | None:

@@ -129,7 +129,7 @@ DENSE_BASE = (0.0, 0.1, 0.2, 0.3, 0.2, 0.2)
 learns the known classes within the CPU budget."""
 
 QUICK_DATA = NewSpeciesConfig(counts={"base": 160, "val": 40, "pool": 500, "test": 300},
-                              base_objects_per_image=DENSE_BASE)
+                              base_objects_per_image=DENSE_BASE, val_new_images=20)
 
 DATASET_STRATEGIES = tuple(dict.fromkeys(("random", BOX_MATCHED, DEFAULT_STRATEGY)))
 """Fine-tuned on a dataset: random, random matched on the default's boxes, and the default."""
@@ -160,7 +160,8 @@ DATASET_PRESETS = {
 PRESETS = {
     # CI: checks the pipeline end to end, never the result
     "smoke": BenchConfig("smoke", seeds=(0, 1), strategies=STRATEGIES, budgets=(4, 8),
-                         data=NewSpeciesConfig(image_size=96, counts={"base": 16, "val": 4, "pool": 24, "test": 8}),
+                         data=NewSpeciesConfig(image_size=96, counts={"base": 16, "val": 4, "pool": 24, "test": 8},
+                                              val_new_images=2),
                          imgsz=96, base_epochs=1, finetune_epochs=1, replay=4, batch=8),
     # this project's 2-core CPU: the default strategy against random and the paper's ALE, 5 seeds
     "quick": BenchConfig("quick", seeds=(0, 1, 2, 3, 4), strategies=QUICK_STRATEGIES, budgets=(20, 50, 100),
@@ -347,7 +348,7 @@ class _Seed:
             "diagnosis": diagnosis.box_records(detections, self.pool_truth, new_classes),
             "selection": diagnosis.selection_counts(self.class_scores, self.pool_truth, STRATEGIES, config.budgets,
                                                     new_classes, self._rng),
-            "val_map50_95": self.gate.parent["map50_95"],
+            "val_map50_95": self.gate.parent["map50_95"], "val": self.gate.parent,
             **self.test(self.base),
         }
         base_images = self.data.images("base")
@@ -446,7 +447,7 @@ def _fine_tune(base: ModelSource, data: SeedData, chosen: list[Path], replay: li
 class PromotionGate:
     """The product's promotion decision for a fine-tune of the base model: both scored on the validation split with
     the product's code (the base model on labels in its own classes), then ``training.promotion`` with the default
-    ``PROMOTION_TOLERANCE``."""
+    ``PROMOTION_TOLERANCE`` and ``PROMOTION_NEW_CLASS_TOLERANCE``."""
 
     def __init__(self, data: SeedData, base: ModelSource, settings: Settings, work: Path):
         work.mkdir(parents=True, exist_ok=True)
@@ -458,7 +459,8 @@ class PromotionGate:
         names = dict(base_model.names)
         self.parent = training.validate(base_model, remapped_validation_set(summary, names, work / "parent"),
                                         settings, work / "runs")
-        self.tolerance = Settings().promotion_tolerance
+        defaults = Settings()
+        self.tolerances = defaults.promotion_tolerance, defaults.promotion_new_class_tolerance
 
     def metrics(self, model: ModelSource) -> dict:
         """A fine-tune's validation metrics, overall and per class (what the gate decides by, kept with its result:
@@ -466,7 +468,7 @@ class PromotionGate:
         return training.evaluate(model, self.data_yaml, self.settings, self.work / "runs")
 
     def decide(self, metrics: dict) -> dict:
-        promoted, reason = training.promotion(metrics, self.parent, self.tolerance)
+        promoted, reason = training.promotion(metrics, self.parent, *self.tolerances)
         return {"val_map50_95": metrics["map50_95"], "promoted": promoted, "promotion": reason}
 
 

@@ -116,7 +116,8 @@ def _what_labels_buy(r: _Runs) -> list[str]:
     lines = ["## What labels buy: every strategy against the base model", "",
              "Test set; mean +- std over seeds; the change over the seed's base model with the number of seeds where "
              "it is positive. *Promoted*: fine-tunes the product's promotion gate would serve (validation mAP50-95 "
-             "against the base model's, `PROMOTION_TOLERANCE`), of those run.", "",
+             "against the base model's: `PROMOTION_TOLERANCE` on the known classes, `PROMOTION_NEW_CLASS_TOLERANCE` "
+             "when new classes raise the mean over all classes; docs/retraining.md), of those run.", "",
              "| model | images | boxes | mAP50-95 | change | new-class AP | change | promoted |", "|" + "---|" * 8]
     lines.append(f"| base model | | | {_fmt(r.base_values('map50_95'))} | | {_fmt(r.base_values('new_ap50_95'))} "
                  "| | |")
@@ -140,7 +141,20 @@ def _what_labels_buy(r: _Runs) -> list[str]:
         spread[0] += " (one base model shared by every seed: no spread of its own)"
     if "random" in r.strategies:
         spread += [f"random at {b} images {_fmt(r.values('random', b, 'map50_95'))}" for b in r.budgets]
-    return lines + ["", "Seed-to-seed spread of mAP50-95 (std over seeds): " + "; ".join(spread) + ".", ""]
+    return lines + ["", "Seed-to-seed spread of mAP50-95 (std over seeds): " + "; ".join(spread) + ".",
+                    "", _gate_against_test(r), ""]
+
+
+def _gate_against_test(r: _Runs) -> str:
+    """How often the promotion gate (validation) and the test set agree on whether a fine-tune beats its base."""
+    pairs = [(x["promoted"], x["map50_95"] > r.base[k[2]]["map50_95"]) for k, x in r.by.items() if "promoted" in x]
+    if not pairs:
+        return "The promotion gate: not recorded."
+    above = [promoted for promoted, better in pairs if better]
+    below = [promoted for promoted, better in pairs if not better]
+    return (f"The promotion gate against the test set: it serves {sum(p for p, _ in pairs)} of {len(pairs)} "
+            f"fine-tunes; of the {len(above)} above their base model on the test set it serves {sum(above)}, of the "
+            f"{len(below)} at or below it refuses {len(below) - sum(below)}.")
 
 
 def _against_base(r: _Runs, rows: list[dict], seeds: list[int]) -> list[str]:
