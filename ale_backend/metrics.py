@@ -48,8 +48,9 @@ class _StateCollector:
                                      "and another model stands in (the reason in the log and /status)",
                                      labels=["project"])
         registry = registry_for(self.settings)
-        here = set(registry.model_dir.project_ids())
-        for project in registry.project_ids():
+        projects = registry.project_ids()  # MODEL_DIR's (and a bucket's): listed once per scrape
+        here = set(projects) if registry.store.is_local else set(registry.model_dir.project_ids())
+        for project in projects:
             if project in here:
                 serving = registry.serving(project)
             else:  # a bucket's project this host has not served: what its pointer says, no weights brought
