@@ -40,6 +40,7 @@ from rq import Queue, SimpleWorker, Worker, get_current_job
 from rq.worker import BaseWorker, WorkerStatus
 
 from ale_backend.announcements import announce
+from ale_backend.claims import TaskClaims
 from ale_backend.jobs import (
     CLAIM,
     Names,
@@ -113,7 +114,7 @@ def _supervise(settings: Settings, stopping: threading.Event) -> None:
     again when it dies (a job that took all the memory, a kill), stopped with RQ's warm shutdown (a scoring job in
     progress finishes first) when the training worker stops."""
     while not stopping.is_set():
-        scorer = multiprocessing.get_context("spawn").Process(target=_scoring_worker, args=(settings,),
+        scorer = multiprocessing.get_context("spawn").Process(target=_scoring_worker, args=(settings, os.getpid()),
                                                               name="scoring-worker")
         scorer.start()
         while scorer.is_alive() and not stopping.wait(0.5):
@@ -179,18 +180,18 @@ def _run_worker(settings: Settings, queue: str, burst: bool = False, scheduler: 
         # RQ forks its scheduler from this process: it inherits the socket on which the worker waits for a job
         # (BLMOVE). Left alive by a killed worker, it would keep that wait open in Redis, which then moves the next
         # job to the dead worker (it stays "queued" and nobody runs it). So a process forked here dies with it.
-        os.register_at_fork(after_in_child=_die_with_parent)
+        os.register_at_fork(before=_note_forking_process, after_in_child=lambda: _die_with_parent(_forking_process))
     kind([Queue(queue, connection=connection)], connection=connection, maintenance_interval=MAINTENANCE_SECONDS,
          worker_ttl=MAINTENANCE_SECONDS).work(
         burst=burst, logging_level=settings.log_level, with_scheduler=scheduler)
 
 
-def _scoring_worker(settings: Settings) -> None:
-    """The child process that serves the scoring queue (dies with its parent)."""
+def _scoring_worker(settings: Settings, parent: int) -> None:
+    """The child process that serves the scoring queue (dies with ``parent``, the worker that started it)."""
     global _worker_settings
     from ale_backend import logs
 
-    _die_with_parent()
+    _die_with_parent(parent)
     logs.configure(settings)
     _worker_settings = settings
     _run_worker(settings, Names(settings).scoring_queue, scheduler=True)  # RQ's scheduler runs the arrivals' retries
@@ -249,20 +250,18 @@ def run_rescoring_job(project: int) -> dict[str, Any]:
     from ale_backend.registry import served_source
     from ale_backend.rescoring import rescore_project, split, unlabelled_ids
 
-    def score(settings, report, connection, key):
+    def score(settings, report, connection, key, claims):
         waiting = connection.smembers(key(project, "arrived"))  # before the pool is listed: it holds them
         slot = _import_slot(settings, connection, project)
         client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
         ids = unlabelled_ids(project, client)
         if len(ids) <= settings.rescore_part_tasks:
-            result = rescore_project(project, settings, report, client=client, import_slot=slot)
+            result = rescore_project(project, settings, report, client=client, import_slot=slot, claims=claims)
             if waiting:
                 connection.srem(key(project, "arrived"), *waiting)
             return result
         version = served_source(settings, project).version
-        # the version's earlier predictions go first, as a single job's first import does (a clean start)
-        client.delete_model_version(project, version)
-        parts = split(ids, settings.rescore_part_tasks)
+        parts = split(ids, settings.rescore_part_tasks)  # each replaces its tasks' earlier predictions itself
         names = Names(settings)
         job = get_current_job()
         rescoring = job.id if job else names.rescoring_job(project, None)
@@ -290,7 +289,8 @@ def run_rescoring_part(project: int, version: str, task_ids: list[int]) -> dict[
     job = get_current_job()
     report = _reporter(job, project)
     return rescore_part(project, version, task_ids, settings, report,
-                        import_slot=_import_slot(settings, connection, project))
+                        import_slot=_import_slot(settings, connection, project),
+                        claims=_claims(connection, settings, project, job))
 
 
 def run_rescoring_finish(project: int, version: str, part_ids: list[str], waiting: list[int]) -> dict[str, Any]:
@@ -301,7 +301,7 @@ def run_rescoring_finish(project: int, version: str, part_ids: list[str], waitin
 
     from ale_backend.rescoring import RescoringError, finish_parts
 
-    def score(settings, report, connection, key):
+    def score(settings, report, connection, key, claims):
         results, failures = [], []
         for number, jid in enumerate(part_ids, 1):
             job = Job.fetch(jid, connection=connection)
@@ -335,7 +335,7 @@ def run_arrivals_job(project: int) -> dict[str, Any]:
     from ale_backend.registry import served_source
     from ale_backend.rescoring import score_arrivals
 
-    def score(settings, report, connection, key):
+    def score(settings, report, connection, key, claims):
         taken = connection.smembers(key(project, "arrived"))
         ids = sorted(int(i) for i in taken)
         version = served_source(settings, project).version
@@ -344,7 +344,8 @@ def run_arrivals_job(project: int) -> dict[str, Any]:
             return {"status": "left to the waiting re-scoring", "model_version": version, "scored": 0,
                     "rescoring_job": waiting, "waiting_tasks": len(ids)}
         report("scoring new tasks", tasks=len(ids))
-        result = score_arrivals(project, ids, settings, report, import_slot=_import_slot(settings, connection, project))
+        result = score_arrivals(project, ids, settings, report, import_slot=_import_slot(settings, connection, project),
+                                claims=claims, pool_under_way=_pool_under_way(connection, Names(settings), project))
         if taken:
             connection.srem(key(project, "arrived"), *taken)
         return result
@@ -353,8 +354,8 @@ def run_arrivals_job(project: int) -> dict[str, Any]:
 
 
 def _scoring_job(project: int, kind: str, score) -> dict[str, Any]:
-    """A scoring job's bookkeeping around ``score(settings, report, connection, key)``: the ``scoring`` mark for
-    the status, the outcome recorded."""
+    """A scoring job's bookkeeping around ``score(settings, report, connection, key, claims)``: the ``scoring`` mark
+    for the status (an arrivals job leaves a re-scoring's mark in place), the outcome recorded."""
     _die_with_worker()
     settings = _settings()
     registry_for(settings).forget(project)  # the scoring worker lives on: read the served version now
@@ -363,10 +364,10 @@ def _scoring_job(project: int, kind: str, score) -> dict[str, Any]:
     job = get_current_job()
     report = _reporter(job, project)
     jid = job.id if job else kind
-    connection.set(names.key(project, "scoring"), jid)
+    connection.set(names.key(project, "scoring"), jid, nx=kind == "arrivals")
     try:
         with _outcome(connection, names, project, jid, report, running="scoring") as outcome:
-            outcome.update(score(settings, report, connection, names.key))
+            outcome.update(score(settings, report, connection, names.key, _claims(connection, settings, project, job)))
     except Exception:
         if kind == "rescore" and connection.scard(names.key(project, "arrived")):
             # the new tasks it would have scored wait on: an arrivals job takes them (and retries)
@@ -374,6 +375,30 @@ def _scoring_job(project: int, kind: str, score) -> dict[str, Any]:
                            settings.train_timeout)
         raise
     return dict(outcome)
+
+
+def _claims(connection: redis.Redis, settings: Settings, project: int, job) -> TaskClaims:
+    """The claims a scoring job takes on the project's tasks, in its name (:mod:`ale_backend.claims`)."""
+    return TaskClaims(connection, Names(settings), project, job.id if job else f"local-{os.getpid()}")
+
+
+_POOL_JOBS = ("ale_backend.worker.run_rescoring_job", "ale_backend.worker.run_rescoring_finish")
+
+
+def _pool_under_way(connection: redis.Redis, names: Names, project: int) -> bool:
+    """Whether a re-scoring of the project's pool is running, or waiting for its parts (the job the ``scoring`` mark
+    names): it switches the project's version once done, so new tasks need only their own predictions."""
+    from rq.exceptions import NoSuchJobError
+    from rq.job import Job, JobStatus
+
+    mark = connection.get(names.key(project, "scoring"))
+    if mark is None:
+        return False
+    try:
+        job = Job.fetch(mark.decode(), connection=connection)
+    except NoSuchJobError:
+        return False
+    return job.func_name in _POOL_JOBS and job.get_status(refresh=True) in {JobStatus.STARTED, JobStatus.DEFERRED}
 
 
 def _reporter(job, project: int):
@@ -421,15 +446,29 @@ def _outcome(connection: redis.Redis, names: Names, project: int, jid: str, repo
     report("done", **{k: summary[k] for k in ("version", "promoted", "scored") if k in summary})
 
 
-def _die_with_parent() -> None:
-    """Be killed when the parent process dies (Linux ``PR_SET_PDEATHSIG``)."""
+_forking_process: int | None = None
+"""The process that forks (set just before each fork): the parent a forked child is to die with."""
+
+
+def _note_forking_process() -> None:
+    global _forking_process
+    _forking_process = os.getpid()
+
+
+def _die_with_parent(parent: int | None) -> None:
+    """Be killed when ``parent``, the process that started this one, dies (Linux ``PR_SET_PDEATHSIG``).
+
+    The kernel sends the signal when the parent ends; one that ended before the request took effect has left this
+    process to another (an init, or a subreaper): ``getppid()`` is no longer ``parent`` then, and it exits. A
+    parent that is PID 1 is an ordinary parent: in a container without an init the worker is PID 1 itself.
+    """
     if not sys.platform.startswith("linux"):
         return
     import ctypes
 
     pr_set_pdeathsig = 1
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() == 1:  # the parent died before the request took effect
+    if parent is not None and os.getppid() != parent:  # the parent died before the request took effect
         os._exit(1)
 
 
@@ -441,4 +480,4 @@ def _die_with_worker() -> None:
     own process (:class:`ScoringWorker`) has no horse: nothing to do.
     """
     if get_current_job() is not None and os.getpid() != _worker_pid:
-        _die_with_parent()
+        _die_with_parent(_worker_pid)

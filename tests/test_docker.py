@@ -151,3 +151,12 @@ def test_the_several_hosts_stack_shares_only_redis_and_the_bucket():
         assert shown.returncode == 0, shown.stderr
     assert roles["backend"]["command"] == ["gunicorn", "_wsgi:app"] and roles["backend"]["build"]["dockerfile"] == \
         "docker/Dockerfile"
+
+
+def test_every_backend_container_runs_under_an_init():
+    """An init as PID 1 reaps orphans and forwards signals (the worker runs correctly as PID 1 too:
+    tests/test_rescoring_parts.py runs it so)."""
+    for stack in (COMPOSE, BACKEND_ONLY, HOSTS):
+        ours = {name: service for name, service in stack["services"].items()
+                if service.get("image") == "ale-backend:latest"}
+        assert ours and all(service.get("init") is True for service in ours.values()), sorted(ours)
