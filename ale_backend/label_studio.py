@@ -122,6 +122,14 @@ class LabelStudioClient:
         """Prediction model versions of the project with their prediction counts, most recent first."""
         return self.request("GET", f"/api/projects/{int(project_id)}/model-versions/") or {}
 
+    def delete_prediction(self, prediction_id: int) -> None:
+        """Delete one prediction; one that is gone already is no error (a retry after a crash deletes it again)."""
+        try:
+            self.request("DELETE", f"/api/predictions/{int(prediction_id)}/")
+        except LabelStudioError as exc:
+            if "HTTP 404" not in str(exc):
+                raise
+
     def delete_model_version(self, project_id: int, version: str) -> None:
         self.request("DELETE", f"/api/projects/{int(project_id)}/model-versions/", json={"model_version": version})
 

@@ -8,8 +8,10 @@ when every unlabelled task carries a prediction of the project's current ``model
    decoded, each image once and within ``DECODED_PAGE_BYTES``, and the page before is imported. Scoring is the
    same pipeline as ``/predict`` (:func:`ale_backend.predictions.predict_tasks`); the import
    (``POST /import/predictions``) fails loudly when Label Studio creates fewer predictions than it was sent (it
-   skips invalid ones silently). Before the first import, earlier predictions of the same version are deleted (a
-   re-run after a failure starts clean; a run that reads no image deletes nothing and fails with the reason);
+   skips invalid ones silently). Each page's tasks are claimed first (:mod:`ale_backend.claims`): a task another
+   running job claimed is left to it, and a task's earlier predictions of the same version are deleted once its
+   new one is imported (never before: a failure leaves every task with a prediction; a run that reads no image
+   deletes nothing and fails with the reason);
 2. waits for the last import;
 3. only then switches the project's ``model_version`` to the new version (sorting and sampling use it), and deletes
    prediction versions beyond the newest ``KEEP_PREDICTION_VERSIONS``. A failure before this step leaves the
@@ -18,15 +20,16 @@ when every unlabelled task carries a prediction of the project's current ``model
 Tasks whose image cannot be read get no prediction; they are listed once per round in the log and the result.
 
 A pool larger than ``RESCORE_PART_TASKS`` is split over the scoring workers (:mod:`ale_backend.worker` queues the
-parts): :func:`rescore_part` scores a run of task ids, leaving those that already hold a prediction of the version
-(so a part done twice, after a failure or a worker's death, gives no task two predictions of it), and
+parts): :func:`rescore_part` scores a run of task ids the same way (its claims carry over to its retries, so a
+part done twice, after a failure or a worker's death, gives no task two predictions of the version), and
 :func:`finish_parts` switches the version once every part succeeded. Every import waits for one of the project's
 ``IMPORTS_PER_PROJECT`` slots (``import_slot``), whatever the number of workers.
 
 :func:`score_arrivals` scores the tasks of an import (ids from Label Studio's ``TASKS_CREATED`` webhook) the same
-way, without deleting or switching anything: their predictions join the project's current version, so they take
-their place in the ALE order. When the project's ``model_version`` in Label Studio is not the served version (never
-scored, or a re-scoring failed), scoring only the new tasks would not order them: the whole pool is re-scored then.
+way, leaving tasks that hold a prediction of the version, and switching nothing: their predictions join the
+project's current version, so they take their place in the ALE order. When the project's ``model_version`` in Label
+Studio is not the served version (never scored, or a re-scoring failed), scoring only the new tasks would not order
+them: the whole pool is re-scored then, unless a re-scoring of the pool is under way (it switches the version).
 """
 
 from __future__ import annotations
@@ -35,12 +38,14 @@ import itertools
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager as ContextManager
 from contextlib import nullcontext
 from typing import Any
 
+from ale_backend.claims import TaskClaims
 from ale_backend.detector import get_detector
 from ale_backend.image_cache import ImageCache
 from ale_backend.images import ImageLoadError, decode_image, get_image_loader, image_size, task_image_url
@@ -61,13 +66,15 @@ def rescore_project(
     keep: int | None = None,
     client: LabelStudioClient | None = None,
     import_slot: Callable[[], ContextManager] = nullcontext,
+    claims: TaskClaims | None = None,
 ) -> dict[str, Any]:
     """Re-score the project's pool; returns counts and where the time went."""
     started = time.perf_counter()
     run = _Rescoring(project, settings, client or LabelStudioClient(settings.label_studio_url,
-                                                                    settings.label_studio_api_key), import_slot)
+                                                                    settings.label_studio_api_key), import_slot, claims)
     tasks = run.client.tasks(project, filters=UNLABELED, page_size=page_size)
     scored, unreadable, seconds = run.score_pool(tasks, page_size, report, replace=True)
+    scored += len(run.already)  # a retry's, imported before it failed
     if not scored and unreadable:
         task, reason = unreadable[0]
         raise RescoringError(
@@ -83,7 +90,8 @@ def rescore_project(
     logger.info("project %s: %d tasks re-scored with %s in %.1f s (fetch %.1f s, inference %.1f s, import %.1f s)",
                 project, scored, version, total, *seconds.values())
     return {"status": "rescored" if scored else "nothing to score", "model_version": version, "scored": scored,
-            "unreadable": unreadable[:100], "unreadable_count": len(unreadable), "deleted_versions": removed,
+            "held_elsewhere": len(run.held), "unreadable": unreadable[:100], "unreadable_count": len(unreadable),
+            "deleted_versions": removed,
             "seconds": {**{k: round(v, 2) for k, v in seconds.items()}, "total": round(total, 2)}}
 
 
@@ -95,22 +103,25 @@ def score_arrivals(
     page_size: int = 100,
     client: LabelStudioClient | None = None,
     import_slot: Callable[[], ContextManager] = nullcontext,
+    claims: TaskClaims | None = None,
+    pool_under_way: bool = False,
 ) -> dict[str, Any]:
     """Score the unlabelled tasks among ``task_ids`` with the served version and import their predictions (the whole
-    pool instead when the project is not on that version: see the module docstring)."""
+    pool instead when the project is not on that version, unless a re-scoring of the pool is ``pool_under_way``:
+    see the module docstring)."""
     started = time.perf_counter()
     client = client or LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
     wanted = {int(i) for i in task_ids}
     if not wanted:
         return {"status": "nothing to score", "model_version": served_source(settings, project).version, "scored": 0}
-    run = _Rescoring(project, settings, client, import_slot)
-    if run.project_data.get("model_version") != run.source.version:
+    run = _Rescoring(project, settings, client, import_slot, claims)
+    if run.project_data.get("model_version") != run.source.version and not pool_under_way:
         logger.info("project %s is on model version %r, not %s: re-scoring the whole pool for its new tasks",
                     project, run.project_data.get("model_version"), run.source.version)
-        return {**rescore_project(project, settings, report, page_size, client=client, import_slot=import_slot),
-                "arrived": "pool re-scored"}
-    tasks = _unscored(client, project, wanted, run.source.version, page_size)  # and not scored by a re-scoring since
-    scored, unreadable, seconds = run.score_pool(tasks, page_size, report, replace=False)
+        return {**rescore_project(project, settings, report, page_size, client=client, import_slot=import_slot,
+                                  claims=claims), "arrived": "pool re-scored"}
+    tasks = _listed(client, project, wanted, page_size)
+    scored, unreadable, seconds = run.score_pool(tasks, page_size, report, replace=False)  # not if scored since
     if unreadable:
         logger.warning("project %s: %d new tasks have no prediction, their image could not be read: %s", project,
                        len(unreadable), "; ".join(f"task {t}: {r}" for t, r in unreadable[:20]))
@@ -118,7 +129,8 @@ def score_arrivals(
     logger.info("project %s: %d of %d new tasks scored with %s in %.1f s", project, scored, len(wanted),
                 run.source.version, total)
     return {"status": "new tasks scored" if scored else "nothing to score", "model_version": run.source.version,
-            "scored": scored, "unreadable": unreadable[:100], "unreadable_count": len(unreadable),
+            "scored": scored, "already_scored": len(run.already), "held_elsewhere": len(run.held),
+            "unreadable": unreadable[:100], "unreadable_count": len(unreadable),
             "seconds": {**{k: round(v, 2) for k, v in seconds.items()}, "total": round(total, 2)}}
 
 
@@ -142,20 +154,21 @@ def rescore_part(
     page_size: int = 100,
     client: LabelStudioClient | None = None,
     import_slot: Callable[[], ContextManager] = nullcontext,
+    claims: TaskClaims | None = None,
 ) -> dict[str, Any]:
-    """One part of a re-scoring split over workers: ``task_ids`` scored with ``version`` and imported. A task that
-    already holds a prediction of ``version`` (an earlier try of this part got that far) is left as it is, so a part
-    done twice gives each task one prediction. When the project is served another version by now, nothing is
-    scored: that version's own re-scoring follows its promotion."""
+    """One part of a re-scoring split over workers: ``task_ids`` scored with ``version`` and imported, each task's
+    earlier predictions of ``version`` replaced (:mod:`ale_backend.claims`: a try of the part that got that far
+    leaves them done). When the project is served another version by now, nothing is scored: that version's own
+    re-scoring follows its promotion."""
     client = client or LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
     wanted = {int(i) for i in task_ids}
-    run = _Rescoring(project, settings, client, import_slot)
+    run = _Rescoring(project, settings, client, import_slot, claims)
     if run.source.version != version:
         return {"status": "superseded", "model_version": run.source.version, "scored": 0, "unreadable_count": 0}
-    already: list[int] = []
-    tasks = _unscored(client, project, wanted, version, page_size, already)
-    scored, unreadable, seconds = run.score_pool(tasks, page_size, report, replace=False)
-    return {"status": "part scored", "model_version": version, "scored": scored, "already_scored": len(already),
+    scored, unreadable, seconds = run.score_pool(_listed(client, project, wanted, page_size), page_size, report,
+                                                 replace=True)
+    return {"status": "part scored", "model_version": version, "scored": scored, "already_scored": len(run.already),
+            "held_elsewhere": len(run.held),
             "unreadable": unreadable[:100], "unreadable_count": len(unreadable),
             "seconds": {k: round(v, 2) for k, v in seconds.items()}}
 
@@ -190,18 +203,11 @@ def finish_parts(
             "deleted_versions": removed, "parts": len(parts)}
 
 
-def _unscored(client: LabelStudioClient, project: int, wanted: set[int], version: str, page_size: int,
-              already: list[int] | None = None) -> Iterator[dict]:
-    """The unlabelled tasks among ``wanted`` that hold no prediction of ``version`` (listed by their id range); the
-    ids of those that do go to ``already``."""
+def _listed(client: LabelStudioClient, project: int, wanted: set[int], page_size: int) -> Iterator[dict]:
+    """The unlabelled tasks among ``wanted``, with their predictions (listed by their id range)."""
     for task in client.tasks(project, filters=unlabeled_between(min(wanted), max(wanted)), page_size=page_size):
-        if task.get("id") not in wanted:
-            continue
-        if any(p.get("model_version") == version for p in task.get("predictions") or []):
-            if already is not None:
-                already.append(task["id"])
-            continue
-        yield task
+        if task.get("id") in wanted:
+            yield task
 
 
 def switch_version(client: LabelStudioClient, project: int, version: str, keep: int) -> list[str]:
@@ -219,9 +225,14 @@ class _Rescoring:
     """One scoring of a project's tasks (its pool, an import, or a part of a pool) with its served version."""
 
     def __init__(self, project: int, settings: Settings, client: LabelStudioClient,
-                 import_slot: Callable[[], ContextManager] = nullcontext):
+                 import_slot: Callable[[], ContextManager] = nullcontext, claims: TaskClaims | None = None):
         self.project, self.settings, self.client = project, settings, client
         self.import_slot = import_slot
+        self.claims = claims or TaskClaims(None, None, project, f"local-{uuid.uuid4().hex[:12]}")
+        self.already: list[int] = []
+        """Tasks that hold their prediction of the version already (:class:`~ale_backend.claims.TaskClaims`)."""
+        self.held: list[int] = []
+        """Tasks another job that is still running claimed: it scores them."""
         self.project_data = client.project(project)
         self.config = parse_label_config(self.project_data["label_config"])
         self.source = served_source(settings, project)
@@ -232,8 +243,9 @@ class _Rescoring:
     def score_pool(self, tasks: Iterable[dict], page_size: int, report: Callable[..., None], replace: bool):
         """Score ``tasks``, a page at a time, and import the predictions: ``(scored, [(task, reason)] of the
         unreadable, seconds per stage)``. Three stages overlap: fetching the next page, scoring this one, importing
-        the one before (at most one page in each, so memory stays flat). ``replace``: delete the version's earlier
-        predictions before the first import (a full re-scoring)."""
+        the one before (at most one page in each, so memory stays flat). Each page's tasks are claimed first
+        (:mod:`ale_backend.claims`); ``replace``: a task's earlier predictions of the version are replaced (a
+        re-scoring of the pool), not left as they are (new tasks)."""
         seconds = {"fetch": 0.0, "inference": 0.0, "import": 0.0}
         scored, unreadable = 0, []
         pages = _pages(tasks, page_size)
@@ -241,22 +253,23 @@ class _Rescoring:
         with ThreadPoolExecutor(self.settings.fetch_workers, thread_name_prefix="pool-fetch") as pool, \
                 ThreadPoolExecutor(1, thread_name_prefix="pool-prefetch") as prefetch, \
                 ThreadPoolExecutor(1, thread_name_prefix="pool-import") as importer:
-            upcoming = prefetch.submit(self.fetch_page, pages, pool)
+            upcoming = prefetch.submit(self.fetch_page, pages, pool, replace)
             while True:
                 t0 = time.perf_counter()
                 page, local, images = upcoming.result()
                 t1 = time.perf_counter()
                 if page is None:
                     break
-                upcoming = prefetch.submit(self.fetch_page, pages, pool)  # fetched while this page is scored
+                upcoming = prefetch.submit(self.fetch_page, pages, pool, replace)  # while this page is scored
                 items, failed = self.score_page(page, local, images)
                 del images  # this page's pixels are not held while the next page is decoded
                 unreadable += failed
+                self.claims.release(self.source.version, [task for task, _ in failed])  # another try may read it
                 t2 = time.perf_counter()
                 if items:
                     if importing is not None:
                         importing.result()  # the page before: imported (or its error raised here)
-                    importing = importer.submit(self.import_page, items, first=replace and not scored)
+                    importing = importer.submit(self.import_page, items)
                 t3 = time.perf_counter()
                 seconds["fetch"] += t1 - t0  # time spent waiting for images, beyond what overlapped with scoring
                 seconds["inference"] += t2 - t1
@@ -269,13 +282,17 @@ class _Rescoring:
                 seconds["import"] += time.perf_counter() - t3
         return scored, unreadable, seconds
 
-    def fetch_page(self, pages: Iterator[list[dict]], pool: ThreadPoolExecutor):
-        """The next page of tasks with their images in the cache and decoded, each once, as far as
-        ``DECODED_PAGE_BYTES`` allows: ``(tasks, cached file or ImageLoadError, image or None)``, all None at the end
-        (runs in the prefetch thread, while the page before is scored)."""
+    def fetch_page(self, pages: Iterator[list[dict]], pool: ThreadPoolExecutor, replace: bool):
+        """The next page of tasks, those this job claimed, with their images in the cache and decoded, each once, as
+        far as ``DECODED_PAGE_BYTES`` allows: ``(tasks, cached file or ImageLoadError, image or None)``, all None at
+        the end (runs in the prefetch thread, while the page before is scored)."""
         page = next(pages, None)
         if page is None:
             return None, None, None
+        taken = self.claims.take(self.source.version, page, replace, self.client.delete_prediction)
+        self.already += taken.already
+        self.held += taken.held
+        page = taken.score
         urls = [task_image_url(task, self.config.image_key) for task in page]
         budget = _Budget(DECODED_PAGE_BYTES)
         fetched = list(pool.map(lambda item: _cached(self.cache, budget, *item), zip((t["id"] for t in page), urls)))
@@ -295,10 +312,9 @@ class _Rescoring:
         items = [p.to_import_item(self.config) for p in predictions if not p.error]
         return items, failed + [(p.task_id, p.error) for p in predictions if p.error]
 
-    def import_page(self, items: list[dict], first: bool) -> None:
-        """Send one page's predictions (runs in the import thread, while the next page is scored)."""
-        if first:  # a version's earlier predictions go once there are new ones (not if none come)
-            self.client.delete_model_version(self.project, self.source.version)
+    def import_page(self, items: list[dict]) -> None:
+        """Send one page's predictions, then delete the predictions they replace (runs in the import thread, while
+        the next page is scored)."""
         with self.import_slot():  # Label Studio takes a bounded number of imports per project at once
             created = self.client.import_predictions(self.project, items)
         if created != len(items):
@@ -307,6 +323,7 @@ class _Rescoring:
                 "invalid ones without saying which): check that the labelling config still has the labels "
                 f"the model predicts; the project stays on its previous model version"
             )
+        self.claims.settle(self.source.version, [item["task"] for item in items], self.client.delete_prediction)
 
     def switch_version(self, keep: int) -> list[str]:
         return switch_version(self.client, self.project, self.source.version, keep)

@@ -9,6 +9,7 @@ projects (:func:`add_project`) use :data:`LABEL_CONFIG` and annotate the generat
 from __future__ import annotations
 
 import http.server
+import itertools
 import json
 import threading
 import time
@@ -65,6 +66,10 @@ class FakeLabelStudio:
         """The next this many API requests answer 503, as an overloaded Label Studio would."""
         self.import_failures_after_commit = 0
         """The next this many prediction imports are stored, then answered 504 (a proxy that timed out waiting)."""
+        self.prediction_ids = itertools.count(1)
+        """Ids of the predictions it creates (Label Studio lists each with its id)."""
+        self.deleted_predictions = 0
+        """Predictions deleted one by one (``DELETE /api/predictions/<id>/``)."""
         self.import_seconds = 0.0
         """How long each prediction import takes."""
         self.importing = self.most_importing = 0
@@ -107,7 +112,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             with self.stand_in.lock:
                 self.stand_in.importing -= 1
             created = body[: self.stand_in.max_created] if self.stand_in.max_created is not None else body
-            self.stand_in.predictions.setdefault(project, []).extend(created)
+            with self.stand_in.lock:
+                created = [{**item, "id": next(self.stand_in.prediction_ids)} for item in created]
+                self.stand_in.predictions.setdefault(project, []).extend(created)
             if self.stand_in.import_failures_after_commit > 0:
                 self.stand_in.import_failures_after_commit -= 1
                 return self._send(504, b"Gateway Timeout", "text/plain")
@@ -125,6 +132,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_DELETE(self):
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+        if self.path.startswith("/api/predictions/"):
+            wanted = int(self.path.strip("/").split("/")[2])
+            with self.stand_in.lock:
+                for project, predictions in self.stand_in.predictions.items():
+                    if any(p.get("id") == wanted for p in predictions):
+                        self.stand_in.predictions[project] = [p for p in predictions if p.get("id") != wanted]
+                        self.stand_in.deleted_predictions += 1
+                        return self._send(204, b"", "application/json")
+            return self._send(404, b'{"detail": "Not found."}', "application/json")
         project = int(self.path.strip("/").split("/")[2])
         kept = [p for p in self.stand_in.predictions.get(project, []) if p["model_version"] != body["model_version"]]
         deleted = len(self.stand_in.predictions.get(project, [])) - len(kept)
