@@ -224,16 +224,21 @@ def _detail(exc) -> str:
     return str(body or exc)
 
 
+MAX_PROJECT_ID = 2**63 - 1
+"""Label Studio's ids are 64-bit integers."""
+
+
 def project_id(project: Any) -> int | None:
     """Label Studio's project reference as an int: ``"3.1700000000"`` (setup/predict), ``3`` or ``{"id": 3}``.
 
-    None for anything else, including ids below 1 and digits that are not ASCII (``"²"`` passes ``str.isdigit``).
+    None for anything else, including ids below 1 or beyond Label Studio's 64-bit ids (a string of 5,000 digits is
+    more than Python parses) and digits that are not ASCII (``"²"`` passes ``str.isdigit``).
     """
     if isinstance(project, dict):
         project = project.get("id")
     if isinstance(project, str):
         head = project.split(".")[0]
-        project = int(head) if head.isascii() and head.isdigit() else None
-    if isinstance(project, int) and not isinstance(project, bool) and project >= 1:
+        project = int(head) if head.isascii() and head.isdigit() and len(head) <= 19 else None
+    if isinstance(project, int) and not isinstance(project, bool) and 1 <= project <= MAX_PROJECT_ID:
         return project
     return None

@@ -138,7 +138,12 @@ class FolderStore:
                 else:
                     target.write_bytes(content)
             _fsync_dir(staging)
-            os.rename(staging, final)
+            try:
+                os.rename(staging, final)
+            except OSError as exc:  # a non-empty folder of that name
+                if final.exists():
+                    raise FileExistsError(f"{final} exists already") from exc
+                raise
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -243,7 +248,10 @@ class BucketStore:
             return Stored(body.read(), response["ETag"])
 
     def write_set(self, prefix: str, parts: Sequence[Part]) -> None:
-        """Uploaded in order: the last part is stored only after every other one is complete."""
+        """Uploaded in order: the last part is stored only after every other one is complete. A set that exists
+        under ``prefix`` (any object there) is refused, as a folder refuses it: :class:`FileExistsError`."""
+        if self.keys(prefix):
+            raise FileExistsError(f"{self.location}/{prefix} exists already")
         for name, content in parts:
             key = self._key(f"{prefix}/{name}")
             if isinstance(content, Path):

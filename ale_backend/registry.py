@@ -93,6 +93,11 @@ _RECORD_FIELDS: dict[str, tuple[type, ...]] = {
 
 _VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}")
 """A version's name: a plain file name (never a path, never hidden)."""
+_COPY_NAME = re.compile(r"(?P<version>.+)-(?:[0-9a-f]{12}|unchecked)\.pt(?:\.lock)?")
+"""A host's copy of a version's weights (``served/<version>-<SHA-256 prefix>.pt``) or its lock."""
+BAD_COPY_SECONDS = 60.0
+"""At least this long, weights of a bucket that failed their check are not downloaded again
+(:meth:`Registry._checked`)."""
 
 class Registry:
     """Trained versions of every project, in ``store`` (default: the folder ``model_dir``); what is local to this
@@ -103,10 +108,15 @@ class Registry:
     versions' records are kept in memory: a request does not reach the bucket.
     """
 
-    def __init__(self, model_dir: Path, store: ObjectStore | None = None, poll_seconds: float = 0.0):
+    def __init__(self, model_dir: Path, store: ObjectStore | None = None, poll_seconds: float = 0.0,
+                 keep_copies: int | None = None):
         self.model_dir = ModelDir(model_dir)
         self.store = store if store is not None else FolderStore(Path(model_dir))
         self.poll_seconds = poll_seconds
+        self.keep_copies = keep_copies
+        """How many versions' copies this host keeps (``KEEP_VERSIONS``; None: all): see :meth:`weights`."""
+        self._bad: dict[tuple[int, str], tuple[str, float]] = {}
+        """Versions whose weights failed their check here, with why and when (see :meth:`_checked`)."""
         self._pointers: dict[int, tuple[Pointer, float]] = {}
         self._infos: dict[tuple[int, str], VersionInfo] = {}
         self._connected: set[int] = set()
@@ -220,6 +230,7 @@ class Registry:
         with self._lock:
             if known is None or pointer != known[0]:
                 self._infos = {k: v for k, v in self._infos.items() if k[0] != project}
+                self._bad = {k: v for k, v in self._bad.items() if k[0] != project}
             self._pointers[project] = (pointer, time.monotonic())
         return pointer
 
@@ -244,6 +255,7 @@ class Registry:
             for known in [project] if project is not None else list(self._pointers):
                 if known in self._pointers:
                     self._pointers[known] = (self._pointers[known][0], float("-inf"))
+            self._bad = {k: v for k, v in self._bad.items() if project is not None and k[0] != project}
 
     def serving(self, project: int) -> Serving:
         """The version to serve: ``current``'s when it names a plain version of this project whose weights check
@@ -292,7 +304,21 @@ class Registry:
         return self._checked(project, version)[1]
 
     def _checked(self, project: int, version: str) -> tuple[Path | None, str | None]:
-        """A version's weights on this host once checked, or what is wrong with them."""
+        """A version's weights on this host once checked, or what is wrong with them. A bucket's weights that failed
+        their check are not brought again until the pointer changes, :meth:`forget` is called, or
+        ``max(poll_seconds, BAD_COPY_SECONDS)`` have passed (each request would download them again)."""
+        if not self.store.is_local:
+            with self._lock:
+                bad = self._bad.get((int(project), version))
+            if bad is not None and time.monotonic() - bad[1] < max(self.poll_seconds, BAD_COPY_SECONDS):
+                return None, bad[0]
+        weights, problem = self._check_now(project, version)
+        if problem is not None and not self.store.is_local:
+            with self._lock:
+                self._bad[(int(project), version)] = (problem, time.monotonic())
+        return weights, problem
+
+    def _check_now(self, project: int, version: str) -> tuple[Path | None, str | None]:
         if self.store.is_local and not self.weights(project, version).is_file():
             return None, f"version {version} has no weights file"
         try:
@@ -328,8 +354,35 @@ class Registry:
             return self.version_dir(project, version) / WEIGHTS
         info = info or self.info(project, version)
         target = self.files(project).served / f"{version}-{(info.weights_sha256 or 'unchecked')[:12]}.pt"
-        return bring(target, lambda incoming: self.store.download(f"{_prefix(project, version)}/{WEIGHTS}", incoming),
-                     lambda path: _check_registered(path, info), refetch_bad=True)
+        new = not target.is_file()
+        brought = bring(target, lambda incoming: self.store.download(f"{_prefix(project, version)}/{WEIGHTS}",
+                                                                     incoming),
+                        lambda path: _check_registered(path, info), refetch_bad=True)
+        if new:
+            self._prune_copies(project, version)
+        return brought
+
+    def _prune_copies(self, project: int, brought: str) -> None:
+        """Delete this host's copies of versions other than the newest ``keep_copies`` registered, ``brought`` and
+        the one ``current`` names: every host, not only the one that trains (which deletes the versions themselves,
+        :meth:`prune`), keeps its disk bounded by ``KEEP_VERSIONS``."""
+        if self.keep_copies is None:
+            return
+        try:
+            registered = [info.version for info in self.versions(project)]
+        except Exception as exc:  # the bucket does not answer: next time
+            logger.warning("project %s: copies of old versions kept for now: %s cannot be listed (%s)", project,
+                           self.location, exc)
+            return
+        with self._lock:
+            pointer = self._pointers.get(int(project))
+        kept = {*registered[-self.keep_copies:], brought, pointer[0].version if pointer else None}
+        for copy in self.files(project).served.iterdir():
+            match = _COPY_NAME.fullmatch(copy.name.lstrip("."))
+            if match and match["version"] not in kept:  # its lock file too; a download under way is left
+                copy.unlink(missing_ok=True)
+                logger.info("project %s: deleted this host's copy %s (not among the newest %d versions)", project,
+                            copy.name, self.keep_copies)
 
     def info(self, project: int, version: str) -> VersionInfo:
         """A version's record; raises ``OSError`` when it cannot be read, ``ValueError`` when it is not a record
@@ -419,6 +472,11 @@ class Registry:
         current = self.pointer(project, fresh=True).version
         versions = [info.version for info in self.versions(project)]
         removable = [v for v in versions[: max(len(versions) - keep, 0)] if v != current]
+        # a registration that died between its weights and its record left objects no list shows (this runs under
+        # the project's lock, after this host's own registration: none is under way)
+        keys = [key for key in self.store.keys(f"{_prefix(project)}/versions") if key.count("/") == 4]
+        recorded = {key.split("/")[3] for key in keys if key.endswith("/" + INFO)}
+        removable += sorted({key.split("/")[3] for key in keys} - recorded - {current})
         for version in removable:
             self.store.delete_under(_prefix(project, version))
             with self._lock:
@@ -469,12 +527,13 @@ _registries_lock = threading.Lock()
 def registry_for(settings: Settings) -> Registry:
     """The process's registry for ``settings`` (``MODEL_REGISTRY``, ``MODEL_DIR``, ``REGISTRY_POLL_SECONDS``): one
     per process, so that what it has read of a bucket is shared by every request."""
-    key = (settings.model_registry, settings.model_dir, settings.registry_poll_seconds)
+    key = (settings.model_registry, settings.model_dir, settings.registry_poll_seconds, settings.keep_versions)
     with _registries_lock:
         registry = _registries.get(key)
         if registry is None:
             store = open_store(settings.model_registry, settings.model_dir)
-            registry = _registries[key] = Registry(settings.model_dir, store, settings.registry_poll_seconds)
+            registry = _registries[key] = Registry(settings.model_dir, store, settings.registry_poll_seconds,
+                                                   settings.keep_versions)
         return registry
 
 

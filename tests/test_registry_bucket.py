@@ -294,3 +294,58 @@ def test_the_metrics_of_any_host_list_every_project_in_the_bucket_without_bringi
         assert f'ale_model_version_info{{project="{project}",version="p{project}-v1-a"}} 1.0' in text, text
         assert f'ale_serving_problem{{project="{project}"}} 0.0' in text
     assert not (tmp_path / "web" / "projects").exists()  # a scrape brings no weights to the host
+
+
+def test_a_following_host_keeps_copies_of_the_newest_versions_only(tmp_path, bucket, weights):
+    """KEEP_VERSIONS bounds every host's disk: a web or scoring host deletes its copies of versions that fell out
+    of the newest ``keep`` (the training host deletes the versions themselves)."""
+    trainer = host(tmp_path, bucket, "gpu-host")
+    web = Registry(tmp_path / "web-host", BucketStore(bucket, "team/models"), keep_copies=2)
+    served = tmp_path / "web-host" / "projects" / "3" / "served"
+    for n in range(1, 6):
+        weights.write_bytes(f"weights of version {n}".encode())
+        trainer.add(weights, info(f"p3-v{n}-x", created=f"2026-12-0{n}T10:00:00+00:00"))
+        assert web.serving(3).version == f"p3-v{n}-x"
+    copies = sorted(path.name.split("-")[1] for path in served.glob("*.pt"))
+    assert copies == ["v4", "v5"], sorted(path.name for path in served.iterdir())
+    assert not [path for path in served.iterdir() if path.name.startswith((".p3-v1", ".p3-v2", ".p3-v3"))]
+
+
+def test_weights_that_fail_their_check_are_not_downloaded_again_on_every_request(tmp_path, bucket, weights,
+                                                                                 monkeypatch):
+    trainer = host(tmp_path, bucket, "gpu-host")
+    trainer.add(weights, info("p3-v1-a"))
+    import boto3
+
+    boto3.client("s3").put_object(Bucket=bucket, Key="team/models/projects/3/versions/p3-v1-a/weights.pt",
+                                  Body=b"tampered weights of version")
+    web = host(tmp_path, bucket, "web-host", poll=3600)
+    downloads = []
+    real = web.store.download
+    monkeypatch.setattr(web.store, "download", lambda *args: downloads.append(args) or real(*args))
+    for _ in range(6):  # six requests
+        serving = web.serving(3)
+        assert serving.version is None and "were registered" in serving.problem
+    assert len(downloads) == 1
+    web.forget(3)  # a message that the pointer changed: it is tried again
+    web.serving(3)
+    assert len(downloads) == 2
+
+
+def test_a_version_name_is_never_overwritten_and_a_half_registration_is_pruned(tmp_path, bucket, weights):
+    trainer = host(tmp_path, bucket, "gpu-host")
+    trainer.add(weights, info("p3-v1-a"))
+    stored = trainer.weights(3, "p3-v1-a").read_bytes()
+    other = tmp_path / "other.pt"
+    other.write_bytes(b"other weights")
+    with pytest.raises(FileExistsError):
+        trainer.add(other, info("p3-v1-a"))  # the same name again: refused, as a folder refuses it
+    assert host(tmp_path, bucket, "web-host").weights(3, "p3-v1-a").read_bytes() == stored
+    import boto3
+
+    # a registration that died between its weights and its record
+    boto3.client("s3").put_object(Bucket=bucket, Key="team/models/projects/3/versions/p3-v0-dead/weights.pt",
+                                  Body=b"orphan")
+    assert trainer.prune(3, keep=5) == ["p3-v0-dead"]
+    keys = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=bucket)["Contents"]}
+    assert not [key for key in keys if "p3-v0-dead" in key] and trainer.current(3) == "p3-v1-a"

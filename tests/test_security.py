@@ -143,7 +143,8 @@ def test_non_ascii_credentials_are_compared_not_crashed_on(secured, settings, im
     assert unicode_client.get("/health", headers=auth("José", "passwörd²")).status_code == 401
 
 
-@pytest.mark.parametrize("project", ["²", "-5", -5, 0, "1e3", True, {"id": "٣"}])
+@pytest.mark.parametrize("project", ["²", "-5", -5, 0, "1e3", True, {"id": "٣"}, "9" * 5000 + ".1", 2**64,
+                                     {"id": "9" * 5000}])
 def test_a_malformed_project_reference_gets_a_400_with_a_reason(secured, project):
     client, _ = secured
     for path, body in (("/setup", {"project": project, "schema": LABEL_CONFIG}),
