@@ -153,3 +153,27 @@ def test_the_recipe_table_pairs_each_fine_tune_with_its_seeds_base_model(tmp_pat
     assert lines[2] == ("| lr (lr0 0.002, nominal_batch 16) | base only | 0.160 | +0.010 (2/2) | 0.010 | 2/2 | "
                         "3 of 5/3 of 5 | 60 |")
     assert lines[3].startswith("| lr (lr0 0.002, nominal_batch 16) | base + random 50 | 0.155 | +0.005 (1/2) |")
+
+
+def test_a_fine_tunes_cached_figures_are_keyed_by_the_test_split_and_every_recipe_setting(tmp_path):
+    """A cached fine-tune holds test-set figures: a changed test split, or a recipe setting that ultralytics'
+    arguments do not carry (train_amp, train_workers, train_device), gives it another key."""
+    from types import SimpleNamespace
+
+    from ale_backend.settings import Settings
+    from benchmarks.active_learning.protocol import _Seed
+
+    smoke = PRESETS["smoke"]
+    data = GeneratedDigits(smoke.data).write(0, tmp_path / "a")
+
+    def digest(settings=Settings(), seed_data=data) -> str:
+        return _Seed._scoring_digest.fget(SimpleNamespace(settings=settings, data=seed_data, _scoring=None))
+
+    key = digest()
+    assert digest(seed_data=GeneratedDigits(smoke.data).write(0, tmp_path / "again")) == key
+    for changed in ({"train_amp": True}, {"train_workers": 3}, {"train_device": "cuda:1"}, {"score_conf": 0.3}):
+        assert digest(Settings(**changed)) != key, changed
+    assert digest(Settings(log_level="DEBUG")) == key  # unrelated
+    label = sorted((data.root / "test" / "labels").glob("*.txt"))[0]
+    label.write_text(label.read_text() + "0 0.5 0.5 0.1 0.1\n")  # one more box in the test split
+    assert digest() != key

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import logging
 import shutil
@@ -278,16 +279,18 @@ BASE_CONFIG = "yolov5nu.yaml"
 BASE_SOURCE = ModelSource(BASE_CONFIG, "yolov5nu-untrained", is_config=True)
 
 
-def training_key(parent: str, data_digest: str, arguments: dict, device: str) -> str:
+def training_key(parent: str, data_digest: str, arguments: dict, device: str, scored_by: str | None = None) -> str:
     """SHA-256 of everything that shapes a trained model: where it starts (a config name or a digest of weights), a
     digest of its data, ultralytics' training arguments (``training.train_arguments``: the recipe), the device kind
     and the torch / ultralytics versions. Code that hands ultralytics the same arguments trains the same model, so an
-    edit elsewhere keeps the cache."""
+    edit elsewhere keeps the cache. ``scored_by``: a digest of what the cached record's figures also depend on (a
+    fine-tune's: the test split and the code that scores it, :attr:`_Seed._scoring_digest`)."""
     import torch
 
     kind = "cpu" if device == "cpu" or not torch.cuda.is_available() else "cuda"
     described = {"parent": parent, "data": data_digest, "arguments": arguments, "device": kind,
-                 "torch": version("torch"), "ultralytics": version("ultralytics-opencv-headless")}
+                 "torch": version("torch"), "ultralytics": version("ultralytics-opencv-headless"),
+                 **({"scored_by": scored_by} if scored_by else {})}
     return hashlib.sha256(json.dumps(_jsonable(described), sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -386,7 +389,29 @@ class _Seed:
                 data.update(hashlib.sha256(image.read_bytes()).digest())
                 data.update(label_path(image).read_bytes())
         arguments = training.train_arguments(self.base, self.settings)
-        return training_key(file_sha256(Path(self.base.path)), data.hexdigest(), arguments, self.config.device)
+        return training_key(file_sha256(Path(self.base.path)), data.hexdigest(), arguments, self.config.device,
+                            scored_by=self._scoring_digest)
+
+    @property
+    def _scoring_digest(self) -> str:
+        """What a cached fine-tune's record depends on besides its training inputs: the recipe's settings that
+        ultralytics' arguments do not carry (``train_amp``, ``train_workers``, ``train_device``...), the test split
+        (images, labels, class names) and the code and settings that score a model on it and on validation."""
+        if getattr(self, "_scoring", None) is None:
+            digest = hashlib.sha256(json.dumps(
+                {name: value for name, value in sorted(dataclasses.asdict(self.settings).items())
+                 if name.startswith("train_") or name in ("imgsz", "device", "score_conf", "half")},
+                sort_keys=True, default=str).encode())
+            digest.update(repr(self.data.class_names).encode())
+            for image in self.data.images("test"):
+                digest.update(f"test/{image.name}\0".encode())
+                digest.update(hashlib.sha256(image.read_bytes()).digest())
+                digest.update(label_path(image).read_bytes())
+            digest.update(Path(__file__).with_name("evaluation.py").read_bytes())
+            for scorer in (Evaluation, PromotionGate, _labels):
+                digest.update(inspect.getsource(scorer).encode())
+            self._scoring = digest.hexdigest()
+        return self._scoring
 
     def _cached(self, chosen: tuple[int, ...]) -> Path:
         return self.finetunes / f"{self._key(chosen)[:24]}.json"
