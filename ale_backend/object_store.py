@@ -208,14 +208,25 @@ class BucketStore:
         self.prefix = prefix.strip("/")
         self.location = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self._client = client
+        self._injected = client is not None
+        self._quick = None
 
     @property
     def client(self):
+        """The client of every call but the small reads (uploads, downloads, lists): bounded by
+        :data:`BUCKET_TIMEOUTS`."""
         if self._client is None:
-            import boto3
-
-            self._client = boto3.client("s3")
+            self._client = _bounded_client(**BUCKET_TIMEOUTS)
         return self._client
+
+    @property
+    def quick_client(self):
+        """The client of small reads (the served-version pointer, a version's record, on the request path):
+        :data:`QUICK_TIMEOUTS`, so that a store that stops answering holds a request seconds, not minutes."""
+        if self._quick is None:
+            self._quick = self._client if self._client is not None and self._injected else _bounded_client(
+                **QUICK_TIMEOUTS)
+        return self._quick
 
     def _key(self, key: str) -> str:
         key = _check_key(key)
@@ -236,7 +247,7 @@ class BucketStore:
         if tag:
             request["IfNoneMatch"] = tag
         try:
-            response = self.client.get_object(**request)
+            response = self.quick_client.get_object(**request)
         except ClientError as exc:
             code = _code(exc)
             if code in ("304", "NotModified"):
@@ -347,6 +358,23 @@ class BucketStore:
         for start in range(0, len(keys), 1000):
             self.client.delete_objects(Bucket=self.bucket, Delete={
                 "Objects": [{"Key": k} for k in keys[start:start + 1000]], "Quiet": True})
+
+
+BUCKET_TIMEOUTS = {"connect_timeout": 5.0, "read_timeout": 60.0, "attempts": 3}
+"""Seconds to connect, seconds a read may wait for bytes, and tries (botocore's defaults: 60, 60 and, with its
+legacy retries, 5), for uploads, downloads and lists."""
+QUICK_TIMEOUTS = {"connect_timeout": 2.0, "read_timeout": 3.0, "attempts": 2}
+"""The same for the small reads on the request path: Label Studio gives ``/setup`` 3 s."""
+
+
+def _bounded_client(connect_timeout: float, read_timeout: float, attempts: int):
+    """A boto3 S3 client with its standard configuration (credentials chain, ``AWS_ENDPOINT_URL``...) and these
+    bounds."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", config=Config(connect_timeout=connect_timeout, read_timeout=read_timeout,
+                                            retries={"max_attempts": attempts, "mode": "standard"}))
 
 
 def _code(exc) -> str:

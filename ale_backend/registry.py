@@ -115,6 +115,10 @@ class Registry:
         self.poll_seconds = poll_seconds
         self.keep_copies = keep_copies
         """How many versions' copies this host keeps (``KEEP_VERSIONS``; None: all): see :meth:`weights`."""
+        self._refreshing: set[int] = set()
+        """Projects whose pointer a request is reading now (the others go on with the one read last)."""
+        self._unreachable: dict[int, str] = {}
+        """Projects whose pointer could not be read last time, and why (:meth:`unreachable`)."""
         self._bad: dict[tuple[int, str], tuple[str, float]] = {}
         """Versions whose weights failed their check here, with why and when (see :meth:`_checked`)."""
         self._pointers: dict[int, tuple[Pointer, float]] = {}
@@ -201,6 +205,10 @@ class Registry:
         except NotStored:
             if not self.versions(project):
                 return False
+        except Exception as exc:  # the bucket does not answer: what cannot be told is kept, not dropped
+            logger.warning("project %s: whether it is connected cannot be read from %s (%s); taken as connected",
+                           project, self.location, exc)
+            return True
         with self._lock:
             self._connected.add(int(project))  # it stays connected
         return True
@@ -217,16 +225,27 @@ class Registry:
             return self._read_pointer(project, None)
         with self._lock:
             known = self._pointers.get(project)
-        if known is not None and not fresh and time.monotonic() - known[1] < self.poll_seconds:
-            return known[0]
+            if known is not None and not fresh and (time.monotonic() - known[1] < self.poll_seconds
+                                                    or project in self._refreshing):
+                return known[0]  # read lately, or another request is reading it now
+            self._refreshing.add(project)
         try:
             pointer = self._read_pointer(project, known[0] if known else None)
         except Exception as exc:  # the bucket does not answer: go on with what was read last
+            problem = f"{self.location} cannot be read ({type(exc).__name__}: {exc})"
             if known is None:
-                return Pointer(None, None, f"{self.location} cannot be read ({type(exc).__name__}: {exc})")
-            logger.warning("project %s: %s cannot be read (%s); serving %s as last read", project, self.location,
-                           exc, known[0].version or "the base model")
+                return Pointer(None, None, problem)
+            logger.warning("project %s: %s; serving %s as last read", project, problem,
+                           known[0].version or "the base model")
             pointer = known[0]
+            with self._lock:
+                self._unreachable[project] = f"{problem}; serving what was read from it last"
+        else:
+            with self._lock:
+                self._unreachable.pop(project, None)
+        finally:
+            with self._lock:
+                self._refreshing.discard(project)
         with self._lock:
             if known is None or pointer != known[0]:
                 self._infos = {k: v for k, v in self._infos.items() if k[0] != project}
@@ -240,7 +259,9 @@ class Registry:
             stored = self.store.read_if_changed(key, known.tag if known else None)
         except NotStored:
             return Pointer(None, None)
-        except OSError as exc:  # a directory, unreadable
+        except OSError as exc:  # a directory, unreadable (a bucket's timeouts are OSErrors too: see pointer())
+            if not self.store.is_local:
+                raise
             return Pointer(None, None, f"'current' cannot be read ({type(exc).__name__})")
         if stored is None:
             return known
@@ -248,6 +269,11 @@ class Registry:
             return Pointer(stored.data.decode().strip(), stored.tag)
         except UnicodeDecodeError:
             return Pointer(None, stored.tag, "'current' cannot be read (not text)")
+
+    def unreachable(self, project: int) -> str | None:
+        """Why the pointer served is the one read last, not a fresh one (the store did not answer), or None."""
+        with self._lock:
+            return self._unreachable.get(int(project))
 
     def forget(self, project: int | None = None) -> None:
         """Read ``current`` again at the next request (one project, or every one): it changed."""

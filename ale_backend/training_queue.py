@@ -200,7 +200,8 @@ def _serving(settings: Settings, project: int) -> dict[str, Any]:
     """The served version (None: the base model) and why it is not the one ``current`` names, if it is not."""
     registry = registry_for(settings)
     serving = registry.serving(project)
-    return {"current_version": serving.version, "serving_problem": serving.problem, "registry": registry.location}
+    return {"current_version": serving.version, "serving_problem": serving.problem, "registry": registry.location,
+            "registry_unreachable": registry.unreachable(project)}
 
 
 def _base_model(settings: Settings) -> dict[str, Any]:

@@ -166,8 +166,9 @@ def test_a_fine_tunes_cached_figures_are_keyed_by_the_test_split_and_every_recip
     smoke = PRESETS["smoke"]
     data = GeneratedDigits(smoke.data).write(0, tmp_path / "a")
 
-    def digest(settings=Settings(), seed_data=data) -> str:
-        return _Seed._scoring_digest.fget(SimpleNamespace(settings=settings, data=seed_data, _scoring=None))
+    def digest(settings=None, seed_data=data) -> str:
+        return _Seed._scoring_digest.fget(SimpleNamespace(settings=settings or Settings(), data=seed_data,
+                                                          _scoring=None))
 
     key = digest()
     assert digest(seed_data=GeneratedDigits(smoke.data).write(0, tmp_path / "again")) == key

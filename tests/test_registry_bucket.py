@@ -349,3 +349,65 @@ def test_a_version_name_is_never_overwritten_and_a_half_registration_is_pruned(t
     assert trainer.prune(3, keep=5) == ["p3-v0-dead"]
     keys = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=bucket)["Contents"]}
     assert not [key for key in keys if "p3-v0-dead" in key] and trainer.current(3) == "p3-v1-a"
+
+
+@pytest.fixture()
+def silent_store():
+    """An endpoint that accepts connections and never answers (a store whose packets are dropped, not refused):
+    a listening socket nobody reads from."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(128)
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    server.close()
+
+
+def silence(registry: Registry, endpoint: str, monkeypatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    registry.store._client = registry.store._quick = None  # the store stops answering this process
+
+
+def test_a_store_that_stops_answering_holds_a_request_seconds_and_one_request_reads_for_all(
+        tmp_path, bucket, weights, silent_store, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    trainer, web = host(tmp_path, bucket, "gpu-host"), host(tmp_path, bucket, "web-host", poll=0.01)
+    trainer.add(weights, info("p3-v1-a"))
+    assert web.current(3) == "p3-v1-a" and web.unreachable(3) is None
+    silence(web, silent_store, monkeypatch)
+    time.sleep(0.05)
+    reads = []
+    real = web._read_pointer
+    monkeypatch.setattr(web, "_read_pointer", lambda *args: reads.append(1) or real(*args))
+    began = time.monotonic()
+    with ThreadPoolExecutor(8) as pool:  # eight requests at once, while the store does not answer
+        served = list(pool.map(lambda _: web.serving(3), range(8)))
+    waited = time.monotonic() - began
+    assert [s.version for s in served] == ["p3-v1-a"] * 8 and not any(s.problem for s in served), served
+    assert len(reads) == 1  # one request read the pointer; the others went on with the last one read
+    assert waited < 30, waited  # botocore's defaults would hold it minutes (60 s reads, retried)
+    assert "cannot be read" in web.unreachable(3) and "serving what was read" in web.unreachable(3)
+
+
+def test_new_tasks_of_a_project_connected_elsewhere_are_kept_when_the_store_does_not_answer(
+        tmp_path, bucket, settings, redis_url, silent_store, monkeypatch):
+    """TASKS_CREATED for a project connected from another host (recorded in the bucket only): while the bucket does
+    not answer, the webhook keeps the ids and queues their scoring, instead of a 500 that drops them."""
+    import dataclasses
+
+    from ale_backend.jobs import Names
+    from ale_backend.server import create_app
+
+    app_settings = dataclasses.replace(settings, model_dir=tmp_path / "web-host", redis_url=redis_url,
+                                       model_registry=f"s3://{bucket}/team/models")
+    redis.Redis.from_url(redis_url).flushdb()
+    client = create_app(app_settings, warm_up=False).test_client()
+    host(tmp_path, bucket, "other-host").mark_connected(12, "")
+    silence(registry_for(app_settings), silent_store, monkeypatch)
+    response = client.post("/webhook", json={"action": "TASKS_CREATED", "project": {"id": 12},
+                                             "tasks": [{"id": 5}, {"id": 6}]})
+    assert response.status_code == 201, response.get_data(as_text=True)
+    arrived = redis.Redis.from_url(redis_url).smembers(Names(app_settings).key(12, "arrived"))
+    assert sorted(int(i) for i in arrived) == [5, 6]
