@@ -14,13 +14,15 @@ for a training round:
   scored (their ids wait in the set ``:arrived``; a job takes all there are when it starts, so an import of 10,000
   tasks is one job, or a few). An id leaves the set only once its prediction is imported (by an arrivals job, or by
   a re-scoring of the pool that began after it arrived); a job that fails leaves the ids for a retry
-  (:data:`ARRIVALS_RETRY`), so no new task is left without a prediction. One process runs them one at a time: a
-  re-scoring and the scoring of new tasks never overlap.
+  (:data:`ARRIVALS_RETRY`), so no new task is left without a prediction. Several scoring workers may run such jobs
+  at once: each task is claimed before it is scored (:mod:`ale_backend.claims`), so none gets two predictions of
+  one version.
 
 Redis keys, per project (:meth:`Names.key`): ``ale:<instance>:p<id>:generation``, ``:new``, ``:min-new`` (the
 threshold the web side counts against), ``:running``, ``:alive``, ``:lock`` (the training job's), ``:scoring`` (the
 scoring job running), ``:arrived``, ``:arrivals-job`` (the last arrivals job queued), ``:arrivals-count``,
-``:last-result`` (the last job of any kind), ``:last-training``, ``:last-failure``. ``<instance>`` names the Label
+``:last-result`` (the last job of any kind), ``:last-training``, ``:last-failure``, ``:claims:<version>`` (which job
+writes each task's prediction of a version: :mod:`ale_backend.claims`). ``<instance>`` names the Label
 Studio (:attr:`Settings.instance`): keys, job ids and queues of two Label Studio instances sharing one Redis stay
 apart, and a worker only takes the jobs of the instance whose annotations it can read.
 """

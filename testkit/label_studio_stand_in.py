@@ -48,8 +48,8 @@ class FakeLabelStudio:
     ``/redirect?to=<url>`` answers 302 to that URL; ``/drip?every=<seconds>`` sends a 1000-byte body one byte at a time.
     ``projects`` maps a project id to ``{"label_config": ..., "tasks": [...]}``, served by ``/api/projects/<id>/``
     and ``/api/tasks/?project=<id>&page=&page_size=`` (paginated like Label Studio: ``{"tasks", "total"}``; each
-    task lists the predictions imported for it, as ``fields=all`` does; the Data Manager filters the backend sends,
-    an id range and "no annotation", are applied).
+    task lists the predictions imported for it, each with an id, as ``fields=all`` does; the Data Manager filters the
+    backend sends, an id range and "no annotation", are applied); ``DELETE /api/predictions/<id>/`` deletes one.
     """
 
     def __init__(self, root: Path, legacy_token: str, refresh_token: str, access_token: str):
