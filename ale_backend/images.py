@@ -34,6 +34,7 @@ import base64
 import io
 import ipaddress
 import logging
+import os
 import re
 import socket
 import threading
@@ -173,13 +174,7 @@ class ImageLoader:
     def _session(self) -> requests.Session:
         session = getattr(self._local, "session", None)
         if session is None:
-            session = self._local.session = requests.Session()
-            # environment proxies (HTTP_PROXY, HTTPS_PROXY) are not used: through a proxy the connection would go to
-            # the proxy, which resolves the image's host itself, so no address check could hold at the connection
-            session.trust_env = False
-            adapter = _CheckedAdapter(self)
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
+            session = self._local.session = checked_session(self)
         return session
 
     def check_url(self, url: str) -> None:
@@ -232,7 +227,7 @@ class ImageLoader:
                 response = session.get(url, headers=headers, timeout=_left(deadline, url, self._timeout),
                                        stream=True, allow_redirects=False)
             except requests.RequestException as exc:
-                refused = _refusal(exc)
+                refused = refusal(exc)
                 if refused is not None:  # the check made at the connection
                     raise refused from exc
                 raise ImageLoadError(f"{_short(url)}: {type(exc).__name__}: {exc}") from exc
@@ -253,12 +248,10 @@ class ImageLoader:
                 if declared > self._max_bytes:
                     raise ImageLoadError(f"{_short(url)}: {declared} bytes is over the {self._max_bytes} byte limit")
                 body = bytearray()
-                # read1 returns whatever one read brings, so the deadline is checked however slowly bytes come
-                while chunk := response.raw.read1(1 << 16, decode_content=True):
+                for chunk in read_chunks(response, lambda: _left(deadline, url, self._timeout)):
                     body += chunk
                     if len(body) > self._max_bytes:
                         raise ImageLoadError(f"{_short(url)}: larger than the {self._max_bytes} byte limit")
-                    _left(deadline, url, self._timeout)
                 return bytes(body)
         except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
             raise ImageLoadError(f"{_short(url)}: {type(exc).__name__}: {exc}") from exc
@@ -358,16 +351,41 @@ def first_non_public(infos: Iterable[tuple]) -> ipaddress.IPv4Address | ipaddres
     return None
 
 
-class _Refused(OSError):
-    """Raised where a connection is made to an address the loader refuses; carries the :class:`ImageLoadError`."""
+def checked_session(checker) -> requests.Session:
+    """The one way this backend fetches from a URL a task or a setting names (images, weights): a requests session
+    whose connections go only to addresses ``checker.checked_addresses(host, port)`` returned (None: any address),
+    resolved once and connected to as checked, so a name that resolves otherwise at the connection (DNS rebinding)
+    gets nowhere else. Environment proxies (``HTTP_PROXY``, ``HTTPS_PROXY``) are not used: through a proxy the
+    connection would go to the proxy, which resolves the host itself, so no address check could hold."""
+    session = requests.Session()
+    session.trust_env = False
+    # what trust_env would still have given: a CA bundle named in the environment (a company's own CA)
+    session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
+    adapter = _CheckedAdapter(checker)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
 
-    def __init__(self, error: ImageLoadError):
+
+def read_chunks(response: requests.Response, check_deadline: Callable[[], object], size: int = 1 << 16):
+    """A streamed response's body, a chunk at a time, calling ``check_deadline`` (which raises when time is up)
+    after each: ``read1`` returns whatever one read brings, so a deadline holds however slowly bytes come (a
+    server that sends a byte every few seconds never trips a read timeout)."""
+    while chunk := response.raw.read1(size, decode_content=True):
+        yield chunk
+        check_deadline()
+
+
+class _Refused(OSError):
+    """Raised where a connection is made to an address the checker refuses; carries the checker's error."""
+
+    def __init__(self, error: Exception):
         super().__init__(str(error))
         self.error = error
 
 
-def _refusal(exc: BaseException) -> ImageLoadError | None:
-    """The loader's refusal behind a connection error that requests and urllib3 wrapped, if that is what it is."""
+def refusal(exc: BaseException) -> Exception | None:
+    """The checker's refusal behind a connection error that requests and urllib3 wrapped, if that is what it is."""
     seen, pending = set(), [exc]
     while pending:
         current = pending.pop()
@@ -376,19 +394,19 @@ def _refusal(exc: BaseException) -> ImageLoadError | None:
         seen.add(id(current))
         if isinstance(current, _Refused):
             return current.error
-        pending += [current.__cause__, current.__context__, getattr(current, "reason", None),
-                    *[a for a in getattr(current, "args", ()) if isinstance(a, BaseException)]]
+        pending += [e for e in (current.__cause__, current.__context__, getattr(current, "reason", None),
+                                *getattr(current, "args", ())) if isinstance(e, BaseException)]
     return None
 
 
-def _checked_connection(base: type, loader: ImageLoader) -> type:
-    """``base`` (urllib3's HTTP or HTTPS connection) connecting only to the addresses ``loader`` checked."""
+def _checked_connection(base: type, checker) -> type:
+    """``base`` (urllib3's HTTP or HTTPS connection) connecting only to the addresses ``checker`` checked."""
 
     class CheckedConnection(base):
         def _new_conn(self):
             try:
-                infos = loader.checked_addresses(self._dns_host, self.port)
-            except ImageLoadError as exc:
+                infos = checker.checked_addresses(self._dns_host, self.port)
+            except Exception as exc:  # the checker's refusal (ImageLoadError, ModelFetchError)
                 raise _Refused(exc) from None
             if infos is None:  # Label Studio's host or the allowlist: any address
                 return super()._new_conn()
@@ -415,8 +433,8 @@ def _checked_connection(base: type, loader: ImageLoader) -> type:
 class _CheckedAdapter(requests.adapters.HTTPAdapter):
     """requests' transport, with urllib3 connections that check the addresses they connect to."""
 
-    def __init__(self, loader: ImageLoader):
-        self._loader = loader
+    def __init__(self, checker):
+        self._loader = checker
         super().__init__()
 
     def init_poolmanager(self, *args, **kwargs):

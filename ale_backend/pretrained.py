@@ -12,10 +12,13 @@ version of a registry held in a bucket, :mod:`ale_backend.registry`).
 
 The file is fetched with one GET (a presigned S3 or GCS URL, signed for GET only, works), redirects followed hop by
 hop: every hop must be https (http only when ``MODEL_SHA256`` pins the file), and a hop after the first must go to
-the same host or to a public address (a redirect cannot lead the backend to a private or link-local one). An
-offline machine fails within seconds (:data:`CONNECT_TIMEOUT`); a server that stalls fails after
-:data:`READ_TIMEOUT` seconds without a byte, and a download that takes longer than :data:`DOWNLOAD_TIMEOUT` in all is
-abandoned, so a stalled server never holds the download lock for long. ``MODEL_MAX_MB`` is held against the declared
+the same host or to a public address (a redirect cannot lead the backend to a private or link-local one); the
+connection goes to the address checked (no second lookup), and never through ``HTTP(S)_PROXY``: the session is the
+one images are fetched with (:func:`ale_backend.images.checked_session`). Behind a proxy, download the file
+elsewhere and set ``MODEL_PATH`` to its path. An offline machine fails within seconds (:data:`CONNECT_TIMEOUT`); a
+server that stalls fails after :data:`READ_TIMEOUT` seconds without a byte, and a download that takes longer than
+:data:`DOWNLOAD_TIMEOUT` in all is abandoned, checked after every read however few bytes it brings, so neither a
+stalled nor a trickling server holds the download lock for long. ``MODEL_MAX_MB`` is held against the declared
 length before the body is read and against the bytes received while they arrive. The file is written under a
 temporary name, checked (a zip archive as torch saves checkpoints, ``MODEL_SHA256`` when set) and renamed into place
 in ``WEIGHTS_DIR`` (default ``MODEL_DIR/weights``); a lock file makes the processes that share the folder (web app,
@@ -181,19 +184,55 @@ def _check_hop(url: str, first: str, settings: Settings) -> None:
                               "refused")
 
 
+class _WeightsHosts:
+    """Where a download of weights may connect (:func:`ale_backend.images.checked_session`): the host of the URL
+    named (any address: the user chose it), or a public address of any other host a redirect leads to."""
+
+    def __init__(self, first: str):
+        self.first = first
+
+    def checked_addresses(self, host: str, port: int) -> list[tuple] | None:
+        if host.lower().strip("[]") == (urlsplit(self.first).hostname or "").lower():
+            return None
+        try:
+            infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
+        except socket.gaierror as exc:
+            raise ModelFetchError(f"{_safe(self.first)} redirected to {host}, which does not resolve") from exc
+        from ale_backend.images import first_non_public
+
+        address = first_non_public(infos)
+        if address is not None:
+            raise ModelFetchError(f"{_safe(self.first)} redirected to {host}, which resolves to a non-public address "
+                                  f"({address}): refused")
+        return infos
+
+
 def _download(url: str, incoming: Path, settings: Settings) -> None:
-    """GET ``url`` into ``incoming`` (redirects followed hop by hop, limits held) and check what came."""
+    """GET ``url`` into ``incoming`` (redirects followed hop by hop, limits held) and check what came: through the
+    same checked session as images (connections to the addresses checked, no proxies), the whole download within
+    :data:`DOWNLOAD_TIMEOUT` however slowly its bytes come."""
     import requests
+    import urllib3
+
+    from ale_backend.images import checked_session, read_chunks, refusal
 
     limit = int(settings.model_max_mb * 1024 * 1024)
     first, deadline = url, time.monotonic() + DOWNLOAD_TIMEOUT
+
+    def check_deadline() -> None:
+        if time.monotonic() > deadline:
+            raise ModelFetchError(f"{_safe(url)}: the download took longer than {DOWNLOAD_TIMEOUT} s")
+
     logger.info("fetching %s into %s", _safe(url), incoming.parent)
-    with requests.Session() as session:
+    with checked_session(_WeightsHosts(first)) as session:
         for _hop in range(MAX_REDIRECTS + 1):
             try:
                 response = session.get(url, stream=True, allow_redirects=False,
                                        timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
             except requests.RequestException as exc:
+                refused = refusal(exc)
+                if refused is not None:  # the address checked at the connection
+                    raise refused from exc
                 raise ModelFetchError(f"could not reach {_safe(url)} ({type(exc).__name__}). "
                                       f"{_offline_advice(first)}") from exc
             if not (response.is_redirect and response.headers.get("Location")):
@@ -213,16 +252,13 @@ def _download(url: str, incoming: Path, settings: Settings) -> None:
             received = 0
             with open(incoming, "wb") as out:
                 try:
-                    for chunk in response.iter_content(1 << 20):
+                    for chunk in read_chunks(response, check_deadline, 1 << 20):
                         received += len(chunk)
                         if received > limit:
                             raise ModelFetchError(f"{_safe(url)} sent more than MODEL_MAX_MB "
                                                   f"({settings.model_max_mb:g} MB)")
-                        if time.monotonic() > deadline:
-                            raise ModelFetchError(f"{_safe(url)}: the download took longer than "
-                                                  f"{DOWNLOAD_TIMEOUT} s")
                         out.write(chunk)
-                except requests.RequestException as exc:
+                except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
                     raise ModelFetchError(f"the download of {_safe(url)} broke off ({type(exc).__name__}: "
                                           f"{exc})") from exc
     if not zipfile.is_zipfile(incoming):

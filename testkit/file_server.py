@@ -15,13 +15,15 @@ class FileServer:
     """Serves ``files`` (URL path -> bytes) on 127.0.0.1; ``headers`` (path -> extra headers) may lie about the
     length, or leave it out (a value of None: the body then ends when the connection closes); ``redirects`` (path ->
     location) answer 302; ``head_status`` (path -> status) answers HEAD so, as a presigned URL signed for GET
-    does; ``requests`` counts ``(method, path)``. ``certificate`` is the CA file a client must trust (https)."""
+    does; ``drip`` (path -> seconds) sends the body one byte every that many seconds; ``requests`` counts
+    ``(method, path)``. ``certificate`` is the CA file a client must trust (https)."""
 
     def __init__(self, folder: Path, https: bool = True, delay: float = 0.0):
         self.files: dict[str, bytes] = {}
         self.headers: dict[str, dict[str, str | None]] = {}
         self.redirects: dict[str, str] = {}
         self.head_status: dict[str, int] = {}
+        self.drip: dict[str, float] = {}
         self.requests: Counter = Counter()
         self.delay = delay
         self._lock = threading.Lock()
@@ -86,6 +88,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if body:
             if server.delay:
                 threading.Event().wait(server.delay)
+            if path in server.drip:
+                try:
+                    for byte in data:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        threading.Event().wait(server.drip[path])
+                except OSError:  # the client gave up
+                    pass
+                return
             self.wfile.write(data)
 
     def do_HEAD(self) -> None:  # noqa: N802 (the standard library's name)

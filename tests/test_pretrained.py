@@ -193,3 +193,48 @@ def test_status_and_the_ready_line_say_why_the_default_was_not_fetched(tmp_path,
     base = json.loads(shown.stdout)["base_model"]
     assert base["version"] == "yolov5nu-untrained"
     assert base["fallback"].startswith("yolov5nu.pt could not be fetched: could not reach")
+
+
+def test_a_server_that_trickles_bytes_cannot_stretch_the_download_past_its_deadline(tmp_path, releases,
+                                                                                     monkeypatch):
+    """A byte every 0.2 s never trips the read timeout; the total deadline still holds, checked after every read
+    (a 1 MiB chunk would have waited for the whole body: 30 minutes for these 9 KB), and the lock is let go."""
+    import time
+
+    from ale_backend import pretrained
+
+    monkeypatch.setattr(pretrained, "DOWNLOAD_TIMEOUT", 2)
+    releases.files["/rel/slow.pt"] = b"x" * 9000
+    releases.drip["/rel/slow.pt"] = 0.2
+    began = time.monotonic()
+    with pytest.raises(ModelNotFoundError, match="took longer than 2 s"):
+        resolve_model_source(settings_for(tmp_path, model_path=releases.url + "/rel/slow.pt"))
+    assert time.monotonic() - began < 30
+
+
+def test_a_redirect_target_is_connected_to_at_the_address_checked_and_never_through_a_proxy(
+        tmp_path, releases, trained_weights, monkeypatch):
+    """A name that resolves to a public address when checked and to a private one at the connection (DNS
+    rebinding) is refused at the connection; HTTPS_PROXY is not used (it would resolve the host itself)."""
+    import socket
+
+    real, lookups = socket.getaddrinfo, []
+
+    def rebinding(host, port, *args, **kwargs):
+        if host != "rebind.example":
+            return real(host, port, *args, **kwargs)
+        lookups.append(host)
+        address = "93.184.216.34" if len(lookups) == 1 else "127.0.0.1"
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    port = releases.url.rsplit(":", 1)[1]
+    releases.files["/store/best.pt"] = trained_weights.read_bytes()
+    releases.redirects["/team/rebind.pt"] = f"https://rebind.example:{port}/store/best.pt"
+    with pytest.raises(ModelNotFoundError, match=r"rebind.example, which resolves to a non-public address "
+                                                 r"\(127.0.0.1\): refused"):
+        resolve_model_source(settings_for(tmp_path / "a", model_path=releases.url + "/team/rebind.pt"))
+    assert releases.count("GET", "/store/best.pt") == 0 and len(lookups) == 2
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    releases.files["/rel/direct.pt"] = trained_weights.read_bytes()
+    assert not resolve_model_source(settings_for(tmp_path / "b", model_path=releases.url + "/rel/direct.pt")).is_config
