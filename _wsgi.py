@@ -5,7 +5,8 @@ development server, with the arguments that ``label-studio-ml start <dir>`` pass
     --log-level LEVEL, -d/--debug    LOG_LEVEL (--debug: DEBUG)
     --model-dir DIR                  MODEL_DIR
     --basic-auth-user, --basic-auth-pass   BASIC_AUTH_USER, BASIC_AUTH_PASS
-    --check                          check the configuration and load the model, then exit (0: ready)
+    --check                          check the configuration, the registry's bucket (as the worker does) and load
+                                     the model, then exit (0: ready)
 
 Everything else is configured by environment variables (docs/configuration.md); ``--kwargs/--with`` is refused
 with that advice.
@@ -57,8 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     from ale_backend.server import create_app
 
     if args.check:
+        from ale_backend.registry import registry_for
+
         try:
             create_app(settings, warm_up=False)
+            store = registry_for(settings).store
+            if not store.is_local:  # what the worker checks at start: reachable, the bucket there, writes safe
+                store.check_conditional_writes()
             detector = get_detector(settings)
             detector.warm_up()
         except Exception as exc:

@@ -313,11 +313,16 @@ class BucketStore:
                 out.write(chunk)
 
     def check_conditional_writes(self) -> None:
-        """Make sure the bucket refuses a stale conditional write (a store that ignores ``If-None-Match`` would let
-        two promotions both win); raises :class:`StoreError` saying so, or why the bucket cannot be written. Two
-        small writes and a delete."""
+        """Make sure the bucket answers within the request path's bounds and refuses a stale conditional write (a
+        store that ignores ``If-None-Match`` would let two promotions both win); raises :class:`StoreError` saying
+        so, or why the bucket cannot be read or written. A read, two small writes and a delete: what a worker checks
+        at start, and ``python _wsgi.py --check``."""
         key = f"probes/conditional-{os.getpid()}-{os.urandom(4).hex()}"
         try:
+            try:  # the quick client first: a store that does not answer is told in seconds
+                self.read_if_changed(key, None)
+            except NotStored:
+                pass
             self.replace(key, b"1", None)
             try:
                 self.replace(key, b"2", None)
@@ -333,11 +338,17 @@ class BucketStore:
     def what_failed(self, exc: Exception) -> str:
         """Why a call to the bucket failed, in words, and what to set: the store does not answer, the credentials
         are missing or refused, or the bucket does not exist."""
-        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+        from botocore.exceptions import (
+            ClientError,
+            ConnectTimeoutError,
+            EndpointConnectionError,
+            NoCredentialsError,
+            ReadTimeoutError,
+        )
 
         endpoint = self.client.meta.endpoint_url
         raw = f"({type(exc).__name__}: {exc})"
-        if isinstance(exc, EndpointConnectionError) or isinstance(exc, ConnectionError):
+        if isinstance(exc, (EndpointConnectionError, ConnectionError, ConnectTimeoutError, ReadTimeoutError)):
             return (f"the store at {endpoint} does not answer {raw}: check AWS_ENDPOINT_URL (empty for AWS S3) and "
                     "that the store is running")
         if isinstance(exc, NoCredentialsError):

@@ -411,3 +411,28 @@ def test_new_tasks_of_a_project_connected_elsewhere_are_kept_when_the_store_does
     assert response.status_code == 201, response.get_data(as_text=True)
     arrived = redis.Redis.from_url(redis_url).smembers(Names(app_settings).key(12, "arrived"))
     assert sorted(int(i) for i in arrived) == [5, 6]
+
+
+def test_the_web_apps_check_refuses_what_the_worker_refuses(tmp_path, bucket, trained_weights, silent_store):
+    """``python _wsgi.py --check`` tells the user what the worker will: a bucket that does not exist, or a store
+    that does not answer, is not ready (and a silent one is told within the request path's bounds)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    def check(registry: str, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "_wsgi.py", "--check"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "MODEL_PATH": str(trained_weights), "DEVICE": "cpu",
+                                                "MODEL_DIR": str(tmp_path / "m"), "MODEL_REGISTRY": registry,
+                                                "LABEL_STUDIO_URL": "", **env})
+
+    ready = check(f"s3://{bucket}/team")
+    assert ready.returncode == 0 and ready.stdout.startswith("ready:"), ready.stderr[-2000:]
+    missing = check("s3://no-such-bucket/team")
+    assert missing.returncode == 1 and "bucket 'no-such-bucket' does not exist" in missing.stderr, missing.stderr
+    began = time.monotonic()
+    silent = check(f"s3://{bucket}/team", AWS_ENDPOINT_URL=silent_store)
+    assert silent.returncode == 1 and "does not answer" in silent.stderr, silent.stderr[-2000:]
+    assert time.monotonic() - began < 60  # the quick client's bounds, not botocore's minutes
