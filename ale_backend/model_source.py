@@ -1,7 +1,7 @@
 """Which weights a project is served, and the version string Label Studio sees: checked without loading them.
 
 ``MODEL_PATH`` names a local ``.pt`` file, a model config (YAML), or pretrained weights to fetch once by name or URL
-(:mod:`ale_backend.pretrained`); :func:`resolve_model_source` turns it into a :class:`ModelSource`. When the default
+(:mod:`ale_backend.weights`); :func:`resolve_model_source` turns it into a :class:`ModelSource`. When the default
 (``yolov5nu.pt``) cannot be fetched, the base model is the untrained config of the same architecture and the source
 says why (:attr:`ModelSource.fallback`). A trained version of the registry is a :class:`ModelSource` too
 (:func:`ale_backend.registry.served_source`).
@@ -16,8 +16,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from ale_backend.pretrained import ModelFetchError, fetched_weights, file_sha256, local_file, needs_fetch
 from ale_backend.settings import DEFAULT_MODEL_PATH, FALLBACK_CONFIG, Settings
+from ale_backend.weights import ModelFetchError, fetched_weights, file_sha256, local_file, needs_fetch
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def resolve_model_source(settings: Settings) -> ModelSource:
     """The base model ``MODEL_PATH`` names, checked and named without loading it.
 
     Weights named by release name or URL are fetched first if they are not in ``WEIGHTS_DIR`` yet
-    (:func:`ale_backend.pretrained.fetched_weights`). When the default (``yolov5nu.pt``) cannot be fetched, the
+    (:func:`ale_backend.weights.fetched_weights`). When the default (``yolov5nu.pt``) cannot be fetched, the
     untrained ``yolov5nu.yaml`` stands in, with the reason in :attr:`ModelSource.fallback`; a process tries the
     download once (a later call finds the file if another process fetched it). Any other name or URL that cannot be
     fetched raises :class:`ModelNotFoundError` with what to do.

@@ -12,7 +12,7 @@ promotions that race leave one winner and a loser recorded unserved, never a poi
 weights. In a folder, ``current`` is read on every request (one small file); from a bucket, at most every
 ``REGISTRY_POLL_SECONDS`` or when a message says it changed (:meth:`Registry.forget`), so that requests do not reach
 the bucket. Weights held in a bucket are brought to each host once (``MODEL_DIR/projects/<project>/served/``, by
-:func:`ale_backend.pretrained.bring`, the one way weights come onto a host) and checked there before they are used.
+:func:`ale_backend.weights.bring`, the one way weights come onto a host) and checked there before they are used.
 
 What is served is checked, not trusted (:meth:`Registry.serving`): ``current`` must name a plain version of this
 project (never a path: another project's weights are out of reach), and a version's weights must be the file
@@ -37,9 +37,9 @@ from typing import Any
 from ale_backend.label_studio import project_id
 from ale_backend.model_source import ModelSource, resolve_model_source
 from ale_backend.object_store import Changed, FolderStore, NotStored, ObjectStore, StoreError, open_store
-from ale_backend.pretrained import ModelFetchError, bring, file_sha256
 from ale_backend.project_files import OWNER, ModelDir, ModelDirTaken, ProjectFiles
 from ale_backend.settings import Settings, label_studio_instance
+from ale_backend.weights import ModelFetchError, bring, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -463,8 +463,8 @@ class Registry:
             self.store.delete_under(prefix)
             raise OSError(f"the copy of {weights} into the registry differs from it (disk full?)")
         if info.promoted:
-            try:
-                self.set_current(info.project, info.version, expected)
+            try:  # the file just stored is the one hashed above: pointed at without bringing it back
+                self._point(info.project, info.version, expected)
             except Changed:
                 winner = self.pointer(info.project, fresh=True).version or "the base model"
                 info = replace(info, promoted=False, reason=f"{winner} became the served version while this one "
@@ -486,6 +486,10 @@ class Registry:
         problem = self.check(project, version)
         if problem:
             raise ValueError(f"project {project}: {problem}; not served")
+        self._point(project, version, expected)
+
+    def _point(self, project: int, version: str, expected: Pointer | None) -> None:
+        """The conditional write of ``current`` (see :meth:`set_current`), of a version known to be complete."""
         if expected is None:
             expected = self.pointer(project, fresh=True)
         tag = self.store.replace(f"{_prefix(project)}/{POINTER}", (version + "\n").encode(), expected.tag)

@@ -314,7 +314,7 @@ class Settings:
 
     model_path: str = DEFAULT_MODEL_PATH
     """The base model: local weights (``.pt``), an ultralytics model YAML (untrained), the name of ultralytics'
-    released detection weights or a URL (both fetched once, :mod:`ale_backend.pretrained`)."""
+    released detection weights or a URL (both fetched once, :mod:`ale_backend.weights`)."""
     model_dir: Path = Path("data/models").resolve()
     """Where the backend keeps its state (model registry, caches, ultralytics settings)."""
     model_sha256: str = ""

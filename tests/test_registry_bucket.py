@@ -436,3 +436,14 @@ def test_the_web_apps_check_refuses_what_the_worker_refuses(tmp_path, bucket, tr
     silent = check(f"s3://{bucket}/team", AWS_ENDPOINT_URL=silent_store)
     assert silent.returncode == 1 and "does not answer" in silent.stderr, silent.stderr[-2000:]
     assert time.monotonic() - began < 60  # the quick client's bounds, not botocore's minutes
+
+
+def test_promoting_a_version_does_not_download_back_what_the_trainer_just_uploaded(tmp_path, bucket, weights,
+                                                                                   monkeypatch):
+    trainer = host(tmp_path, bucket, "gpu-host")
+    downloads = []
+    real = trainer.store.download
+    monkeypatch.setattr(trainer.store, "download", lambda *args: downloads.append(args) or real(*args))
+    trainer.add(weights, info("p3-v1-a"))
+    assert trainer.pointer(3, fresh=True).version == "p3-v1-a" and downloads == []
+    assert trainer.current(3) == "p3-v1-a" and len(downloads) == 1  # brought (and checked) once it is served

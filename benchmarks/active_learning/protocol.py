@@ -41,11 +41,11 @@ from ale_backend import training
 from ale_backend.dataset import DatasetSummary, remapped_validation_set
 from ale_backend.detector import Detector, load_model
 from ale_backend.model_source import ModelSource
-from ale_backend.pretrained import file_sha256
 from ale_backend.scoring import DEFAULT_STRATEGY, STRATEGIES, score_images
 from ale_backend.settings import DEFAULT_SCORE_CONF, Settings
 from ale_backend.training import fine_tune
 from ale_backend.ultralytics_setup import cpu_cores
+from ale_backend.weights import file_sha256
 from ale_backend.yolo_files import label_path, read_labels, write_data_yaml, write_image_list
 from benchmarks.active_learning import diagnosis
 from benchmarks.active_learning.evaluation import ImageBoxes, evaluate

@@ -12,8 +12,8 @@ import sys
 import pytest
 
 from ale_backend.model_source import ModelNotFoundError, resolve_model_source
-from ale_backend.pretrained import local_file
 from ale_backend.settings import DEFAULT_MODEL_PATH, Settings
+from ale_backend.weights import local_file
 from testkit.file_server import FileServer
 from testkit.stack import free_port
 from tests.conftest import ROOT
@@ -140,9 +140,9 @@ def test_a_presigned_url_signed_for_get_only_is_fetched(tmp_path, releases, trai
 
 
 def test_a_stalled_server_does_not_hold_the_download_for_long(tmp_path, releases, monkeypatch):
-    from ale_backend import pretrained
+    from ale_backend import weights as weights_module
 
-    monkeypatch.setattr(pretrained, "READ_TIMEOUT", 1)
+    monkeypatch.setattr(weights_module, "READ_TIMEOUT", 1)
     releases.delay = 5.0  # headers at once, then nothing
     settings = settings_for(tmp_path, model_path="yolov5su.pt", model_download_url=releases.url + "/rel")
     with pytest.raises(ModelNotFoundError, match="broke off|could not reach"):
@@ -201,9 +201,9 @@ def test_a_server_that_trickles_bytes_cannot_stretch_the_download_past_its_deadl
     (a 1 MiB chunk would have waited for the whole body: 30 minutes for these 9 KB), and the lock is let go."""
     import time
 
-    from ale_backend import pretrained
+    from ale_backend import weights as weights_module
 
-    monkeypatch.setattr(pretrained, "DOWNLOAD_TIMEOUT", 2)
+    monkeypatch.setattr(weights_module, "DOWNLOAD_TIMEOUT", 2)
     releases.files["/rel/slow.pt"] = b"x" * 9000
     releases.drip["/rel/slow.pt"] = 0.2
     began = time.monotonic()

@@ -165,23 +165,13 @@ def _check_scheme(url: str, settings: Settings) -> None:
 
 
 def _check_hop(url: str, first: str, settings: Settings) -> None:
-    """A redirect's target: https (http when pinned), and the first URL's host or a public address."""
+    """A redirect's target: https (http when pinned), and the first URL's host or a public address
+    (:class:`_WeightsHosts`, which checks again at the connection and connects to the address it checked)."""
     _check_scheme(url, settings)
-    host = (urlsplit(url).hostname or "").lower()
-    if not host:
+    parts = urlsplit(url)
+    if not parts.hostname:
         raise ModelFetchError(f"{_safe(first)} redirected to a URL without a host")
-    if host == (urlsplit(first).hostname or "").lower():
-        return
-    try:
-        infos = socket.getaddrinfo(host, urlsplit(url).port or 443, proto=socket.IPPROTO_TCP)
-    except socket.gaierror as exc:
-        raise ModelFetchError(f"{_safe(first)} redirected to {_safe(url)}, whose host does not resolve") from exc
-    from ale_backend.images import first_non_public
-
-    address = first_non_public(infos)
-    if address is not None:
-        raise ModelFetchError(f"{_safe(first)} redirected to {_safe(url)}, a non-public address ({address}): "
-                              "refused")
+    _WeightsHosts(first).checked_addresses(parts.hostname, parts.port or 443)
 
 
 class _WeightsHosts:
