@@ -75,24 +75,14 @@ def rescore_project(
     tasks = run.client.tasks(project, filters=UNLABELED, page_size=page_size)
     scored, unreadable, seconds = run.score_pool(tasks, page_size, report, replace=True)
     scored += len(run.already)  # a retry's, imported before it failed
-    if not scored and unreadable:
-        task, reason = unreadable[0]
-        raise RescoringError(
-            f"no image of project {project}'s {len(unreadable)} unlabelled tasks could be read (task {task}: "
-            f"{reason}); the project stays on its previous model version and predictions"
-        )
+    _check_readable(project, scored, unreadable)
     removed = run.switch_version(settings.keep_prediction_versions if keep is None else keep) if scored else []
-    if unreadable:
-        logger.warning("project %s: %d tasks have no prediction, their image could not be read: %s", project,
-                       len(unreadable), "; ".join(f"task {t}: {r}" for t, r in unreadable[:20]))
-    total = time.perf_counter() - started
-    version = run.source.version
+    _log_unreadable(project, unreadable, "tasks")
+    result = _result("rescored" if scored else "nothing to score", run.source.version, scored, unreadable,
+                     seconds=seconds, started=started, held_elsewhere=len(run.held), deleted_versions=removed)
     logger.info("project %s: %d tasks re-scored with %s in %.1f s (fetch %.1f s, inference %.1f s, import %.1f s)",
-                project, scored, version, total, *seconds.values())
-    return {"status": "rescored" if scored else "nothing to score", "model_version": version, "scored": scored,
-            "held_elsewhere": len(run.held), "unreadable": unreadable[:100], "unreadable_count": len(unreadable),
-            "deleted_versions": removed,
-            "seconds": {**{k: round(v, 2) for k, v in seconds.items()}, "total": round(total, 2)}}
+                project, scored, run.source.version, result["seconds"]["total"], *seconds.values())
+    return result
 
 
 def score_arrivals(
@@ -113,7 +103,7 @@ def score_arrivals(
     client = client or LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
     wanted = {int(i) for i in task_ids}
     if not wanted:
-        return {"status": "nothing to score", "model_version": served_source(settings, project).version, "scored": 0}
+        return _result("nothing to score", served_source(settings, project).version, 0, [])
     run = _Rescoring(project, settings, client, import_slot, claims)
     if run.project_data.get("model_version") != run.source.version and not pool_under_way:
         logger.info("project %s is on model version %r, not %s: re-scoring the whole pool for its new tasks",
@@ -122,16 +112,13 @@ def score_arrivals(
                                   claims=claims), "arrived": "pool re-scored"}
     tasks = _listed(client, project, wanted, page_size)
     scored, unreadable, seconds = run.score_pool(tasks, page_size, report, replace=False)  # not if scored since
-    if unreadable:
-        logger.warning("project %s: %d new tasks have no prediction, their image could not be read: %s", project,
-                       len(unreadable), "; ".join(f"task {t}: {r}" for t, r in unreadable[:20]))
-    total = time.perf_counter() - started
+    _log_unreadable(project, unreadable, "new tasks")
+    result = _result("new tasks scored" if scored else "nothing to score", run.source.version, scored, unreadable,
+                     seconds=seconds, started=started, already_scored=len(run.already),
+                     held_elsewhere=len(run.held))
     logger.info("project %s: %d of %d new tasks scored with %s in %.1f s", project, scored, len(wanted),
-                run.source.version, total)
-    return {"status": "new tasks scored" if scored else "nothing to score", "model_version": run.source.version,
-            "scored": scored, "already_scored": len(run.already), "held_elsewhere": len(run.held),
-            "unreadable": unreadable[:100], "unreadable_count": len(unreadable),
-            "seconds": {**{k: round(v, 2) for k, v in seconds.items()}, "total": round(total, 2)}}
+                run.source.version, result["seconds"]["total"])
+    return result
 
 
 def unlabelled_ids(project: int, client: LabelStudioClient, page_size: int = 100) -> list[int]:
@@ -164,13 +151,11 @@ def rescore_part(
     wanted = {int(i) for i in task_ids}
     run = _Rescoring(project, settings, client, import_slot, claims)
     if run.source.version != version:
-        return {"status": "superseded", "model_version": run.source.version, "scored": 0, "unreadable_count": 0}
+        return _result("superseded", run.source.version, 0, [])
     scored, unreadable, seconds = run.score_pool(_listed(client, project, wanted, page_size), page_size, report,
                                                  replace=True)
-    return {"status": "part scored", "model_version": version, "scored": scored, "already_scored": len(run.already),
-            "held_elsewhere": len(run.held),
-            "unreadable": unreadable[:100], "unreadable_count": len(unreadable),
-            "seconds": {k: round(v, 2) for k, v in seconds.items()}}
+    return _result("part scored", version, scored, unreadable, seconds=seconds, already_scored=len(run.already),
+                   held_elsewhere=len(run.held))
 
 
 def finish_parts(
@@ -185,22 +170,49 @@ def finish_parts(
     ``version``, as :func:`rescore_project` does at its end. Not when a part found the project served another
     version by then, nor when no image of the pool could be read (:class:`RescoringError`)."""
     client = client or LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
-    scored = sum(part["scored"] for part in parts)
-    already = sum(part.get("already_scored", 0) for part in parts)  # by a try of a part that failed after
+    # a part's tasks imported by a try that failed after are its "already scored"
+    scored = sum(part["scored"] + part.get("already_scored", 0) for part in parts)
     unreadable = [item for part in parts for item in part.get("unreadable", [])]
     count = sum(part.get("unreadable_count", 0) for part in parts)
     if any(part["status"] == "superseded" for part in parts):
-        return {"status": "superseded", "model_version": version, "scored": scored, "unreadable_count": count}
-    if not scored + already and count:
-        task, reason = unreadable[0]
-        raise RescoringError(f"no image of project {project}'s {count} unlabelled tasks could be read (task {task}: "
-                             f"{reason}); the project stays on its previous model version and predictions")
+        return _result("superseded", version, scored, unreadable, count)
+    _check_readable(project, scored, unreadable, count)
     removed = switch_version(client, project, version, settings.keep_prediction_versions if keep is None else keep
-                             ) if scored + already else []
-    logger.info("project %s: %d tasks re-scored with %s in %d parts", project, scored + already, version, len(parts))
-    return {"status": "rescored" if scored + already else "nothing to score", "model_version": version,
-            "scored": scored + already, "unreadable": unreadable[:100], "unreadable_count": count,
-            "deleted_versions": removed, "parts": len(parts)}
+                             ) if scored else []
+    logger.info("project %s: %d tasks re-scored with %s in %d parts", project, scored, version, len(parts))
+    return _result("rescored" if scored else "nothing to score", version, scored, unreadable, count,
+                   deleted_versions=removed, parts=len(parts))
+
+
+def _result(status: str, version: str, scored: int, unreadable: list[tuple[Any, str]], count: int | None = None,
+            seconds: dict[str, float] | None = None, started: float | None = None, **details: Any) -> dict[str, Any]:
+    """What every scoring here returns: its status, the version, the tasks scored, the unreadable ones (the first
+    100 as ``(task, reason)``, and their ``count``), where the time went (``started``: the total too), and the
+    ``details`` of its kind."""
+    result = {"status": status, "model_version": version, "scored": scored, "unreadable": unreadable[:100],
+              "unreadable_count": len(unreadable) if count is None else count, **details}
+    if seconds is not None:
+        result["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
+        if started is not None:
+            result["seconds"]["total"] = round(time.perf_counter() - started, 2)
+    return result
+
+
+def _check_readable(project: int, scored: int, unreadable: list[tuple[Any, str]], count: int | None = None) -> None:
+    """:class:`RescoringError` when nothing was scored because no image could be read."""
+    if not scored and unreadable:
+        task, reason = unreadable[0]
+        raise RescoringError(
+            f"no image of project {project}'s {count or len(unreadable)} unlabelled tasks could be read (task {task}: "
+            f"{reason}); the project stays on its previous model version and predictions"
+        )
+
+
+def _log_unreadable(project: int, unreadable: list[tuple[Any, str]], what: str) -> None:
+    """Once per scoring: the tasks left without a prediction because their image could not be read."""
+    if unreadable:
+        logger.warning("project %s: %d %s have no prediction, their image could not be read: %s", project,
+                       len(unreadable), what, "; ".join(f"task {t}: {r}" for t, r in unreadable[:20]))
 
 
 def _listed(client: LabelStudioClient, project: int, wanted: set[int], page_size: int) -> Iterator[dict]:
