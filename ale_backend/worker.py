@@ -224,13 +224,13 @@ def run_training_job(project: int, generation: int) -> dict[str, Any]:
                               generation, jid)
         logger.info("project %s: job %s starts (%s new annotation events)", project, jid, int(new or 0))
         nothing_new = False
-        with _outcome(connection, names, project, jid, report, training=True) as outcome:
+        with _failure_recorded(connection, names, project, jid, report, mark="running"):
             try:
                 result = train_project(project, settings, report, run_name=jid)
             except NothingToTrain as exc:
                 logger.info("project %s: %s; re-scoring the pool instead", project, exc)
                 result, nothing_new = {"status": "nothing new to train on", "reason": str(exc)}, True
-            outcome.update(result)
+        _record(connection, names, project, jid, report, result, training=True)
     if result.get("promoted"):
         announce(connection, settings, project, result.get("version"))  # web replicas read the pointer again
     if result.get("promoted") or nothing_new:
@@ -366,15 +366,19 @@ def _scoring_job(project: int, kind: str, score) -> dict[str, Any]:
     jid = job.id if job else kind
     connection.set(names.key(project, "scoring"), jid, nx=kind == "arrivals")
     try:
-        with _outcome(connection, names, project, jid, report, running="scoring") as outcome:
-            outcome.update(score(settings, report, connection, names.key, _claims(connection, settings, project, job)))
+        with _failure_recorded(connection, names, project, jid, report, mark="scoring"):
+            result = score(settings, report, connection, names.key, _claims(connection, settings, project, job))
     except Exception:
         if kind == "rescore" and connection.scard(names.key(project, "arrived")):
             # the new tasks it would have scored wait on: an arrivals job takes them (and retries)
             queue_arrivals(connection, names, Queue(names.scoring_queue, connection=connection), project,
                            settings.train_timeout)
         raise
-    return dict(outcome)
+    if result.get("finish_job"):  # split into parts: the job that ends them holds the mark and records the outcome
+        report("done", parts=result.get("parts"))
+    else:
+        _record(connection, names, project, jid, report, result)
+    return result
 
 
 def _claims(connection: redis.Redis, settings: Settings, project: int, job) -> TaskClaims:
@@ -415,26 +419,25 @@ _CLEAR_MARK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('
 
 
 @contextmanager
-def _outcome(connection: redis.Redis, names: Names, project: int, jid: str, report, training: bool = False,
-             running: str = "running"):
-    """Record how a job ended (``last-result``, and ``last-training`` for a training job, or ``last-failure``) and
-    clear its mark (``running``). A failure's traceback goes to the log, not to Redis (status readers get the
-    reason)."""
-    key = names.key
-    outcome: dict[str, Any] = {}
+def _failure_recorded(connection: redis.Redis, names: Names, project: int, jid: str, report, mark: str):
+    """Record a job's failure (``last-failure``; its traceback goes to the log, not to Redis: status readers get
+    the reason) and, however it ends, clear its ``mark`` (``running``, ``scoring``) if the mark still names it."""
     try:
-        yield outcome
+        yield
     except Exception as exc:
         failure = {"job": jid, "at": timestamp(), "error": f"{type(exc).__name__}: {exc}"}
         logger.exception("project %s: job %s failed", project, jid)
-        connection.set(key(project, "last-failure"), json.dumps(failure))
+        connection.set(names.key(project, "last-failure"), json.dumps(failure))
         report("failed", error=failure["error"])
         raise
-    finally:  # unless the job handed it on (a split re-scoring's mark names the job that ends it)
-        connection.eval(_CLEAR_MARK, 1, key(project, running), jid)
-    if outcome.get("finish_job"):  # split into parts: the job that ends them records the outcome (it may have)
-        report("done", parts=outcome.get("parts"))
-        return
+    finally:
+        connection.eval(_CLEAR_MARK, 1, names.key(project, mark), jid)
+
+
+def _record(connection: redis.Redis, names: Names, project: int, jid: str, report, outcome: dict[str, Any],
+            training: bool = False) -> None:
+    """Record how a job ended: ``last-result``, and ``last-training`` for a training job."""
+    key = names.key
     summary = {"job": jid, "at": timestamp(), **{k: outcome.get(k) for k in (
         "status", "reason", "version", "promoted", "metrics", "annotations", "boxes", "train_seconds", "scored",
         "model_version", "unreadable_count", "arrived") if k in outcome},
