@@ -47,6 +47,8 @@ class Box:
     cy: float
     w: float
     h: float
+    score: float = 1.0
+    """A predicted region's confidence (an annotation's regions: 1)."""
 
 
 @dataclass(frozen=True)
@@ -156,6 +158,13 @@ def examples_from_tasks(tasks: Iterable, config: LabelConfig, skips: Skips | Non
     return examples
 
 
+def region_boxes(holder: Mapping, config: LabelConfig) -> list[Box]:
+    """The boxes of an annotation or a prediction (both hold a ``result`` of regions) for this config's control,
+    with each predicted region's ``score``; regions of other controls, types or labels left out; raises
+    ``ValueError`` for a malformed one."""
+    return _boxes(holder, config, lambda reason: None)
+
+
 def _boxes(annotation: Mapping, config: LabelConfig, drop) -> list[Box]:
     """The annotation's boxes for this config's control; raises :class:`_Unusable` for a malformed one."""
     result = annotation.get("result") or []
@@ -192,7 +201,9 @@ def _boxes(annotation: Mapping, config: LabelConfig, drop) -> list[Box]:
         if box is None:
             drop("rectangle of no area inside the image dropped")
             continue
-        boxes += [Box(label, *box) for label in known]  # a region of several labels: one box per label
+        score = region.get("score", 1.0)
+        score = float(score) if isinstance(score, (int, float)) and not isinstance(score, bool) else 1.0
+        boxes += [Box(label, *box, score=score) for label in known]  # a region of several labels: a box per label
     return boxes
 
 

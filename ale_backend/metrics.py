@@ -11,7 +11,10 @@ Read when scraped, from the registry on disk and from Redis (so every process re
 
 * ``ale_model_version_info{project, version}`` = 1 for the served version of each project;
 * ``ale_last_training_seconds{project}``: wall time of the served version's training round;
-* ``ale_training_queue_length``: jobs waiting in the RQ queue (absent when Redis does not answer).
+* ``ale_training_queue_length``: jobs waiting in the RQ queue (absent when Redis does not answer);
+* ``ale_agreement{project, version, figure}``: how a version's predictions matched the annotations made from them
+  (``precision``, ``recall``, ``ap50``, ``kept``; :mod:`ale_backend.agreement`), for the projects this host holds,
+  as the newest round measured it; ``ale_agreement_tasks{project, version}``: the tasks it was measured on.
 """
 
 from __future__ import annotations
@@ -44,6 +47,10 @@ class _StateCollector:
                                  labels=["project", "version"])
         seconds = GaugeMetricFamily("ale_last_training_seconds", "Training time of the served version",
                                     labels=["project"])
+        agreement = GaugeMetricFamily("ale_agreement", "How a version's predictions matched the annotations made "
+                                      "from them", labels=["project", "version", "figure"])
+        compared = GaugeMetricFamily("ale_agreement_tasks", "Tasks a version's agreement was measured on",
+                                     labels=["project", "version"])
         problems = GaugeMetricFamily("ale_serving_problem", "1 when a project's current version cannot be served "
                                      "and another model stands in (the reason in the log and /status)",
                                      labels=["project"])
@@ -60,8 +67,16 @@ class _StateCollector:
             if serving.version:
                 info.add_metric([str(project), serving.version], 1)
                 seconds.add_metric([str(project)], registry.info(project, serving.version).train_seconds)
+            if project in here:
+                for version, measured in registry.agreement(project).items():
+                    compared.add_metric([str(project), version], measured["tasks"])
+                    for figure in ("precision", "recall", "ap50", "kept"):
+                        if measured.get(figure) is not None:
+                            agreement.add_metric([str(project), version, figure], measured[figure])
         yield info
         yield seconds
+        yield agreement
+        yield compared
         yield problems
         try:
             import redis

@@ -444,6 +444,14 @@ class Registry:
                 logger.warning("project %s: version %s left out, its %s cannot be read: %s", project, name, INFO, exc)
         return sorted(infos, key=lambda i: (i.created_at, i.version))
 
+    def agreement(self, project: int) -> dict[str, Any]:
+        """How each version's predictions matched the annotations made from them, as the newest round measured it
+        (each round records every version it could compare: :mod:`ale_backend.agreement`)."""
+        measured: dict[str, Any] = {}
+        for info in self.versions(project):
+            measured.update((info.extra.get("agreement") or {}).get("versions") or {})
+        return measured
+
     def new_version_name(self, project: int) -> str:
         """``p<project>-v<n>-<UTC time>``: readable, ordered, and unique even if the registry is wiped."""
         numbers = [int(m.group(1)) for i in self.versions(project) if (m := re.match(r"p\d+-v(\d+)-", i.version))]

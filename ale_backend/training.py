@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ale_backend.agreement import agreement_by_version
 from ale_backend.dataset import (
     TASK_SKIPPED,
     DatasetSummary,
@@ -80,6 +81,8 @@ class _Annotations:
     """What was left out, by reason (the tasks whose image cannot be read are added when the dataset is written)."""
     pointer: Pointer
     """The registry's ``current`` when the parent was chosen."""
+    agreement: dict[str, Any]
+    """How each version's predictions matched the annotations made from them (:mod:`ale_backend.agreement`)."""
 
 
 def _train_round(project: int, settings: Settings, report: Report, registry: Registry, work: Path) -> dict[str, Any]:
@@ -129,7 +132,8 @@ def _train_round(project: int, settings: Settings, report: Report, registry: Reg
                "replay_images": summary.replay_images, "epochs": epochs, "epochs_run": trained.epochs,
                "best_epoch": trained.best_epoch,
                "patience": patience, "stopped_early": trained.stopped_early, "warnings": warnings,
-               "fingerprint": annotations.fingerprint},
+               "fingerprint": annotations.fingerprint, "agreement": annotations.agreement,
+               "parent_agreement": annotations.agreement["versions"].get(parent.version)},
     )
     info = registry.add(trained.weights, info, expected=annotations.pointer)
     promoted, reason = info.promoted, info.reason
@@ -151,6 +155,7 @@ def _read_annotations(project: int, settings: Settings, registry: Registry, repo
     client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
     config = parse_label_config(client.project(project)["label_config"])
     tasks = [t for t in client.tasks(project, filters=ANNOTATED) if not isinstance(t, dict) or t.get("annotations")]
+    agreement = agreement_by_version([t for t in tasks if isinstance(t, dict)], config)
     skips = Skips()
     examples = examples_from_tasks(tasks, config, skips)
     if not examples:
@@ -162,7 +167,7 @@ def _read_annotations(project: int, settings: Settings, registry: Registry, repo
     if parent.version in {i.version for i in registry.versions(project)} and \
             registry.info(project, parent.version).extra.get("fingerprint") == fingerprint:
         raise NothingToTrain(f"no annotation changed since {parent.version} was trained")
-    return _Annotations(config, examples, parent, fingerprint, skips, pointer)
+    return _Annotations(config, examples, parent, fingerprint, skips, pointer, agreement)
 
 
 def _write_round_dataset(project: int, settings: Settings, registry: Registry, annotations: _Annotations,

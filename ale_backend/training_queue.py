@@ -200,8 +200,12 @@ def _serving(settings: Settings, project: int) -> dict[str, Any]:
     """The served version (None: the base model) and why it is not the one ``current`` names, if it is not."""
     registry = registry_for(settings)
     serving = registry.serving(project)
+    try:
+        agreement = registry.agreement(project)
+    except Exception as exc:  # the bucket does not answer: the rest of the status still does
+        agreement = {"error": f"the versions cannot be read from {registry.location} ({type(exc).__name__})"}
     return {"current_version": serving.version, "serving_problem": serving.problem, "registry": registry.location,
-            "registry_unreachable": registry.unreachable(project)}
+            "registry_unreachable": registry.unreachable(project), "agreement": agreement}
 
 
 def _base_model(settings: Settings) -> dict[str, Any]:

@@ -94,6 +94,16 @@ def test_a_training_round_serves_a_new_version_that_knows_the_new_class(backend,
     add_project(label_studio, 7, n_tasks=40, seed=11)
     setup = {"project": "7.1700000000", "schema": LABEL_CONFIG}
     base_version = client.post("/setup", json=setup).json["model_version"]
+    # twelve tasks annotated from the base model's predictions: each predicted the annotator's first box exactly
+    # and a tiny box nothing matches, so half the predicted boxes were right, and kept
+    shown = label_studio.projects[7]["tasks"][:12]
+    for number, task in enumerate(shown):
+        first = task["annotations"][0]["result"][0]
+        corner = {**first, "value": {**first["value"], "x": 0.5, "y": 0.5, "width": 3, "height": 3}}
+        task["predictions"] = [{"id": 7000 + number, "model_version": base_version, "score": 0.5,
+                                "result": [{**first, "score": 0.9}, {**corner, "score": 0.1}]}]
+        task["annotations"][0]["parent_prediction"] = 7000 + number
+    annotated_boxes = sum(len(task["annotations"][0]["result"]) for task in shown)
     start_worker()
 
     response = webhook(client, "START_TRAINING", 7)
@@ -114,6 +124,16 @@ def test_a_training_round_serves_a_new_version_that_knows_the_new_class(backend,
     info = Registry(app_settings.model_dir).info(7, version)
     assert info.class_names == ["circle", "square", "Springtail"]  # known classes keep the model's names
     assert info.parent == base_version
+    # the record holds how the parent's predictions matched the annotations made from them
+    agreement = info.extra["parent_agreement"]
+    assert (agreement["tasks"], agreement["predicted_boxes"], agreement["annotated_boxes"]) == (12, 24,
+                                                                                                annotated_boxes)
+    assert agreement["precision"] == 0.5 and agreement["kept"] == 0.5
+    assert agreement["recall"] == round(12 / annotated_boxes, 4)
+    assert info.extra["agreement"]["without_prediction"] == 28
+    assert status(client, 7)["agreement"] == {base_version: agreement}
+    scraped = client.get("/metrics").get_data(as_text=True)
+    assert f'ale_agreement{{figure="kept",project="7",version="{base_version}"}} 0.5' in scraped, scraped[-3000:]
     # the gate's terms: over every class the new version is better, the base model scoring 0 on the one it lacks
     every = [f"map50_95/{name}" for name in info.class_names]
     assert np.mean([info.metrics[k] for k in every]) > np.mean([info.metrics.get(f"parent_{k}", 0.0) for k in every])
