@@ -40,7 +40,7 @@ from label_studio_ml import api as ls_api
 from label_studio_ml.model import LabelStudioMLManager, ModelWrapper
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from ale_backend import announcements, logs, metrics
+from ale_backend import announcements, logs, metrics, pages
 from ale_backend.detector import get_detector
 from ale_backend.label_config import LabelConfigError, parse_label_config
 from ale_backend.label_studio import project_id
@@ -109,6 +109,8 @@ def create_app(settings: Settings | None = None, warm_up: bool = True) -> Flask:
         app.after_request(_hide_tracebacks)
         app.add_url_rule("/versions", "versions_get", _versions, methods=["GET"])
         app.add_url_rule("/status", "status", _status, methods=["GET"])
+        app.add_url_rule("/projects", "projects", _projects_page, methods=["GET"])
+        app.add_url_rule("/projects/<project>", "project_page", _project_page, methods=["GET"])
         app.view_functions["webhook"] = _webhook
         app.view_functions["metrics"] = _metrics
         app.config["ALE_EXTENDED"] = True
@@ -272,6 +274,49 @@ def _status():
         return jsonify(_queue().status(pid))
     except redis.exceptions.RedisError as exc:
         return _error(503, f"the training queue is unavailable ({type(exc).__name__}); predictions still work")
+
+
+def _projects_page():
+    """The projects this backend serves (its registry's), with their served version and newest round."""
+    settings = current_app.config["ALE_SETTINGS"]
+    registry = registry_for(settings)
+    rows, problem = [], None
+    try:
+        for project in registry.project_ids():
+            versions = registry.versions(project)
+            rows.append({"project": project, "version": registry.pointer(project).version,
+                         "last": versions[-1] if versions else None})
+    except Exception as exc:  # a registry that cannot be read: the page says so
+        logger.warning("the projects page: %s cannot be read (%s)", registry.location, exc)
+        problem = f"the registry at {registry.location} cannot be read ({type(exc).__name__}: {exc})"
+    return _html(pages.projects_page(registry.location, rows, problem))
+
+
+def _project_page(project: str):
+    """A project's page: its rounds, the agreement of its versions, the round now (:mod:`ale_backend.pages`)."""
+    pid = project_id(project) if project.isdigit() else None
+    if pid is None:
+        return _error(400, f"not a project id: {project[:40]!r} (expected /projects/<Label Studio's project id>)")
+    settings = current_app.config["ALE_SETTINGS"]
+    registry = registry_for(settings)
+    problems, versions = [], []
+    try:
+        if pid not in registry.project_ids() and not registry.is_connected(pid):
+            return _error(404, f"project {pid} is not served by this backend (no version, not connected)")
+        versions = registry.versions(pid)
+    except Exception as exc:
+        problems.append(f"the registry at {registry.location} cannot be read ({type(exc).__name__}: {exc})")
+    try:
+        status = _queue().status(pid)
+    except Exception as exc:  # Redis (or the registry) down: what the registry holds is still shown
+        problems.append(f"the project's status cannot be read ({type(exc).__name__}: {exc})")
+        status = {"current_version": None, "label_studio": {"url": settings.label_studio_url or None}}
+    problems += [status.get("serving_problem"), status.get("registry_unreachable")]
+    return _html(pages.project_page(pid, status, versions, registry.location, problems))
+
+
+def _html(body: str):
+    return body, 200, {"Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-store"}
 
 
 def _error(status: int, reason: str):

@@ -45,14 +45,16 @@ def start_label_studio(data_dir: Path, port: int, files_root: Path | None = None
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def wait_until_up(url: str, process: subprocess.Popen, timeout: float, log: Path) -> None:
-    """Wait for ``url`` to answer 200; raise with the log's tail if the process dies or time runs out."""
+def wait_until_up(url: str, process: subprocess.Popen, timeout: float, log: Path,
+                  auth: tuple[str, str] | None = None) -> None:
+    """Wait for ``url`` to answer 200 (to ``auth``'s basic credentials); raise with the log's tail if the process
+    dies or time runs out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"{url} exited with {process.returncode}; log:\n{log.read_text()[-3000:]}")
         try:
-            if requests.get(url, timeout=2).status_code == 200:
+            if requests.get(url, timeout=2, auth=auth).status_code == 200:
                 return
         except requests.RequestException:
             pass
@@ -61,11 +63,11 @@ def wait_until_up(url: str, process: subprocess.Popen, timeout: float, log: Path
 
 
 @contextmanager
-def serving(process: subprocess.Popen, url: str, timeout: float, log: Path):
+def serving(process: subprocess.Popen, url: str, timeout: float, log: Path, auth: tuple[str, str] | None = None):
     """The block runs once ``url`` answers (see :func:`wait_until_up`); the process is stopped after it, or when it
     never comes up."""
     try:
-        wait_until_up(url, process, timeout, log)
+        wait_until_up(url, process, timeout, log, auth)
         yield
     finally:
         stop(process)

@@ -20,10 +20,10 @@ from tests.conftest import ROOT
 
 
 @contextmanager
-def _serving(process, url: str, timeout: float, log: Path):
+def _serving(process, url: str, timeout: float, log: Path, auth: tuple[str, str] | None = None):
     """:func:`testkit.stack.serving`, failing the test (not erroring) when the service does not come up."""
     try:
-        with serving(process, url, timeout, log):
+        with serving(process, url, timeout, log, auth):
             yield
     except RuntimeError as exc:
         pytest.fail(str(exc))
@@ -105,7 +105,8 @@ def live_backend(live_label_studio, trained_weights, redis_url, tmp_path_factory
         worker = subprocess.Popen([sys.executable, "-m", "ale_backend", "worker"], cwd=ROOT, env=env, stdout=out,
                                   stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    with _serving(web, url + "/health", 60, web_log):
+    auth = (env["BASIC_AUTH_USER"], env["BASIC_AUTH_PASS"]) if env.get("BASIC_AUTH_USER") else None
+    with _serving(web, url + "/health", 60, web_log, auth):
         try:
             yield LiveBackend(url, env, folder / "models")
         finally:
