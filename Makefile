@@ -14,7 +14,7 @@ STAMP   := $(VENV)/.installed
 LS_VENV ?= .venv-label-studio
 LS_STAMP := $(LS_VENV)/.installed
 
-.PHONY: install run label-studio test lint bench-predict bench-training bench-epoch bench-rescoring bench-fanout bench-gpu clean
+.PHONY: install run label-studio test lint bench-predict bench-training bench-epoch bench-rescoring bench-fanout bench-gpu bench-page clean
 
 install: $(STAMP)
 
@@ -62,6 +62,10 @@ bench-rescoring: install $(LS_STAMP)
 # A pool re-scored in parts by 1, 2 and 4 scoring workers (docs/speed.md)
 bench-fanout: install
 	$(BIN)/python -m benchmarks.rescoring_fanout
+
+# The project page with 50 versions (docs/speed.md)
+bench-page: install
+	$(BIN)/python -m benchmarks.page_speed
 
 # On a machine with one GPU: predict (fp32, half) and epoch time, under 5 minutes
 bench-gpu: install

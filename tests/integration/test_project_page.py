@@ -105,12 +105,10 @@ def test_the_page_follows_a_round_and_shows_what_status_and_the_registry_hold(li
         ls.api("POST", f"/api/tasks/{task['id']}/annotations/", json={
             "result": ground_truth(sample), "was_cancelled": False, "parent_prediction": shown["id"]})
 
-    # without credentials: 401, in the browser too (its fetch sends none)
-    browser.get(f"{live_backend.url}/health")
-    answered = browser.execute_script(
-        "return fetch(arguments[0], {credentials: 'omit'}).then(function (r) { return r.status; });",
-        f"{live_backend.url}/projects/{project}")
-    assert answered == 401
+    # without credentials the browser gets a 401 and no page
+    browser.get(f"{live_backend.url}/projects/{project}")
+    assert browser.execute_script("return performance.getEntriesByType('navigation')[0].responseStatus;") == 401
+    assert not browser.find_elements(By.ID, "versions")
     authorised(browser)
 
     started = requests.post(f"{live_backend.url}/webhook", auth=(USER, PASSWORD), timeout=30,
