@@ -237,7 +237,9 @@ def _label_studio_command(args, settings) -> int:
             if args.no_scoring:
                 return 0
             print("scoring the pool ...")
-        result = rescore_project(args.project, settings, client=client)
+        from ale_backend.scored_pool import pool_for
+
+        result = rescore_project(args.project, settings, client=client, pool=pool_for(settings, args.project))
         print(f"scored {result['scored']} unlabelled tasks with {result['model_version']} "
               f"({result['unreadable_count']} without a readable image) in {result['seconds']['total']:.1f} s")
     except (ConnectError, LabelStudioError, ModelDirTaken, RescoringError) as exc:

@@ -91,6 +91,28 @@ _PROJECT = _env.from_string("""<!doctype html>
 {% else %}<p>No round yet: the base model serves this project. Rounds start after annotations come in, or with
 <em>Start Training</em> in Label Studio.</p>{% endif %}
 
+<h2>The queue</h2>
+{% if queue.next %}
+<p>Unlabelled tasks scored, by version: {% for version, count in queue.scored.items() %}{{ version }}: {{ count }}
+{%- if not loop.last %}, {% endif %}{% endfor %}. Label Studio serves the lowest priority score first, so the
+highest ALE score; these are the next tasks of {{ queue.version }}:</p>
+{{ histogram }}
+<table id="next"><thead><tr><th class="n">#</th><th>task</th><th class="n">ALE score</th><th class="n">priority</th>
+<th>predicted classes</th></tr></thead><tbody>
+{% for item in queue.next %}
+<tr data-task="{{ item.task }}"><td class="n">{{ loop.index }}</td>
+<td>{% if label_studio %}
+<a href="{{ label_studio }}/projects/{{ project }}/data?task={{ item.task }}">task {{ item.task }}</a>
+{%- else %}task {{ item.task }}{% endif %}</td>
+<td class="n ale">{{ "%.4f"|format(item.ale) if item.ale is not none else "" }}</td>
+<td class="n">{{ "%.6f"|format(item.priority) }}</td><td>{{ item.classes|join(", ") or "nothing found" }}</td></tr>
+{% endfor %}
+</tbody></table>
+{% elif queue.scored %}<p>Unlabelled tasks scored, by version: {% for version, count in queue.scored.items() %}
+{{ version }}: {{ count }}{% if not loop.last %}, {% endif %}{% endfor %}; none yet with {{ queue.version }}.</p>
+{% else %}<p class="muted">No scores recorded yet: they are recorded as the backend imports its predictions (a
+re-scoring of the pool, new tasks).</p>{% endif %}
+
 <h2>How each version's boxes matched the annotators'</h2>
 {% if agreement %}
 <p class="muted">Each version's pre-annotations compared with the boxes annotators submitted from them (IoU 0.5; kept:
@@ -116,6 +138,12 @@ made from its pre-annotations.</p>{% endif %}
   function show(status) {
     var box = document.getElementById("round"), job = status.running || status.waiting;
     box.textContent = "";
+    if (status.scoring) {
+      var s = document.createElement("p"), parts = status.scoring.parts;
+      s.appendChild(text("Scoring: " + (status.scoring.stage || status.scoring.status || "") +
+        (parts ? " (" + (parts.finished || 0) + " of " + parts.of + " parts done)" : "")));
+      box.appendChild(s);
+    }
     if (!job) { box.appendChild(text("No round is running or waiting.")); return; }
     var p = document.createElement("p");
     p.appendChild(text((status.running ? "Running: " : "Waiting: ") + (job.stage || job.status || "")));
@@ -147,8 +175,10 @@ def projects_page(location: str, rows: list[dict[str, Any]], problem: str | None
 
 
 def project_page(project: int, status: dict[str, Any], versions: list[VersionInfo], location: str,
-                 problems: list[str], refresh_ms: int = 3000) -> str:
-    """A project's page from its status (``TrainingQueue.status``) and its versions, oldest first."""
+                 problems: list[str], queue: dict[str, Any] | None = None, refresh_ms: int = 3000) -> str:
+    """A project's page from its status (``TrainingQueue.status``), its versions, oldest first, and its queue
+    (:meth:`ScoredPool.summary <ale_backend.scored_pool.ScoredPool.summary>`)."""
+    queue = queue or {"scored": {}, "next": [], "histogram": None, "version": None}
     rows = _version_rows(versions)
     agreement = status.get("agreement") or {}
     agreement = [(v, a) for v, a in agreement.items() if isinstance(a, dict)] if isinstance(agreement, dict) else []
@@ -157,7 +187,8 @@ def project_page(project: int, status: dict[str, Any], versions: list[VersionInf
         style=Markup(_STYLE), project=int(project), served=status.get("current_version"), location=location,
         label_studio=label_studio, problems=[p for p in problems if p], versions=rows,
         chart=Markup(_chart(rows, dict(agreement))), agreement=agreement,
-        round_html=_round_text(status), refresh_ms=int(refresh_ms),
+        round_html=_round_text(status), refresh_ms=int(refresh_ms), queue=queue,
+        histogram=Markup(_histogram(queue.get("histogram"))),
         status_json=Markup(json.dumps(status, default=str).replace("<", "\\u003c")),
     )
 
@@ -165,12 +196,38 @@ def project_page(project: int, status: dict[str, Any], versions: list[VersionInf
 def _round_text(status: dict[str, Any]) -> str:
     """What the round part says before its script runs (the script says the same, and keeps it fresh)."""
     job = status.get("running") or status.get("waiting")
+    scoring = status.get("scoring")
+    said = ""
+    if scoring:
+        parts = scoring.get("parts")
+        said = f"Scoring: {scoring.get('stage') or scoring.get('status') or ''}" + (
+            f" ({parts.get('finished', 0)} of {parts['of']} parts done)" if isinstance(parts, dict) else "") + ". "
     if not job:
-        return "No round is running or waiting."
-    said = f"{'Running' if status.get('running') else 'Waiting'}: {job.get('stage') or job.get('status') or ''}"
+        return said + "No round is running or waiting."
+    said += f"{'Running' if status.get('running') else 'Waiting'}: {job.get('stage') or job.get('status') or ''}"
     if job.get("epoch") is not None and job.get("epochs"):
         said += f", epoch {job['epoch']} of {job['epochs']}"
     return said
+
+
+def _histogram(histogram: dict[str, Any] | None, width: int = 420, height: int = 110) -> str:
+    """The queue's ALE scores in equal bins from 0 to the highest, as inline SVG bars."""
+    if not histogram or not any(histogram["counts"]):
+        return ""
+    counts, top = histogram["counts"], histogram["upper"]
+    most, left, bottom = max(counts), 30, height - 20
+    step = (width - left - 10) / len(counts)
+    parts = [f'<svg id="histogram" width="{width}" height="{height}" role="img" '
+             'aria-label="distribution of the ALE scores of the queue">']
+    for i, count in enumerate(counts):
+        bar = (bottom - 10) * count / most
+        parts.append(f'<rect x="{left + i * step + 1:.1f}" y="{bottom - bar:.1f}" width="{step - 2:.1f}" '
+                     f'height="{bar:.1f}" fill="#2a7"><title>{count} tasks</title></rect>')
+    parts.append(f'<line x1="{left}" y1="{bottom}" x2="{width - 10}" y2="{bottom}" stroke="#999"/>')
+    parts.append(f'<text x="{left}" y="{height - 5}">0</text><text x="{width - 10}" y="{height - 5}" '
+                 f'text-anchor="end">ALE score {top:g}</text><text x="{left - 4}" y="18" '
+                 f'text-anchor="end">{most}</text></svg>')
+    return "".join(parts)
 
 
 def _version_rows(versions: list[VersionInfo]) -> list[dict[str, Any]]:

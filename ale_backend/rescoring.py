@@ -53,6 +53,7 @@ from ale_backend.label_config import parse_label_config
 from ale_backend.label_studio import UNLABELED, LabelStudioClient, LabelStudioError, unlabeled_between
 from ale_backend.predictions import predict_tasks
 from ale_backend.registry import registry_for, served_source
+from ale_backend.scored_pool import ScoredPool
 from ale_backend.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -67,11 +68,13 @@ def rescore_project(
     client: LabelStudioClient | None = None,
     import_slot: Callable[[], ContextManager] = nullcontext,
     claims: TaskClaims | None = None,
+    pool: ScoredPool | None = None,
 ) -> dict[str, Any]:
     """Re-score the project's pool; returns counts and where the time went."""
     started = time.perf_counter()
     run = _Rescoring(project, settings, client or LabelStudioClient(settings.label_studio_url,
-                                                                    settings.label_studio_api_key), import_slot, claims)
+                                                                    settings.label_studio_api_key), import_slot, claims,
+                     pool)
     tasks = run.client.tasks(project, filters=UNLABELED, page_size=page_size)
     scored, unreadable, seconds = run.score_pool(tasks, page_size, report, replace=True)
     scored += len(run.already)  # a retry's, imported before it failed
@@ -95,6 +98,7 @@ def score_arrivals(
     import_slot: Callable[[], ContextManager] = nullcontext,
     claims: TaskClaims | None = None,
     pool_under_way: bool = False,
+    pool: ScoredPool | None = None,
 ) -> dict[str, Any]:
     """Score the unlabelled tasks among ``task_ids`` with the served version and import their predictions (the whole
     pool instead when the project is not on that version, unless a re-scoring of the pool is ``pool_under_way``:
@@ -104,12 +108,12 @@ def score_arrivals(
     wanted = {int(i) for i in task_ids}
     if not wanted:
         return _result("nothing to score", served_source(settings, project).version, 0, [])
-    run = _Rescoring(project, settings, client, import_slot, claims)
+    run = _Rescoring(project, settings, client, import_slot, claims, pool)
     if run.project_data.get("model_version") != run.source.version and not pool_under_way:
         logger.info("project %s is on model version %r, not %s: re-scoring the whole pool for its new tasks",
                     project, run.project_data.get("model_version"), run.source.version)
         return {**rescore_project(project, settings, report, page_size, client=client, import_slot=import_slot,
-                                  claims=claims), "arrived": "pool re-scored"}
+                                  claims=claims, pool=pool), "arrived": "pool re-scored"}
     tasks = _listed(client, project, wanted, page_size)
     scored, unreadable, seconds = run.score_pool(tasks, page_size, report, replace=False)  # not if scored since
     _log_unreadable(project, unreadable, "new tasks")
@@ -142,6 +146,7 @@ def rescore_part(
     client: LabelStudioClient | None = None,
     import_slot: Callable[[], ContextManager] = nullcontext,
     claims: TaskClaims | None = None,
+    pool: ScoredPool | None = None,
 ) -> dict[str, Any]:
     """One part of a re-scoring split over workers: ``task_ids`` scored with ``version`` and imported, each task's
     earlier predictions of ``version`` replaced (:mod:`ale_backend.claims`: a try of the part that got that far
@@ -149,7 +154,7 @@ def rescore_part(
     re-scoring follows its promotion."""
     client = client or LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
     wanted = {int(i) for i in task_ids}
-    run = _Rescoring(project, settings, client, import_slot, claims)
+    run = _Rescoring(project, settings, client, import_slot, claims, pool)
     if run.source.version != version:
         return _result("superseded", run.source.version, 0, [])
     scored, unreadable, seconds = run.score_pool(_listed(client, project, wanted, page_size), page_size, report,
@@ -237,9 +242,12 @@ class _Rescoring:
     """One scoring of a project's tasks (its pool, an import, or a part of a pool) with its served version."""
 
     def __init__(self, project: int, settings: Settings, client: LabelStudioClient,
-                 import_slot: Callable[[], ContextManager] = nullcontext, claims: TaskClaims | None = None):
+                 import_slot: Callable[[], ContextManager] = nullcontext, claims: TaskClaims | None = None,
+                 pool: ScoredPool | None = None):
         self.project, self.settings, self.client = project, settings, client
         self.import_slot = import_slot
+        self.pool = pool
+        """Where the imported scores are recorded for the project page (:mod:`ale_backend.scored_pool`), if any."""
         self.claims = claims or TaskClaims(None, None, project, f"local-{uuid.uuid4().hex[:12]}")
         self.already: list[int] = []
         """Tasks that hold their prediction of the version already (:class:`~ale_backend.claims.TaskClaims`)."""
@@ -336,6 +344,8 @@ class _Rescoring:
                 f"the model predicts; the project stays on its previous model version"
             )
         self.claims.settle(self.source.version, [item["task"] for item in items], self.client.delete_prediction)
+        if self.pool is not None:
+            self.pool.record(self.source.version, items)
 
     def switch_version(self, keep: int) -> list[str]:
         return switch_version(self.client, self.project, self.source.version, keep)

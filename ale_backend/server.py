@@ -47,6 +47,7 @@ from ale_backend.label_studio import project_id
 from ale_backend.model import ALEModel
 from ale_backend.model_source import resolve_model_source
 from ale_backend.registry import registry_for
+from ale_backend.scored_pool import ScoredPool
 from ale_backend.settings import Settings, get_settings
 from ale_backend.training_queue import QueueUnavailable, TrainingQueue
 
@@ -312,7 +313,13 @@ def _project_page(project: str):
         problems.append(f"the project's status cannot be read ({type(exc).__name__}: {exc})")
         status = {"current_version": None, "label_studio": {"url": settings.label_studio_url or None}}
     problems += [status.get("serving_problem"), status.get("registry_unreachable")]
-    return _html(pages.project_page(pid, status, versions, registry.location, problems))
+    queue = None
+    try:  # what Label Studio orders by: the served version's predictions
+        version = status.get("current_version") or (status.get("base_model") or {}).get("version")
+        queue = ScoredPool(_queue().redis, _queue().names, pid).summary(version)
+    except Exception as exc:
+        problems.append(f"the queue's scores cannot be read ({type(exc).__name__}: {exc})")
+    return _html(pages.project_page(pid, status, versions, registry.location, problems, queue))
 
 
 def _html(body: str):

@@ -39,6 +39,7 @@ from ale_backend.label_studio import project_id
 from ale_backend.lock import record_dead_job
 from ale_backend.model_source import ModelNotFoundError, resolve_model_source
 from ale_backend.registry import registry_for
+from ale_backend.scored_pool import ScoredPool
 from ale_backend.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ FORCING_EVENTS = {"START_TRAINING"}
 COUNTING_EVENTS = {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED", "ANNOTATIONS_DELETED"}
 """Add to the count of new annotations; train once it reaches MIN_NEW_ANNOTATIONS."""
 ARRIVAL_EVENTS = {"TASKS_CREATED"}
+LEAVING_EVENTS = {"ANNOTATION_CREATED", "ANNOTATIONS_CREATED"}
+"""Events whose tasks leave the annotators' queue (:mod:`ale_backend.scored_pool`)."""
 """New tasks: score them (an arrivals job)."""
 HANDLED_EVENTS = FORCING_EVENTS | COUNTING_EVENTS | ARRIVAL_EVENTS
 _PENDING_STATUSES = {s.value for s in WAITING | {JobStatus.STARTED}}
@@ -88,6 +91,8 @@ class TrainingQueue:
             if event in ARRIVAL_EVENTS:
                 return self._arrived(project, event, payload.get("tasks") or [])
             if event in COUNTING_EVENTS:
+                if event in LEAVING_EVENTS:  # the annotated (or skipped) tasks leave the queue the page shows
+                    ScoredPool(self.redis, self.names, project).remove(_annotated_tasks(payload))
                 if (payload.get("annotation") or {}).get("was_cancelled"):
                     return 200, {"status": "ignored", "event": event, "reason": "a skipped task is not an annotation"}
                 added = len(payload.get("annotations") or []) or 1
@@ -194,6 +199,14 @@ class TrainingQueue:
                 out["last_failure"] = {"job": previous["id"], "at": previous.get("ended_at"),
                                        "error": previous.get("error") or "the training job died"}
         return out
+
+
+def _annotated_tasks(payload: dict) -> list[int]:
+    """The ids of the tasks an annotation event names (``task.id``, ``annotation.task``, ``annotations[].task``)."""
+    found = [(payload.get("task") or {}).get("id") if isinstance(payload.get("task"), dict) else None,
+             (payload.get("annotation") or {}).get("task"),
+             *[a.get("task") for a in payload.get("annotations") or [] if isinstance(a, dict)]]
+    return sorted({i for i in found if type(i) is int and i >= 1})
 
 
 def _serving(settings: Settings, project: int) -> dict[str, Any]:

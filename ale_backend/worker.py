@@ -53,6 +53,7 @@ from ale_backend.jobs import (
 )
 from ale_backend.lock import heartbeat, import_slot, project_lock, record_dead_job
 from ale_backend.registry import registry_for
+from ale_backend.scored_pool import ScoredPool
 from ale_backend.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -256,7 +257,8 @@ def run_rescoring_job(project: int) -> dict[str, Any]:
         client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
         ids = unlabelled_ids(project, client)
         if len(ids) <= settings.rescore_part_tasks:
-            result = rescore_project(project, settings, report, client=client, import_slot=slot, claims=claims)
+            result = rescore_project(project, settings, report, client=client, import_slot=slot, claims=claims,
+                                     pool=ScoredPool(connection, Names(settings), project))
             if waiting:
                 connection.srem(key(project, "arrived"), *waiting)
             return result
@@ -290,7 +292,8 @@ def run_rescoring_part(project: int, version: str, task_ids: list[int]) -> dict[
     report = _reporter(job, project)
     return rescore_part(project, version, task_ids, settings, report,
                         import_slot=_import_slot(settings, connection, project),
-                        claims=_claims(connection, settings, project, job))
+                        claims=_claims(connection, settings, project, job),
+                        pool=ScoredPool(connection, Names(settings), project))
 
 
 def run_rescoring_finish(project: int, version: str, part_ids: list[str], waiting: list[int]) -> dict[str, Any]:
@@ -345,7 +348,8 @@ def run_arrivals_job(project: int) -> dict[str, Any]:
                     "rescoring_job": waiting, "waiting_tasks": len(ids)}
         report("scoring new tasks", tasks=len(ids))
         result = score_arrivals(project, ids, settings, report, import_slot=_import_slot(settings, connection, project),
-                                claims=claims, pool_under_way=_pool_under_way(connection, Names(settings), project))
+                                claims=claims, pool_under_way=_pool_under_way(connection, Names(settings), project),
+                                pool=ScoredPool(connection, Names(settings), project))
         if taken:
             connection.srem(key(project, "arrived"), *taken)
         return result

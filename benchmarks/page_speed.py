@@ -2,10 +2,11 @@
 
 A registry in a temporary ``MODEL_DIR`` gets ``--versions`` versions of one project (each with per-class metrics
 for ``--classes`` classes and the agreement of every version before it, as rounds record it), and Redis (a private
-``redis-server``) the project's status. ``GET /projects/<id>`` and ``GET /projects`` are then asked ``--rounds``
-times each, and the median and the slowest are printed. No model is loaded: the pages do not need one.
+``redis-server``) the scores of ``--tasks`` unlabelled tasks of the served version (:mod:`ale_backend.scored_pool`).
+``GET /projects/<id>`` and ``GET /projects`` are then asked ``--rounds`` times each, and the median and the slowest
+are printed. No model is loaded: the pages do not need one.
 
-    python -m benchmarks.page_speed [--versions 50] [--classes 8] [--rounds 20]
+    python -m benchmarks.page_speed [--versions 50] [--tasks 10000] [--classes 8] [--rounds 20]
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import platform
+import random
 import shutil
 import statistics
 import subprocess
@@ -27,6 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--versions", type=int, default=50)
     parser.add_argument("--classes", type=int, default=8)
+    parser.add_argument("--tasks", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=20)
     args = parser.parse_args()
 
@@ -69,6 +72,14 @@ def main() -> None:
                 train_seconds=120.0, promoted=n % 3 != 0, reason="made up for the benchmark",
                 extra={"agreement": {"versions": measured, "without_prediction": 2}}))
             versions.append(name)
+        from ale_backend.jobs import Names
+        from ale_backend.scored_pool import ScoredPool
+
+        served = registry.current(7)
+        rng = random.Random(0)
+        ScoredPool(redis.Redis.from_url(url), Names(settings), 7).record(served, [
+            {"task": task, "score": rng.random(), "result": [{"value": {"rectanglelabels": [rng.choice(names)]}}]}
+            for task in range(1, args.tasks + 1)])
         client = create_app(settings, warm_up=False).test_client()
         timings = {}
         for path in ("/projects/7", "/projects"):
@@ -85,7 +96,8 @@ def main() -> None:
         server.wait(timeout=10)
         shutil.rmtree(folder, ignore_errors=True)
     print(f"{platform.processor() or platform.machine()}, {args.versions} versions of {args.classes} classes, "
-          f"{args.rounds} requests each (Flask test client, a folder registry, a local Redis):")
+          f"{args.tasks} tasks in the queue, {args.rounds} requests each (Flask test client, a folder registry, a "
+          "local Redis):")
     for path, (median, slowest, size) in timings.items():
         print(f"  GET {path:<12} median {median * 1000:7.1f} ms, slowest {slowest * 1000:7.1f} ms, "
               f"{size / 1024:.0f} KB")

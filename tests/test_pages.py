@@ -51,12 +51,12 @@ def app(settings, redis_url, tmp_path):
     return create_app(app_settings, warm_up=False).test_client()
 
 
-def cells(page: str, table: str, version: str) -> list[str]:
-    """The text of each cell of ``version``'s row in the table ``table``."""
+def cells(page: str, table: str, row: str) -> list[str]:
+    """The text of each cell of the row ``row`` (a version, or a task) in the table ``table``."""
     body = page.split(f'id="{table}"', 1)[1].split("</table>", 1)[0]
-    row = body.split(f'data-version="{version}"', 1)[1].split("</tr>", 1)[0]
+    found = re.split(r'data-(?:version|task)="' + re.escape(row) + '"', body, maxsplit=1)[1].split("</tr>", 1)[0]
     return [re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", cell)).strip()
-            for cell in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
+            for cell in re.findall(r"<td[^>]*>(.*?)</td>", found, re.S)]
 
 
 def test_the_projects_page_lists_each_project_with_its_served_version_and_last_round(app):
@@ -110,3 +110,30 @@ def test_a_registry_that_cannot_be_read_shows_the_page_with_the_reason(settings,
     assert response.status_code == 200
     assert "cannot be read" in response.get_data(as_text=True)
     assert client.get("/projects").status_code == 200
+
+
+def test_the_queue_shows_the_next_tasks_as_recorded_and_an_annotated_task_leaves_it(app, redis_url):
+    from ale_backend.jobs import Names
+    from ale_backend.scored_pool import ScoredPool
+    from ale_backend.scoring import priority
+
+    settings = app.application.config["ALE_SETTINGS"]
+    pool = ScoredPool(redis.Redis.from_url(redis_url), Names(settings), 3)
+    ale = {101: 0.2, 102: 2.5, 103: 0.9, 104: 1.7}
+    pool.record("p3-v1-a", [{"task": task, "score": priority(score), "result": [
+        {"value": {"rectanglelabels": ["circle"]}}, {"value": {"rectanglelabels": ["square"]}}] if task == 102
+        else []} for task, score in ale.items()])
+    pool.record("an-older-version", [{"task": 101, "score": 0.5, "result": []}])
+    page = app.get("/projects/3", headers=auth()).get_data(as_text=True)
+    order = re.findall(r'<tr data-task="(\d+)">', page)
+    assert order == ["102", "104", "103", "101"]  # the highest ALE score first, as Label Studio serves them
+    assert cells(page, "next", "102")[1:3] == ["task 102", "2.5000"] and "circle, square" in cells(page, "next", "102")
+    assert "p3-v1-a: 4" in page and "an-older-version: 1" in page and '<svg id="histogram"' in page
+    assert "http://label-studio.example:8080/projects/3/data?task=102" in page
+    # an annotation of task 102 takes it out of the queue the page shows
+    event = {"action": "ANNOTATION_CREATED", "project": {"id": 3}, "task": {"id": 102},
+             "annotation": {"id": 9, "task": 102, "was_cancelled": False}}
+    assert app.post("/webhook", json=event, headers=auth()).status_code in (200, 201)
+    page = app.get("/projects/3", headers=auth()).get_data(as_text=True)
+    assert re.findall(r'<tr data-task="(\d+)">', page) == ["104", "103", "101"]
+    assert pool.summary("p3-v1-a")["histogram"]["counts"][-1] == 1  # 1.7 is the highest left

@@ -20,7 +20,7 @@ import requests
 from testkit import synthetic
 from testkit.label_studio_stand_in import LABEL_CONFIG
 from tests.conftest import ROOT
-from tests.integration.conftest import all_tasks, ground_truth
+from tests.integration.conftest import all_tasks, ground_truth, next_task
 
 USER, PASSWORD = "lab-lead", "page-test-password"
 N_TASKS, N_ANNOTATED = 20, 12
@@ -125,6 +125,8 @@ def test_the_page_follows_a_round_and_shows_what_status_and_the_registry_hold(li
          "the progress to move on the page")
     assert "epoch" in seen[-1] and browser.execute_script("return window.loadedOnce === true;")
     done = wait(lambda: status(live_backend, project)["last_training"], 600, "the round")
+    wait(lambda: (r := status(live_backend, project)["last_result"]) and r["job"] != done["job"]
+         and r.get("model_version") == done["version"], 300, "the re-scoring with the new version")
 
     browser.get(f"{live_backend.url}/projects/{project}")
     now = status(live_backend, project)
@@ -138,6 +140,11 @@ def test_the_page_follows_a_round_and_shows_what_status_and_the_registry_hold(li
         assert measured.find_element(By.CSS_SELECTOR, f"td.{figure}").text == f"{agreement[figure]:.3f}"
     assert browser.find_element(By.ID, "served").text == now["current_version"]
     assert browser.find_elements(By.CSS_SELECTOR, "#chart polyline")
+    # the queue: the unlabelled tasks only, and first the task Label Studio serves next
+    listed = [int(r.get_attribute("data-task")) for r in browser.find_elements(By.CSS_SELECTOR, "#next tr[data-task]")]
+    annotated = {task["id"] for task in tasks}
+    assert listed and not annotated & set(listed)
+    assert listed[0] == next_task(ls, project)
     shot = tmp_path / "project-page.png"
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
     if os.environ.get("PAGE_SCREENSHOT"):  # to refresh the one the docs show
