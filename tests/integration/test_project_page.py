@@ -46,7 +46,7 @@ def browser():
     options.binary_location = binary
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1280,1400"):
+                 "--window-size=1280,1900"):
         options.add_argument(flag)
     chrome = webdriver.Chrome(service=Service(driver), options=options)
     chrome.set_page_load_timeout(30)
