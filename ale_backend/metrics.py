@@ -11,6 +11,8 @@ Read when scraped, from the registry on disk and from Redis (so every process re
 
 * ``ale_model_version_info{project, version}`` = 1 for the served version of each project;
 * ``ale_last_training_seconds{project}``: wall time of the served version's training round;
+* ``ale_served_trained_images{project}``, ``ale_served_trained_boxes{project}``: the annotated images and boxes the
+  served version was trained on;
 * ``ale_training_queue_length``: jobs waiting in the RQ queue (absent when Redis does not answer);
 * ``ale_agreement{project, version, figure}``: how a version's predictions matched the annotations made from them
   (``precision``, ``recall``, ``ap50``, ``kept``; :mod:`ale_backend.agreement`), for the projects this host holds,
@@ -47,6 +49,10 @@ class _StateCollector:
                                  labels=["project", "version"])
         seconds = GaugeMetricFamily("ale_last_training_seconds", "Training time of the served version",
                                     labels=["project"])
+        images = GaugeMetricFamily("ale_served_trained_images", "Annotated images the served version was trained on",
+                                   labels=["project"])
+        boxes = GaugeMetricFamily("ale_served_trained_boxes", "Annotated boxes the served version was trained on",
+                                  labels=["project"])
         agreement = GaugeMetricFamily("ale_agreement", "How a version's predictions matched the annotations made "
                                       "from them", labels=["project", "version", "figure"])
         compared = GaugeMetricFamily("ale_agreement_tasks", "Tasks a version's agreement was measured on",
@@ -66,7 +72,10 @@ class _StateCollector:
             problems.add_metric([str(project)], 1 if serving.problem else 0)
             if serving.version:
                 info.add_metric([str(project), serving.version], 1)
-                seconds.add_metric([str(project)], registry.info(project, serving.version).train_seconds)
+                record = registry.info(project, serving.version)
+                seconds.add_metric([str(project)], record.train_seconds)
+                images.add_metric([str(project)], record.annotations)
+                boxes.add_metric([str(project)], record.boxes)
             if project in here:
                 for version, measured in registry.agreement(project).items():
                     compared.add_metric([str(project), version], measured["tasks"])
@@ -75,6 +84,8 @@ class _StateCollector:
                             agreement.add_metric([str(project), version, figure], measured[figure])
         yield info
         yield seconds
+        yield images
+        yield boxes
         yield agreement
         yield compared
         yield problems

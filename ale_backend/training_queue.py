@@ -213,12 +213,16 @@ def _serving(settings: Settings, project: int) -> dict[str, Any]:
     """The served version (None: the base model) and why it is not the one ``current`` names, if it is not."""
     registry = registry_for(settings)
     serving = registry.serving(project)
+    trained_on = None
     try:
         agreement = registry.agreement(project)
+        if serving.version is not None:  # what annotators paid for the served version: images and boxes
+            info = registry.info(project, serving.version)
+            trained_on = {"images": info.annotations, "boxes": info.boxes}
     except Exception as exc:  # the bucket does not answer: the rest of the status still does
         agreement = {"error": f"the versions cannot be read from {registry.location} ({type(exc).__name__})"}
     return {"current_version": serving.version, "serving_problem": serving.problem, "registry": registry.location,
-            "registry_unreachable": registry.unreachable(project), "agreement": agreement}
+            "registry_unreachable": registry.unreachable(project), "trained_on": trained_on, "agreement": agreement}
 
 
 def _base_model(settings: Settings) -> dict[str, Any]:

@@ -74,6 +74,7 @@ def test_a_projects_page_shows_its_rounds_and_agreement_as_the_status_gives_them
     page = response.get_data(as_text=True)
     status = app.get("/status?project=3", headers=auth()).json
     assert f"Served: <strong id=\"served\">{status['current_version']}</strong>" in page
+    assert status["trained_on"] == {"images": 40, "boxes": 120}  # the served version's (p3-v1-a) annotation cost
     first, second = cells(page, "versions", "p3-v1-a"), cells(page, "versions", "p3-v2-b")
     assert first[3:6] == ["40", "120", "0.610"] and second[3:6] == ["80", "260", "0.580"]
     assert "Springtail 0.310 new" in second[6] and "new" not in first[6]  # the class it learnt

@@ -293,6 +293,8 @@ def test_the_metrics_of_any_host_list_every_project_in_the_bucket_without_bringi
     for project in (3, 4):
         assert f'ale_model_version_info{{project="{project}",version="p{project}-v1-a"}} 1.0' in text, text
         assert f'ale_serving_problem{{project="{project}"}} 0.0' in text
+        assert f'ale_served_trained_images{{project="{project}"}} 4.0' in text  # the record's 4 images, 9 boxes
+        assert f'ale_served_trained_boxes{{project="{project}"}} 9.0' in text
     assert not (tmp_path / "web" / "projects").exists()  # a scrape brings no weights to the host
 
 
