@@ -33,6 +33,7 @@ import signal
 import sys
 import threading
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import redis
@@ -251,14 +252,12 @@ def run_rescoring_job(project: int) -> dict[str, Any]:
     from ale_backend.registry import served_source
     from ale_backend.rescoring import rescore_project, split, unlabelled_ids
 
-    def score(settings, report, connection, key, claims):
+    def score(settings, report, connection, key, writing):
         waiting = connection.smembers(key(project, "arrived"))  # before the pool is listed: it holds them
-        slot = _import_slot(settings, connection, project)
         client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
         ids = unlabelled_ids(project, client)
         if len(ids) <= settings.rescore_part_tasks:
-            result = rescore_project(project, settings, report, client=client, import_slot=slot, claims=claims,
-                                     pool=ScoredPool(connection, Names(settings), project))
+            result = rescore_project(project, settings, report, client=client, **writing)
             if waiting:
                 connection.srem(key(project, "arrived"), *waiting)
             return result
@@ -290,10 +289,7 @@ def run_rescoring_part(project: int, version: str, task_ids: list[int]) -> dict[
     connection = redis.Redis.from_url(settings.redis_url)
     job = get_current_job()
     report = _reporter(job, project)
-    return rescore_part(project, version, task_ids, settings, report,
-                        import_slot=_import_slot(settings, connection, project),
-                        claims=_claims(connection, settings, project, job),
-                        pool=ScoredPool(connection, Names(settings), project))
+    return rescore_part(project, version, task_ids, settings, report, **_writing(connection, settings, project, job))
 
 
 def run_rescoring_finish(project: int, version: str, part_ids: list[str], waiting: list[int]) -> dict[str, Any]:
@@ -304,7 +300,7 @@ def run_rescoring_finish(project: int, version: str, part_ids: list[str], waitin
 
     from ale_backend.rescoring import RescoringError, finish_parts
 
-    def score(settings, report, connection, key, claims):
+    def score(settings, report, connection, key, writing):
         results, failures = [], []
         for number, jid in enumerate(part_ids, 1):
             job = Job.fetch(jid, connection=connection)
@@ -325,20 +321,13 @@ def run_rescoring_finish(project: int, version: str, part_ids: list[str], waitin
     return _scoring_job(project, "rescore", score)
 
 
-def _import_slot(settings: Settings, connection: redis.Redis, project: int):
-    """What a scoring job's imports wait on: one of the project's ``IMPORTS_PER_PROJECT`` slots."""
-    from functools import partial
-
-    return partial(import_slot, connection, Names(settings), project, settings.imports_per_project)
-
-
 def run_arrivals_job(project: int) -> dict[str, Any]:
     """The RQ job that scores the tasks Label Studio created and that are not scored yet. Their ids stay in the
     waiting set until their predictions are imported: a failure leaves them for the job's retry."""
     from ale_backend.registry import served_source
     from ale_backend.rescoring import score_arrivals
 
-    def score(settings, report, connection, key, claims):
+    def score(settings, report, connection, key, writing):
         taken = connection.smembers(key(project, "arrived"))
         ids = sorted(int(i) for i in taken)
         version = served_source(settings, project).version
@@ -347,9 +336,8 @@ def run_arrivals_job(project: int) -> dict[str, Any]:
             return {"status": "left to the waiting re-scoring", "model_version": version, "scored": 0,
                     "rescoring_job": waiting, "waiting_tasks": len(ids)}
         report("scoring new tasks", tasks=len(ids))
-        result = score_arrivals(project, ids, settings, report, import_slot=_import_slot(settings, connection, project),
-                                claims=claims, pool_under_way=_pool_under_way(connection, Names(settings), project),
-                                pool=ScoredPool(connection, Names(settings), project))
+        result = score_arrivals(project, ids, settings, report, **writing,
+                                pool_under_way=_pool_under_way(connection, Names(settings), project))
         if taken:
             connection.srem(key(project, "arrived"), *taken)
         return result
@@ -358,8 +346,9 @@ def run_arrivals_job(project: int) -> dict[str, Any]:
 
 
 def _scoring_job(project: int, kind: str, score) -> dict[str, Any]:
-    """A scoring job's bookkeeping around ``score(settings, report, connection, key, claims)``: the ``scoring`` mark
-    for the status (an arrivals job leaves a re-scoring's mark in place), the outcome recorded."""
+    """A scoring job's bookkeeping around ``score(settings, report, connection, key, writing)``: the ``scoring``
+    mark for the status (an arrivals job leaves a re-scoring's mark in place), the outcome recorded. ``writing``: how
+    the job writes predictions (:func:`_writing`)."""
     _die_with_worker()
     settings = _settings()
     registry_for(settings).forget(project)  # the scoring worker lives on: read the served version now
@@ -371,7 +360,7 @@ def _scoring_job(project: int, kind: str, score) -> dict[str, Any]:
     connection.set(names.key(project, "scoring"), jid, nx=kind == "arrivals")
     try:
         with _failure_recorded(connection, names, project, jid, report, mark="scoring"):
-            result = score(settings, report, connection, names.key, _claims(connection, settings, project, job))
+            result = score(settings, report, connection, names.key, _writing(connection, settings, project, job))
     except Exception:
         if kind == "rescore" and connection.scard(names.key(project, "arrived")):
             # the new tasks it would have scored wait on: an arrivals job takes them (and retries)
@@ -385,9 +374,15 @@ def _scoring_job(project: int, kind: str, score) -> dict[str, Any]:
     return result
 
 
-def _claims(connection: redis.Redis, settings: Settings, project: int, job) -> TaskClaims:
-    """The claims a scoring job takes on the project's tasks, in its name (:mod:`ale_backend.claims`)."""
-    return TaskClaims(connection, Names(settings), project, job.id if job else f"local-{os.getpid()}")
+def _writing(connection: redis.Redis, settings: Settings, project: int, job) -> dict[str, Any]:
+    """How a scoring job writes predictions, as the scoring functions of :mod:`ale_backend.rescoring` take it: each
+    import waits for one of the project's ``IMPORTS_PER_PROJECT`` slots, each task is claimed first in the job's
+    name (:mod:`ale_backend.claims`), and what is imported is recorded for the project page
+    (:mod:`ale_backend.scored_pool`)."""
+    names = Names(settings)
+    return {"import_slot": partial(import_slot, connection, names, project, settings.imports_per_project),
+            "claims": TaskClaims(connection, names, project, job.id if job else f"local-{os.getpid()}"),
+            "pool": ScoredPool(connection, names, project)}
 
 
 _POOL_JOBS = ("ale_backend.worker.run_rescoring_job", "ale_backend.worker.run_rescoring_finish")

@@ -23,6 +23,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+REBINDING_HOST = "rebind.example"
+
+
+def rebinding_dns(monkeypatch) -> list[str]:
+    """Make :data:`REBINDING_HOST` resolve as a DNS-rebinding attacker's name does: a public address at the first
+    lookup, 127.0.0.1 at every one after (this machine has no DNS server to play it; every other name resolves as
+    usual). Returns the list of its lookups, which grows with each."""
+    real, lookups = socket.getaddrinfo, []
+
+    def rebinding(host, port, *args, **kwargs):
+        if host != REBINDING_HOST:
+            return real(host, port, *args, **kwargs)
+        lookups.append(host)
+        address = "93.184.216.34" if len(lookups) == 1 else "127.0.0.1"
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    return lookups
+
+
 def label_studio_binary() -> Path:
     return Path(os.environ.get("LABEL_STUDIO_BIN") or ROOT / ".venv-label-studio" / "bin" / "label-studio")
 

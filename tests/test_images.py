@@ -137,21 +137,11 @@ def test_private_addresses_are_refused_before_any_request(image_server, sample_i
 def test_a_host_whose_address_changes_after_the_check_is_not_reached(image_server, sample_images, tmp_path,
                                                                       monkeypatch):
     """DNS rebinding: the first lookup answers a public address, the next ones a private one."""
-    import socket
+    from testkit.stack import rebinding_dns
 
     (tmp_path / "inner").mkdir()
     (tmp_path / "inner" / "x.png").write_bytes(sample_images[0].read_bytes())
-    real = socket.getaddrinfo
-    lookups = []
-
-    def rebinding(host, port, *args, **kwargs):
-        if host != "rebind.example":
-            return real(host, port, *args, **kwargs)
-        lookups.append(host)
-        address = "93.184.216.34" if len(lookups) == 1 else "127.0.0.1"
-        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port))]
-
-    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    lookups = rebinding_dns(monkeypatch)
     loader = loader_for(image_server, image_server.legacy_token, timeout=3)
     with FakeLabelStudio(tmp_path / "inner", "t", "r", "a") as inner:
         port = inner.url.rsplit(":", 1)[1]

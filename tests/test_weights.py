@@ -216,18 +216,9 @@ def test_a_redirect_target_is_connected_to_at_the_address_checked_and_never_thro
         tmp_path, releases, trained_weights, monkeypatch):
     """A name that resolves to a public address when checked and to a private one at the connection (DNS
     rebinding) is refused at the connection; HTTPS_PROXY is not used (it would resolve the host itself)."""
-    import socket
+    from testkit.stack import rebinding_dns
 
-    real, lookups = socket.getaddrinfo, []
-
-    def rebinding(host, port, *args, **kwargs):
-        if host != "rebind.example":
-            return real(host, port, *args, **kwargs)
-        lookups.append(host)
-        address = "93.184.216.34" if len(lookups) == 1 else "127.0.0.1"
-        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port))]
-
-    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    lookups = rebinding_dns(monkeypatch)
     port = releases.url.rsplit(":", 1)[1]
     releases.files["/store/best.pt"] = trained_weights.read_bytes()
     releases.redirects["/team/rebind.pt"] = f"https://rebind.example:{port}/store/best.pt"

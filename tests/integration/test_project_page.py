@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import time
 from pathlib import Path
 
 import cv2
@@ -19,7 +18,7 @@ import requests
 
 from testkit import synthetic
 from testkit.label_studio_stand_in import LABEL_CONFIG
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_for
 from tests.integration.conftest import all_tasks, ground_truth, next_task
 
 USER, PASSWORD = "lab-lead", "page-test-password"
@@ -69,16 +68,6 @@ def status(backend, project: int) -> dict:
     return response.json()
 
 
-def wait(predicate, timeout: float, what: str, interval: float = 0.3):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 def test_the_page_follows_a_round_and_shows_what_status_and_the_registry_hold(live_label_studio, live_backend,
                                                                               browser, tmp_path):
     from selenium.webdriver.common.by import By
@@ -114,19 +103,19 @@ def test_the_page_follows_a_round_and_shows_what_status_and_the_registry_hold(li
     started = requests.post(f"{live_backend.url}/webhook", auth=(USER, PASSWORD), timeout=30,
                             json={"action": "START_TRAINING", "project": {"id": project}})
     assert started.status_code == 201, started.text
-    wait(lambda: (s := status(live_backend, project))["running"] and s["running"].get("epoch", 0) >= 1, 300,
-         "the round's first epoch")
+    wait_for(lambda: (s := status(live_backend, project))["running"] and s["running"].get("epoch", 0) >= 1, 300,
+         "the round's first epoch", interval=0.3)
     browser.get(f"{live_backend.url}/projects/{project}")
     browser.execute_script("window.loadedOnce = true;")  # gone if the page were loaded again
     seen = [browser.find_element(By.ID, "round").text]
     assert "epoch" in seen[0], seen
     # the progress part follows the round without a reload
-    wait(lambda: seen.append(browser.find_element(By.ID, "round").text) or seen[-1] != seen[0], 120,
-         "the progress to move on the page")
+    wait_for(lambda: seen.append(browser.find_element(By.ID, "round").text) or seen[-1] != seen[0], 120,
+         "the progress to move on the page", interval=0.3)
     assert "epoch" in seen[-1] and browser.execute_script("return window.loadedOnce === true;")
-    done = wait(lambda: status(live_backend, project)["last_training"], 600, "the round")
-    wait(lambda: (r := status(live_backend, project)["last_result"]) and r["job"] != done["job"]
-         and r.get("model_version") == done["version"], 300, "the re-scoring with the new version")
+    done = wait_for(lambda: status(live_backend, project)["last_training"], 600, "the round", interval=0.3)
+    wait_for(lambda: (r := status(live_backend, project)["last_result"]) and r["job"] != done["job"]
+         and r.get("model_version") == done["version"], 300, "the re-scoring with the new version", interval=0.3)
 
     browser.get(f"{live_backend.url}/projects/{project}")
     now = status(live_backend, project)
