@@ -294,8 +294,11 @@ def train_arguments(parent: ModelSource, settings: Settings) -> dict[str, Any]:
         "seed": settings.train_seed,
         # ultralytics' own nominal batch (64) is left unsaid, so that equal trainings give equal arguments
         **({"nbs": nbs} if (nbs := pick(settings.train_nominal_batch, recipe.nominal_batch)) not in (None, 64) else {}),
-        # not ultralytics arguments: fine_tune() sets the weights' moving average with one of them
+        # not ultralytics arguments: fine_tune() sets the weights' moving average with one of them, and the plateau
+        # rule with the others (left unsaid when off, so that equal trainings give equal arguments)
         **_weight_average(settings, recipe),
+        **({"min_epochs": settings.train_min_epochs} if settings.train_min_epochs else {}),
+        **({"min_delta": settings.train_min_delta} if settings.train_min_delta else {}),
     }
 
 
@@ -317,22 +320,62 @@ def ema_decay_for(window: float, steps: int) -> float:
     return max(0.0, 1.0 - 1.0 / (window * steps))
 
 
-def _set_ema_decay(decay: float | None = None, window: float | None = None) -> Callable[[Any], None]:
+def _set_ema_decay(decay: float | None = None, window: float | None = None,
+                   sized_to_epochs: int = 0) -> Callable[[Any], None]:
     """An ultralytics callback (``on_train_start``) that gives the trainer's weight average a constant decay from the
     first step, ``decay`` or :func:`ema_decay_for` ``window`` of the round's optimizer steps (counted from its
-    epochs, batches and gradient accumulation): the average starts from the parent's weights, which are worth
-    keeping (ultralytics ramps its decay up from 0, for a model whose first weights are random)."""
+    epochs, batches and gradient accumulation; from ``sized_to_epochs`` epochs instead where that is fewer, so that
+    a round that may stop on a plateau averages as a round of its least length would): the average starts from the
+    parent's weights, which are worth keeping (ultralytics ramps its decay up from 0, for a model whose first
+    weights are random)."""
     def set_decay(trainer) -> None:
         if getattr(trainer, "ema", None) is None:
             return
         constant = decay
         if constant is None:
-            steps = max(1, trainer.epochs * len(trainer.train_loader) // max(1, trainer.accumulate))
+            epochs = min(trainer.epochs, sized_to_epochs or trainer.epochs)
+            steps = max(1, epochs * len(trainer.train_loader) // max(1, trainer.accumulate))
             constant = ema_decay_for(window, steps)
             logger.info("weight average: decay %.4f (a time constant of %.2f of %d optimizer steps)",
                         constant, window, steps)
         trainer.ema.decay = lambda updates: constant
     return set_decay
+
+
+class PlateauStop:
+    """When a round has stopped improving: ultralytics' early stopping (``patience`` epochs without a better
+    validation fitness) with a floor and a least gain. It never stops before epoch ``min_epochs``, and a fitness
+    counts as an improvement only when it beats the last improvement by more than ``min_delta`` (the validation
+    split's noise: a gain below it is not evidence of learning). ``best_epoch`` is still the epoch of the highest
+    fitness, whose weights ultralytics keeps (``best.pt``).
+
+    Takes the place of the trainer's ``stopper`` (same call and attributes), set in ``on_train_start``.
+    """
+
+    def __init__(self, patience: int, min_delta: float = 0.0, min_epochs: int = 0):
+        self.patience, self.min_delta, self.min_epochs = patience, min_delta, min_epochs
+        self.best_fitness, self.best_epoch = 0.0, 0
+        self.improved_fitness, self.improved_epoch = None, 0
+        self.possible_stop = False
+
+    def __call__(self, epoch: int, fitness: float | None) -> bool:
+        if fitness is None:  # (no validation this epoch)
+            return False
+        if fitness > self.best_fitness or self.best_epoch == 0:
+            self.best_fitness, self.best_epoch = fitness, epoch
+        if self.improved_fitness is None or fitness > self.improved_fitness + self.min_delta \
+                or self.improved_fitness == 0:  # (as ultralytics: a round whose fitness is still 0 has not begun)
+            self.improved_fitness, self.improved_epoch = fitness, epoch
+        waited = epoch - self.improved_epoch
+        self.possible_stop = waited >= self.patience - 1 and epoch + 1 >= self.min_epochs
+        return waited >= self.patience and epoch >= self.min_epochs
+
+
+def _set_plateau_stop(patience: int, min_delta: float, min_epochs: int) -> Callable[[Any], None]:
+    """An ultralytics callback (``on_train_start``) that gives the trainer a :class:`PlateauStop`."""
+    def set_stop(trainer) -> None:
+        trainer.stopper = PlateauStop(patience, min_delta, min_epochs)
+    return set_stop
 
 
 def fine_tune(parent: ModelSource, data_yaml: Path, settings: Settings, run_dir: Path,
@@ -352,9 +395,12 @@ def fine_tune(parent: ModelSource, data_yaml: Path, settings: Settings, run_dir:
 
     model.add_callback("on_fit_epoch_end", epoch_done)
     arguments = train_arguments(parent, settings)
+    min_epochs, min_delta = arguments.pop("min_epochs", 0), arguments.pop("min_delta", 0.0)
     if "ema_decay" in arguments or "ema_window" in arguments:
         model.add_callback("on_train_start", _set_ema_decay(arguments.pop("ema_decay", None),
-                                                            arguments.pop("ema_window", None)))
+                                                            arguments.pop("ema_window", None), min_epochs))
+    if min_epochs or min_delta:
+        model.add_callback("on_train_start", _set_plateau_stop(arguments["patience"], min_delta, min_epochs))
     runtime = training_runtime(settings)
     model.train(
         data=str(data_yaml), **arguments, device=_device(settings), workers=runtime.workers,
@@ -367,8 +413,11 @@ def fine_tune(parent: ModelSource, data_yaml: Path, settings: Settings, run_dir:
     stopped = None
     best_epoch = int(getattr(getattr(trainer, "stopper", None), "best_epoch", 0))  # counted from 1 there
     if run < trainer.epochs:
-        stopped = (f"stopped after epoch {run} of {trainer.epochs}: no validation improvement in "
-                   f"{settings.train_patience} epochs since epoch {best_epoch} (TRAIN_PATIENCE)")
+        improved = getattr(trainer.stopper, "improved_epoch", best_epoch)
+        gain = f" of more than {min_delta:g}" if min_delta else ""
+        stopped = (f"stopped after epoch {run} of {trainer.epochs}: no validation improvement{gain} in "
+                   f"{settings.train_patience} epochs since epoch {improved} (TRAIN_PATIENCE); the best was epoch "
+                   f"{best_epoch}")
     return FineTuned(best if best.is_file() else Path(trainer.last), run, stopped,
                      best_epoch if settings.train_keep_best and best_epoch else None)
 

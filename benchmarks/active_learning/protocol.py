@@ -434,7 +434,7 @@ class _Seed:
                 seconds = time.monotonic() - began
                 self.timings["fine_tuning"] += seconds
                 result = {**self.test(tuned.source), "val": self.gate.metrics(tuned.source),
-                          "epochs_run": tuned.epochs, "best_epoch": tuned.best_epoch,
+                          "epochs_run": tuned.epochs, "best_epoch": tuned.best_epoch, "val_curve": tuned.val_curve,
                           "train_seconds": round(seconds, 1)}
                 self.trained[chosen] = result
                 cached.parent.mkdir(parents=True, exist_ok=True)
@@ -457,16 +457,30 @@ class _Tuned:
     source: ModelSource
     epochs: int
     best_epoch: int | None
+    val_curve: list[float] = field(default_factory=list)
 
 
 def _fine_tune(base: ModelSource, data: SeedData, chosen: list[Path], replay: list[Path], settings: Settings,
-               work: Path) -> _Tuned:
+               work: Path, on_epoch=lambda epoch: None) -> _Tuned:
     work.mkdir(parents=True, exist_ok=True)
     write_image_list(work / "train.txt", (p.resolve() for p in [*chosen, *replay]))
     write_image_list(work / "val.txt", (p.resolve() for p in data.images("val")))
     data_yaml = write_data_yaml(work / "data.yaml", work, data.class_names, train="train.txt", val="val.txt")
-    tuned = fine_tune(base, data_yaml, settings, work, on_epoch=lambda e: None)
-    return _Tuned(ModelSource(str(tuned.weights), work.name, is_config=False), tuned.epochs, tuned.best_epoch)
+    tuned = fine_tune(base, data_yaml, settings, work, on_epoch=on_epoch)
+    return _Tuned(ModelSource(str(tuned.weights), work.name, is_config=False), tuned.epochs, tuned.best_epoch,
+                  _validation_curve(work / "train" / "results.csv"))
+
+
+def _validation_curve(results_csv: Path) -> list[float]:
+    """Validation mAP50-95 of the weight average after each epoch, from ultralytics' log (none where it validated
+    only at the end)."""
+    import csv
+
+    if not results_csv.is_file():
+        return []
+    with results_csv.open() as f:
+        return [round(float(row["metrics/mAP50-95(B)"]), 4)
+                for row in csv.DictReader(line.replace(" ", "") for line in f)]
 
 
 class PromotionGate:
@@ -508,12 +522,15 @@ class Evaluation:
         self.settings = dataclasses.replace(settings, score_conf=0.001, display_conf=0.001, score_max_det=300,
                                             agnostic_nms=False)
 
-    def __call__(self, model: ModelSource) -> dict:
+    def predictions(self, model: ModelSource) -> list[ImageBoxes]:
+        """The model's boxes on every test image, in the data set's class numbers."""
         detector = Detector(model, self.settings)
         to_class = {i: self.class_names.index(name) for i, name in detector.names.items()}
-        predictions = [ImageBoxes(d.boxes, np.array([to_class[int(c)] for c in d.class_ids], dtype=np.int64),
-                                  d.confidences) for d in detector.detect(self.arrays)]
-        result = evaluate(predictions, self.truths, num_classes=len(self.class_names))
+        return [ImageBoxes(d.boxes, np.array([to_class[int(c)] for c in d.class_ids], dtype=np.int64),
+                           d.confidences) for d in detector.detect(self.arrays)]
+
+    def __call__(self, model: ModelSource) -> dict:
+        result = evaluate(self.predictions(model), self.truths, num_classes=len(self.class_names))
         new = [ap for c, ap in result["ap50_95"].items() if c in self.new]
         known = [ap for c, ap in result["ap50_95"].items() if c not in self.new]
         return {"map50_95": result["map50_95"], "map50": result["map50"],
