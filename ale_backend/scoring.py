@@ -10,6 +10,11 @@ number; the higher the number, the sooner the image should be labelled.
   is ``ale-entropy-sum``; this project's default is ``ale-unknown-mean`` (:data:`DEFAULT_STRATEGY`).
 * ``count``: N itself, the control for "crowded images win".
 * ``random``: a uniform random number, independent of the detections.
+* ``power-<strategy>``: power sampling (Kirsch et al., "Stochastic Batch Acquisition", TMLR 2023) over the unknown
+  measure's strategies: the queue is a draw without replacement with probability proportional to the strategy's
+  score, instead of strictly its top (which, batch after batch, returns near-duplicates of one failure mode). Drawn
+  per image, so it fits a queue scored one task at a time: the score times ``exp(G)``, G a standard Gumbel draw
+  seeded by the task (the Gumbel-top-k trick: sorting ``log s + G`` is such a draw).
 
 Every strategy but ``random`` scores an image without detections 0.
 
@@ -42,9 +47,14 @@ def _uncertainty_strategies(measures) -> tuple[str, ...]:
 
 PAPER_STRATEGIES: tuple[str, ...] = ("random", "count", *_uncertainty_strategies(PAPER_MEASURES))
 """The 14 strategies of the ALE paper's comparison (``count`` is the control for "crowded images win")."""
+POWER = "power-"
+"""Prefix of the power-sampling strategies."""
+POWER_STRATEGIES: tuple[str, ...] = tuple(f"{POWER}{name}" for name in _uncertainty_strategies(["unknown"]))
+"""Power sampling over the ``unknown`` measure, with and without sqrt(N)."""
 STRATEGIES: tuple[str, ...] = (
     *PAPER_STRATEGIES,
     *_uncertainty_strategies(m for m in MEASURES if m not in PAPER_MEASURES),
+    *POWER_STRATEGIES,
 )
 """Every strategy name, in a stable order: the paper's first."""
 
@@ -87,6 +97,8 @@ class Strategy:
     measure: str | None = None
     reduction: str | None = None
     ale: bool = False
+    power: bool = False
+    """Drawn in proportion to the score rather than ranked by it."""
 
     @classmethod
     def parse(cls, name: str) -> Strategy:
@@ -94,9 +106,11 @@ class Strategy:
             raise ValueError(f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGIES)}")
         if name in {"random", "count"}:
             return cls(name)
-        ale = name.startswith("ale-")
-        measure, reduction = name.removeprefix("ale-").split("-")
-        return cls(name, measure, reduction, ale)
+        power = name.startswith(POWER)
+        plain = name.removeprefix(POWER)
+        ale = plain.startswith("ale-")
+        measure, reduction = plain.removeprefix("ale-").split("-")
+        return cls(name, measure, reduction, ale, power)
 
 
 def aggregated_uncertainty(class_scores: np.ndarray, measure: str, reduction: str) -> float:
@@ -128,13 +142,15 @@ def score_image(
     strategy : str
         One of :data:`STRATEGIES`.
     rng : numpy Generator, optional
-        Source of the ``random`` strategy's number (a fresh unseeded one when omitted).
+        Source of the ``random`` strategy's number and of the ``power-`` strategies' draw (a fresh unseeded one when
+        omitted).
 
     Returns
     -------
     float
         ``A(S) * sqrt(N)`` for ``ale-`` strategies, ``A(S)`` for plain ones, ``N`` for ``count``, a number in
-        [0, 1) for ``random``; 0 for an image without detections (except ``random``).
+        [0, 1) for ``random``, the score times ``exp(G)`` (G standard Gumbel) for ``power-``; 0 for an image
+        without detections (except ``random``).
     """
     parsed = Strategy.parse(strategy)
     scores = _as_matrix(class_scores)
@@ -144,7 +160,15 @@ def score_image(
     if parsed.name == "count":
         return float(n)
     value = aggregated_uncertainty(scores, parsed.measure, parsed.reduction)
-    return value * float(np.sqrt(n)) if parsed.ale else value
+    value = value * float(np.sqrt(n)) if parsed.ale else value
+    return value * power_draw(rng or np.random.default_rng()) if parsed.power else value
+
+
+def power_draw(rng: np.random.Generator) -> float:
+    """``exp(G)``, G a standard Gumbel draw: images ranked by ``score * exp(G)`` come in the order of a draw without
+    replacement with probabilities proportional to their scores (the Gumbel-top-k trick; ``power-`` strategies)."""
+    u = min(max(float(rng.random()), 1e-300), 1.0 - 1e-16)
+    return float(1.0 / -np.log(u))  # exp(G) for G = -log(-log(u))
 
 
 def score_images(

@@ -128,9 +128,15 @@ def test_a_new_class_the_data_does_not_have_is_refused(dataset, tmp_path, new, m
 def test_the_protocol_runs_on_a_dataset_end_to_end_and_resumes_from_its_fine_tunes(dataset, tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
     command = ["--config", "dataset-smoke", "--data", str(dataset), "--new-classes", "triangle", "--out", str(out),
-               "--cache", str(cache)]
+               "--cache", str(cache), "--box-budgets", "9"]
     assert main(command) == 0
     results = json.loads((out / "results.json").read_text())
+    by_boxes = [r for r in results["runs"] if r["budget_unit"] == "boxes"]
+    results["runs"] = [r for r in results["runs"] if r["budget_unit"] == "images"]
+    assert sorted((r["strategy"], r["seed"]) for r in by_boxes) == [  # random-boxes has no box budget of its own
+        ("ale-unknown-mean", 0), ("ale-unknown-mean", 1), ("random", 0), ("random", 1)]
+    for run in by_boxes:  # an order's first images until they hold at least 9 boxes
+        assert run["budget"] == 9 and run["boxes"] >= 9 and run["images"] >= 1
     assert results["new_classes"] == ["triangle"] and results["data"]["source"] == "YOLO dataset"
     assert results["protocol"].startswith("the selection plus every base image (the paper's protocol)")
     assert {b["base_model"] for b in results["baselines"]} == {results["baselines"][0]["base_model"]}  # shared
@@ -151,7 +157,7 @@ def test_the_protocol_runs_on_a_dataset_end_to_end_and_resumes_from_its_fine_tun
         r["map50_95"] for r in results["runs"]}
     report = (out / "report.md").read_text()
     assert "one base model shared by every seed" in report and "## Diagnosis" in report
-    assert "## What labels buy" in report and "against `random-boxes`" in report
+    assert "## What labels buy" in report and "against `random-boxes`" in report and "## At equal effort" in report
     assert os.path.basename(str(dataset)) in report
     # a second run into the same folder trains nothing and gives the same results
     os.rename(out / "finetunes", tmp_path / "kept")
@@ -161,7 +167,7 @@ def test_the_protocol_runs_on_a_dataset_end_to_end_and_resumes_from_its_fine_tun
     assert main(command) == 0
     assert not list((out / "work").glob("seed*/ft*"))  # nothing was fine-tuned
     resumed = json.loads((out / "results.json").read_text())
-    assert [(r["strategy"], r["map50_95"]) for r in resumed["runs"]] == [
+    assert [(r["strategy"], r["map50_95"]) for r in resumed["runs"] if r["budget_unit"] == "images"] == [
         (r["strategy"], r["map50_95"]) for r in results["runs"]]
 
 

@@ -118,13 +118,31 @@ def test_the_first_table_says_what_labels_buy_over_the_base_model(tmp_path):
     table = text[text.index("## What labels buy"):text.index("## Verdict")]
     assert "| base model | | | 0.500 +- 0.000 |" in table
     # random at 50 images: 0.5 on every seed, no change; the default +0.1 on every seed, 4 of 5 promoted
-    assert "| random, 50 | 50 | 50 | 0.500 +- 0.000 | +0.000 +- 0.000 (0/5) | 0.100 +- 0.000 | +0.100 +- 0.000 " \
-           "(5/5) | 5/5 |" in table
-    assert "| ale-unknown-mean, 50 | 50 | 50 | 0.600 +- 0.000 | +0.100 +- 0.000 (5/5) |" in table
+    assert "| random, 50 | 50 | 50 | 0.500 +- 0.000 | +0.000 +- 0.000 (0/5) | +0.0000 | 0.100 +- 0.000 | " \
+           "+0.100 +- 0.000 (5/5) | 5/5 |" in table
+    # +0.1 over the base model from 50 boxes: +0.2 per 100 boxes
+    assert "| ale-unknown-mean, 50 | 50 | 50 | 0.600 +- 0.000 | +0.100 +- 0.000 (5/5) | +0.2000 |" in table
     assert "| ale-unknown-mean, 50 |" in table and table.count("| 4/5 |") == 2
     assert "| base images only, no selection | 0 | 0 | 0.450 +- 0.000 | -0.050 +- 0.000 (0/5) |" in table
     assert "## Budget 0" not in text  # the control is not a strategy
     assert "Fine-tunes above the base model's mAP50-95: 9 of 20 (45%)" in text
+
+
+def test_runs_at_a_box_budget_get_their_own_table_apart_from_the_image_budgets(tmp_path):
+    results = fake_results({50: [0.1] * 5})
+    for seed in range(5):  # at 200 boxes: random takes 25 images, the default 10 crowded ones and gains less
+        for strategy, images, boxes, gain in (("random", 25, 205, 0.04), ("ale-unknown-mean", 10, 210, 0.02)):
+            results["runs"].append({"seed": seed, "strategy": strategy, "budget": 200, "budget_unit": "boxes",
+                                    "images": images, "boxes": boxes, "new_boxes": 3, "selected": [],
+                                    "map50_95": 0.5 + gain, "new_ap50_95": 0.1 + gain, "known_ap50_95": 0.6})
+    report.write(results, tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert "## Budget 200" not in text and "| random, 200 |" not in text  # not mixed with the image budgets
+    table = text[text.index("## At equal effort"):text.index("## Verdict")]
+    assert "| 205 | random | 25.0 | 3.0 | 0.540 +- 0.000 | +0.040 +- 0.000 (5/5) | +0.0195 |" in table
+    assert ("| 210 | ale-unknown-mean | 10.0 | 3.0 | 0.520 +- 0.000 | +0.020 +- 0.000 (5/5) | +0.0095 | "
+            "0.120 +- 0.000 | +0.120 +- 0.000 (5/5) | -0.020 +- 0.000 (0/5) | -0.020 +- 0.000 (0/5) |") in table
+    assert (tmp_path / "budget_curves.png").stat().st_size > 0
 
 
 def test_past_the_deadline_no_fine_tune_starts_and_the_report_says_so(smoke_run, tmp_path):

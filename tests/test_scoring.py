@@ -145,6 +145,23 @@ def test_random_is_seeded_and_ignores_detections():
     assert score_image(IMAGE, "random", np.random.default_rng(4)) != a
 
 
+def test_power_sampling_draws_images_in_proportion_to_their_score():
+    """Ranked by score * exp(Gumbel), an image comes first with probability score / total (a draw without
+    replacement in proportion to the scores), where plain ranking always puts the highest first; an image without
+    detections stays at 0; a seeded draw is the same draw."""
+    low, high = np.array([[0.9, 0.0]]), np.array([[0.7, 0.0]])  # unknown-max: 0.1 and 0.3
+    rng = np.random.default_rng(0)
+    first = [score_image(high, "power-unknown-max", rng) > score_image(low, "power-unknown-max", rng)
+             for _ in range(4000)]
+    assert np.mean(first) == pytest.approx(0.75, abs=0.025)
+    three = [np.array([[1 - s, 0.0]]) for s in (0.1, 0.2, 0.5)]
+    leaders = [int(np.argmax(score_images(three, "power-unknown-max", rng))) for _ in range(4000)]
+    np.testing.assert_allclose(np.bincount(leaders, minlength=3) / 4000, [0.125, 0.25, 0.625], atol=0.025)
+    assert score_image(np.zeros((0, 2)), "power-ale-unknown-mean", rng) == 0.0
+    seeded = [score_image(IMAGE, "power-ale-unknown-mean", np.random.default_rng(5)) for _ in range(2)]
+    assert seeded[0] == seeded[1] != score_image(IMAGE, "power-ale-unknown-mean", np.random.default_rng(6))
+
+
 def test_score_images_scores_each_image():
     images = [IMAGE, np.zeros((0, 2)), IMAGE[:1]]
     np.testing.assert_allclose(score_images(images, "ale-lc-sum"), [1.5 * math.sqrt(3), 0.0, 0.5])
@@ -153,9 +170,11 @@ def test_score_images_scores_each_image():
 def test_strategy_names_cover_the_paper_first_then_the_additions():
     assert len(PAPER_STRATEGIES) == 14 and STRATEGIES[:14] == PAPER_STRATEGIES  # the paper's keep their order
     assert not any("unknown" in s for s in PAPER_STRATEGIES)
-    assert STRATEGIES[14:] == ("unknown-sum", "unknown-mean", "unknown-max", "ale-unknown-sum", "ale-unknown-mean",
-                               "ale-unknown-max")
-    assert len(set(STRATEGIES)) == 20
+    unknown = ("unknown-sum", "unknown-mean", "unknown-max", "ale-unknown-sum", "ale-unknown-mean", "ale-unknown-max")
+    assert STRATEGIES[14:] == (*unknown, *(f"power-{name}" for name in unknown))
+    assert len(set(STRATEGIES)) == 26
+    assert Strategy.parse("power-ale-unknown-mean") == Strategy("power-ale-unknown-mean", "unknown", "mean", True,
+                                                                power=True)
     assert Strategy.parse("ale-entropy-sum") == Strategy("ale-entropy-sum", "entropy", "sum", True)
     assert Strategy.parse("lc-max") == Strategy("lc-max", "lc", "max", False)
     assert Strategy.parse("ale-unknown-mean") == Strategy("ale-unknown-mean", "unknown", "mean", True)

@@ -33,7 +33,15 @@ from ale_backend.project_files import ModelDir, round_folder
 from ale_backend.registry import Registry, VersionInfo
 from ale_backend.server import create_app
 from ale_backend.settings import Settings
-from ale_backend.training import RECIPES, NothingToTrain, ema_decay_for, fine_tune, promotion, train_arguments
+from ale_backend.training import (
+    RECIPES,
+    NothingToTrain,
+    PlateauStop,
+    ema_decay_for,
+    fine_tune,
+    promotion,
+    train_arguments,
+)
 from testkit import synthetic
 from testkit.label_studio_stand_in import LABEL_CONFIG, add_project
 from testkit.stack import stop
@@ -662,7 +670,54 @@ def test_a_round_stopped_by_patience_says_so(dataset, settings, tmp_path):
                         on_epoch=epochs.append)
     assert trained.epochs == len(epochs) < 8
     assert trained.stopped_early == (f"stopped after epoch {trained.epochs} of 8: no validation improvement in 2 "
-                                     f"epochs since epoch {trained.epochs - 2} (TRAIN_PATIENCE)")
+                                     f"epochs since epoch {trained.epochs - 2} (TRAIN_PATIENCE); the best was epoch "
+                                     f"{trained.epochs - 2}")
+
+
+def test_a_round_with_a_floor_trains_to_it_and_sizes_its_weight_average_to_it(dataset, settings, tmp_path, caplog):
+    """TRAIN_MIN_EPOCHS: a round whose fitness only drops (so patience 1 alone stops it at epoch 2) trains up to the
+    floor and stops there; its weight average is sized to the floor's optimizer steps, not the cap's."""
+    import logging
+    import re
+
+    wrecking = dataclasses.replace(settings, train_epochs=8, train_patience=1, train_imgsz=96, train_keep_best=True,
+                                   train_optimizer="Adam", train_lr0=0.01, train_device="cpu", train_min_epochs=4,
+                                   train_ema_window=0.5)
+    epochs: list[int] = []
+    with caplog.at_level(logging.INFO, logger="ale_backend.training"):
+        trained = fine_tune(resolve_model_source(settings), dataset / "data.yaml", wrecking, tmp_path,
+                            on_epoch=epochs.append)
+    assert epochs == [1, 2, 3, 4] and trained.epochs == 4
+    assert trained.stopped_early.startswith("stopped after epoch 4 of 8: no validation improvement in 1 epochs")
+    steps = int(re.search(r"of (\d+) optimizer steps", next(m for m in caplog.messages
+                                                            if m.startswith("weight average"))).group(1))
+    batches = -(-len(list((dataset / "train" / "images").iterdir())) // wrecking.train_batch)
+    assert steps == 4 * batches  # the floor's 4 epochs, not the cap's 8
+    arguments = train_arguments(resolve_model_source(settings), wrecking)
+    assert arguments["min_epochs"] == 4 and "min_delta" not in arguments
+    assert "min_epochs" not in train_arguments(resolve_model_source(settings), settings)  # off: the same arguments
+
+
+def test_the_plateau_rule_is_ultralytics_early_stopping_with_a_floor_and_a_least_gain():
+    from ultralytics.utils.torch_utils import EarlyStopping
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # without a floor or a least gain: ultralytics' own decisions, epoch by epoch
+        curve = np.round(np.cumsum(rng.normal(0.002, 0.01, 40)) + 0.2, 3)
+        theirs, ours = EarlyStopping(patience=5), PlateauStop(5)
+        for epoch, value in enumerate(curve, start=1):
+            assert ours(epoch, value) == theirs(epoch, value)
+            assert (ours.best_epoch, ours.possible_stop) == (theirs.best_epoch, theirs.possible_stop)
+    rising_slowly = [0.10 + 0.001 * e for e in range(30)]
+    stop = PlateauStop(patience=3, min_delta=0.002)  # gains of 0.001 are noise: the round stops
+    assert [stop(e, v) for e, v in enumerate(rising_slowly, start=1)].index(True) + 1 == 7
+    assert stop.best_epoch == 7  # (the kept weights are still the highest fitness)
+    stop = PlateauStop(patience=3, min_delta=0.0005)
+    assert not any(stop(e, v) for e, v in enumerate(rising_slowly, start=1))
+    falling = [0.3, 0.2, 0.1, 0.1, 0.1, 0.1, 0.1]
+    floored = PlateauStop(patience=1, min_epochs=5)
+    assert [floored(e, v) for e, v in enumerate(falling, start=1)] == [False] * 4 + [True] * 3
+    assert floored.best_epoch == 1
 
 
 def test_the_weight_average_decay_decides_what_a_fine_tune_keeps(dataset, settings, tmp_path):

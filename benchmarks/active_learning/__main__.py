@@ -30,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --data: the classes the base model never sees")
     parser.add_argument("--out", type=Path, default=None, help="default: data/benchmark/<config>")
     parser.add_argument("--seeds", type=int, nargs="+")
-    parser.add_argument("--budgets", type=int, nargs="+")
+    parser.add_argument("--budgets", type=int, nargs="+", help="budgets in images")
+    parser.add_argument("--box-budgets", type=int, nargs="+", help="budgets in boxes: each order is taken until its "
+                        "images hold this many true boxes (orders compared at equal annotation effort)")
     parser.add_argument("--strategies", nargs="+", choices=protocol.BENCH_STRATEGIES)
     parser.add_argument("--recipe", nargs="+", metavar="SETTING=VALUE", type=_recipe_item, default=[],
                         help="change the fine-tunes' recipe, e.g. train_lr0=0.001 train_freeze=10 (the base model is "
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.data or args.new_classes:
         parser.error(f"--config {config.name} generates its data: use --config dataset (or dataset-gpu) with --data")
     overrides = {k: tuple(v) for k, v in (("seeds", args.seeds), ("budgets", args.budgets),
-                                          ("strategies", args.strategies)) if v}
+                                          ("box_budgets", args.box_budgets), ("strategies", args.strategies)) if v}
     if args.device is not None:
         overrides["device"] = args.device
     if args.deadline is not None:

@@ -41,7 +41,7 @@ from ale_backend import training
 from ale_backend.dataset import DatasetSummary, remapped_validation_set
 from ale_backend.detector import Detector, load_model
 from ale_backend.model_source import ModelSource
-from ale_backend.scoring import DEFAULT_STRATEGY, STRATEGIES, score_images
+from ale_backend.scoring import DEFAULT_STRATEGY, POWER_STRATEGIES, STRATEGIES, score_images
 from ale_backend.settings import DEFAULT_SCORE_CONF, Settings
 from ale_backend.training import fine_tune
 from ale_backend.ultralytics_setup import cpu_cores
@@ -66,8 +66,9 @@ BOX_MATCHED = "random-boxes"
 strategy's at that budget: separates "better images" from "more boxes" (ALE's sqrt(N) buys crowded images)."""
 BASE_ONLY = "base-only"
 """No selection: the fine-tune on the base images alone, the control for what the recipe does without new labels."""
-BENCH_STRATEGIES = (*STRATEGIES, BOX_MATCHED, BASE_ONLY)
-"""What ``--strategies`` takes: the product's strategies and the benchmark's two controls."""
+BENCH_STRATEGIES = (*(s for s in STRATEGIES if s not in POWER_STRATEGIES), BOX_MATCHED, BASE_ONLY, *POWER_STRATEGIES)
+"""What ``--strategies`` takes: the product's strategies and the benchmark's two controls (the position seeds a
+strategy's draws: later additions come last, so that earlier selections stay as they were)."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,10 @@ class BenchConfig:
     """The strategies that are fine-tuned; the selection of every strategy is counted anyway (no training)."""
     budgets: tuple[int, ...]
     data: NewSpeciesConfig | YoloDatasetConfig = field(default_factory=NewSpeciesConfig)
+    box_budgets: tuple[int, ...] = ()
+    """Budgets in boxes (``--box-budgets``): each strategy's ranking taken from the top until its images hold at least
+    this many true boxes, so that orders are compared at equal annotation effort (:data:`BOX_MATCHED` does not run
+    there: random order is ``random``'s)."""
     """Where the splits come from: the digit generator or a YOLO dataset (``--data``)."""
     imgsz: int = 160
     base_epochs: int = 100
@@ -210,15 +215,27 @@ def run(config: BenchConfig, out_dir: Path, cache_dir: Path | None = None, comma
     # strategy by strategy across the seeds: under a deadline, the first strategies are complete and paired
     for strategy in config.strategies:
         for seed in seeds:
-            for budget in ([0] if strategy == BASE_ONLY else config.budgets):
+            for budget, unit in _budgets(config, strategy):
                 late = config.deadline is not None and time.monotonic() - started > config.deadline
-                if late and not seed.has_run(strategy, budget):
-                    logger.warning("seed %s: deadline reached, %s at %d images not run", seed.seed, strategy, budget)
+                if late and not seed.has_run(strategy, budget, unit):
+                    logger.warning("seed %s: deadline reached, %s at %d %s not run", seed.seed, strategy, budget, unit)
                     complete = False
                     continue
-                runs.append(seed.run(strategy, budget))
+                runs.append(seed.run(strategy, budget, unit))
                 results(complete=False)
     return results(complete)
+
+
+def _budgets(config: BenchConfig, strategy: str) -> list[tuple[int, str]]:
+    """The (budget, unit) pairs ``strategy`` runs at: every image budget, then every box budget."""
+    if strategy == BASE_ONLY:
+        return [(0, IMAGES)]
+    boxes = [] if strategy == BOX_MATCHED else [(b, BOXES) for b in config.box_budgets]
+    return [(b, IMAGES) for b in config.budgets] + boxes
+
+
+IMAGES, BOXES = "images", "boxes"
+"""The units of a budget: images annotated, or the (true) boxes they hold."""
 
 
 def _dumps(results: dict) -> str:
@@ -361,23 +378,28 @@ class _Seed:
     def _rng(self, strategy: str) -> np.random.Generator:
         return np.random.default_rng([self.seed, BENCH_STRATEGIES.index(strategy)])
 
-    def selection(self, strategy: str, budget: int) -> tuple[int, ...]:
-        """Pool indices of the images ``strategy`` selects at ``budget``: the ``budget`` it ranks first (ties keep
-        pool order), for :data:`BOX_MATCHED` as many random images as hold the default's boxes, for
+    def selection(self, strategy: str, budget: int, unit: str = IMAGES) -> tuple[int, ...]:
+        """Pool indices of the images ``strategy`` selects at ``budget``: the ``budget`` images it ranks first (ties
+        keep pool order), or in :data:`BOXES` its first images up to the one that brings their true boxes to
+        ``budget``; for :data:`BOX_MATCHED` as many random images as hold the default's boxes, for
         :data:`BASE_ONLY` none."""
         if strategy == BASE_ONLY:
             return ()
         if strategy == BOX_MATCHED:
-            boxes = np.array([len(t.classes) for t in self.pool_truth])
-            target = boxes[list(self.selection(DEFAULT_STRATEGY, budget))].sum()
-            order = self._rng(BOX_MATCHED).permutation(len(self.pool))
-            count = min(int(np.searchsorted(np.cumsum(boxes[order]), target)) + 1, len(order))
-            return tuple(sorted(int(i) for i in order[:count]))
+            target = self._boxes[list(self.selection(DEFAULT_STRATEGY, budget))].sum()
+            return _up_to_boxes(self._rng(BOX_MATCHED).permutation(len(self.pool)), self._boxes, target)
         order = np.argsort(-score_images(self.class_scores, strategy, self._rng(strategy)), kind="stable")
+        if unit == BOXES:
+            return _up_to_boxes(order, self._boxes, budget)
         return tuple(sorted(int(i) for i in order[:budget]))
 
-    def has_run(self, strategy: str, budget: int) -> bool:
-        chosen = self.selection(strategy, budget)
+    @property
+    def _boxes(self) -> np.ndarray:
+        """True boxes per pool image."""
+        return np.array([len(t.classes) for t in self.pool_truth])
+
+    def has_run(self, strategy: str, budget: int, unit: str = IMAGES) -> bool:
+        chosen = self.selection(strategy, budget, unit)
         return chosen in self.trained or self._cached(chosen).is_file()
 
     def _key(self, chosen: tuple[int, ...]) -> str:
@@ -416,18 +438,18 @@ class _Seed:
     def _cached(self, chosen: tuple[int, ...]) -> Path:
         return self.finetunes / f"{self._key(chosen)[:24]}.json"
 
-    def run(self, strategy: str, budget: int) -> dict:
+    def run(self, strategy: str, budget: int, unit: str = IMAGES) -> dict:
         """Fine-tune on the selection (or take an identical fine-tune's result from the cache) and score it."""
-        chosen = self.selection(strategy, budget)
+        chosen = self.selection(strategy, budget, unit)
         if chosen not in self.trained:
             cached = self._cached(chosen)
             record = json.loads(cached.read_text())["result"] if cached.is_file() else {}
             if "val" in record:  # (records without the validation metrics predate the gate's figures)
-                logger.info("seed %s: %s, %d images: from %s", self.seed, strategy, budget, cached)
+                logger.info("seed %s: %s, %d %s: from %s", self.seed, strategy, budget, unit, cached)
                 self.trained[chosen] = record
             else:
-                logger.info("seed %s: %s, %d images (%d to train on): fine-tuning", self.seed, strategy, budget,
-                            len(chosen) + len(self.replay))
+                logger.info("seed %s: %s, %d %s (%d images to train on): fine-tuning", self.seed, strategy, budget,
+                            unit, len(chosen) + len(self.replay))
                 began = time.monotonic()
                 tuned = _fine_tune(self.base, self.data, [self.pool[i] for i in chosen], self.replay, self.settings,
                                    self.work / f"ft{len(self.trained)}")
@@ -447,9 +469,16 @@ class _Seed:
                 partial.replace(cached)
         classes = np.concatenate([self.pool_truth[i].classes for i in chosen]) if chosen else np.zeros(0)
         result = self.trained[chosen]
-        return {"seed": self.seed, "strategy": strategy, "budget": budget, "images": len(chosen),
+        return {"seed": self.seed, "strategy": strategy, "budget": budget, "budget_unit": unit, "images": len(chosen),
                 "boxes": int(len(classes)), "new_boxes": int(np.isin(classes, self.data.new_classes).sum()),
                 "selected": [self.pool[i].stem for i in chosen], **result, **self.gate.decide(result["val"])}
+
+
+def _up_to_boxes(order: np.ndarray, boxes: np.ndarray, target: int) -> tuple[int, ...]:
+    """The first images of ``order`` up to the one that brings their boxes to at least ``target`` (all of them when
+    they hold fewer), as pool indices in pool order."""
+    count = min(int(np.searchsorted(np.cumsum(boxes[order]), target)) + 1, len(order))
+    return tuple(sorted(int(i) for i in order[:count]))
 
 
 @dataclass(frozen=True)

@@ -30,13 +30,15 @@ seeds, on mAP50-95 and on new-class AP alike; the verdict asks it at the two lar
 BASE_ONLY = "base-only"
 """The control run without a selection (``protocol.BASE_ONLY``): reported apart from the strategies."""
 BOX_MATCHED = "random-boxes"
+IMAGES, BOXES = "images", "boxes"
+"""A run's ``budget_unit`` (``protocol.IMAGES``, ``protocol.BOXES``): runs before box budgets have none (images)."""
 
 
 class _Runs:
     """The runs of ``results.json``, indexed by (strategy, budget, seed)."""
 
-    def __init__(self, results: dict):
-        runs = [r for r in results["runs"] if r["strategy"] != BASE_ONLY]
+    def __init__(self, results: dict, unit: str = IMAGES):
+        runs = [r for r in results["runs"] if r["strategy"] != BASE_ONLY and r.get("budget_unit", IMAGES) == unit]
         self.base_only = {r["seed"]: r for r in results["runs"] if r["strategy"] == BASE_ONLY}
         self.strategies = list(dict.fromkeys(r["strategy"] for r in runs))
         self.budgets = sorted({r["budget"] for r in runs})
@@ -75,6 +77,7 @@ def write(results: dict, out_dir: Path, command: str = "") -> list[Path]:
               + _fmt(r.base_values("new_ap50_95")) + "; AP50-95 per class " + _per_class(r) + ". Fine-tunes above "
               "the base model's mAP50-95: " + _beat_base(r) + ".", ""]
     lines += _what_labels_buy(r)
+    lines += _equal_boxes(results.get("default_strategy"), _Runs(results, BOXES))
     lines += _verdict(results.get("default_strategy"), r)
     lines += _verdict(results.get("default_strategy"), r, against=BOX_MATCHED)
     lines += _diagnosis(results, r)
@@ -87,7 +90,7 @@ def write(results: dict, out_dir: Path, command: str = "") -> list[Path]:
     report.write_text("\n".join(lines))
     base_means = {k: float(np.mean(r.base_values(k))) for k in ("map50_95", "new_ap50_95")}
     fixed_test = results.get("data", {}).get("source") == "YOLO dataset"
-    plot = _plot(results["runs"], r, base_means, out_dir / "budget_curves.png", fixed_test)
+    plot = _plot(results["runs"], r, base_means, out_dir / "budget_curves.png", fixed_test, _Runs(results, BOXES))
     return [report, plot]
 
 
@@ -117,9 +120,12 @@ def _what_labels_buy(r: _Runs) -> list[str]:
              "Test set; mean +- std over seeds; the change over the seed's base model with the number of seeds where "
              "it is positive. *Promoted*: fine-tunes the product's promotion gate would serve (validation mAP50-95 "
              "against the base model's: `PROMOTION_TOLERANCE` on the known classes, `PROMOTION_NEW_CLASS_TOLERANCE` "
-             "when new classes raise the mean over all classes; docs/retraining.md), of those run.", "",
-             "| model | images | boxes | mAP50-95 | change | new-class AP | change | promoted |", "|" + "---|" * 8]
-    lines.append(f"| base model | | | {_fmt(r.base_values('map50_95'))} | | {_fmt(r.base_values('new_ap50_95'))} "
+             "when new classes raise the mean over all classes; docs/retraining.md), of those run. *Per 100 boxes*: "
+             "the change of mAP50-95 divided by the boxes the selection holds (what annotators drew or corrected), "
+             "times 100, mean over seeds.", "",
+             "| model | images | boxes | mAP50-95 | change | per 100 boxes | new-class AP | change | promoted |",
+             "|" + "---|" * 9]
+    lines.append(f"| base model | | | {_fmt(r.base_values('map50_95'))} | | | {_fmt(r.base_values('new_ap50_95'))} "
                  "| | |")
     if r.base_only:
         seeds = sorted(r.base_only)
@@ -163,8 +169,46 @@ def _against_base(r: _Runs, rows: list[dict], seeds: list[int]) -> list[str]:
         values = np.array([x[key] for x in rows], float)
         base = np.array([r.base[s][key] for s in seeds], float)
         cells += [_fmt(values), _paired(values - base)]
+        if key == "map50_95":
+            cells.append(_per_100_boxes(values - base, rows))
     promoted = [x["promoted"] for x in rows if "promoted" in x]
     return cells + [f"{sum(promoted)}/{len(promoted)}" if promoted else ""]
+
+
+def _per_100_boxes(change: np.ndarray, rows: list[dict]) -> str:
+    """The change over the base model per 100 boxes of the selection, mean over seeds."""
+    boxes = np.array([x["boxes"] for x in rows], float)
+    if not len(boxes) or not np.all(boxes > 0):
+        return ""
+    return f"{np.mean(100 * change / boxes):+.4f}"
+
+
+def _equal_boxes(default: str | None, r: _Runs) -> list[str]:
+    """Every order at each budget in boxes: its first images up to that many true boxes (equal annotation effort),
+    against the base model and, paired by seed, against ``random`` taken to the same boxes."""
+    if not r.by:
+        return []
+    lines = ["## At equal effort: every order filled to the same number of boxes", "",
+             "Each order's ranking taken from the top until its images hold at least the budget's true boxes (what "
+             "annotators draw or correct); test set, mean +- std over seeds; change over the seed's base model (seeds "
+             "where it is positive) and, paired by seed, against `random` filled to the same boxes."
+             + (f" The default order: `{default}`." if default else ""), "",
+             "| boxes | strategy | images | new-class boxes | mAP50-95 | change | per 100 boxes | new-class AP | "
+             "change | mAP vs random | new-class AP vs random |", "|" + "---|" * 11]
+    for budget in r.budgets:
+        for strategy in r.strategies:
+            seeds = [s for s in r.seeds if (strategy, budget, s) in r.by]
+            if not seeds:
+                continue
+            rows = [r.by[(strategy, budget, s)] for s in seeds]
+            against = strategy != "random" and "random" in r.strategies
+            versus = [_paired(r.paired(strategy, "random", budget, k)) if against else ""
+                      for k in ("map50_95", "new_ap50_95")]
+            lines.append("| " + " | ".join([f"{np.mean([x['boxes'] for x in rows]):.0f}", strategy,
+                                            f"{np.mean([x['images'] for x in rows]):.1f}",
+                                            f"{np.mean([x['new_boxes'] for x in rows]):.1f}"]
+                                           + _against_base(r, rows, seeds)[:-1] + versus) + " |")
+    return lines + [""]
 
 
 def _verdict(default: str | None, r: _Runs, against: str = "random") -> list[str]:
@@ -307,7 +351,8 @@ def _paper_table(r: _Runs) -> list[str]:
     return lines
 
 
-def _plot(runs, r: _Runs, base_means: dict, path: Path, fixed_test: bool = False) -> Path:
+def _plot(runs, r: _Runs, base_means: dict, path: Path, fixed_test: bool = False,
+          by_boxes: _Runs | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -326,8 +371,14 @@ def _plot(runs, r: _Runs, base_means: dict, path: Path, fixed_test: bool = False
                              (axes[2], x_images, "new_ap50_95")):
             mean = np.array([np.mean([run[key] for run in points[b]]) for b in budgets])
             std = np.array([np.std([run[key] for run in points[b]]) for b in budgets])
-            axis.plot(x, mean, marker="o", label=strategy, linestyle="-" if strategy.startswith("ale-") else "--")
+            line, = axis.plot(x, mean, marker="o", label=strategy,
+                              linestyle="-" if strategy.startswith("ale-") else "--")
             axis.fill_between(x, mean - std, mean + std, alpha=0.12)
+            if by_boxes is not None and axis is axes[1] and strategy in by_boxes.strategies:
+                at = [b for b in by_boxes.budgets if len(by_boxes.values(strategy, b, key))]
+                axis.plot([by_boxes.values(strategy, b, "boxes").mean() for b in at],
+                          [by_boxes.values(strategy, b, key).mean() for b in at], marker="x", linestyle="none",
+                          markersize=9, color=line.get_color(), label=f"{strategy}, box budget")
     for axis, key in zip(axes, ("map50_95", "map50_95", "new_ap50_95")):
         axis.axhline(base_means[key], color="black", linestyle=":", linewidth=1, label="base model")
     for axis, (xlabel, ylabel) in zip(axes, (("images annotated", "test mAP50-95"), ("boxes annotated",
@@ -337,6 +388,9 @@ def _plot(runs, r: _Runs, base_means: dict, path: Path, fixed_test: bool = False
         axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
+    if by_boxes is not None and by_boxes.by:
+        axes[1].legend(fontsize=6)
+        axes[1].set_title("x: budgets in boxes", fontsize=8)
     spread = "one test set for every seed" if fixed_test else "the bands include the seeds' different test sets"
     figure.suptitle(f"mean +- std over {len(r.seeds)} seeds ({spread}; report.md has the paired differences)")
     figure.tight_layout()
