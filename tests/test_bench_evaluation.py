@@ -56,3 +56,42 @@ def test_wrong_class_and_duplicates_are_false_positives():
 def test_average_precision_interpolates_over_101_recall_points():
     # 2 truths: hit, miss, hit -> precision 1 at recall 0.5, 2/3 at recall 1
     assert average_precision(np.array([1, 0, 1]), 2) == pytest.approx((51 * 1 + 50 * (2 / 3)) / 101)
+
+
+def _random_image(rng, classes=3):
+    """Up to 4 objects and up to 7 predictions near them (or anywhere on an image without objects)."""
+    objects, guesses = int(rng.integers(0, 5)), int(rng.integers(0, 8))
+    corners = rng.uniform(0, 80, (objects, 2))
+    truth_boxes = np.hstack([corners, corners + rng.uniform(5, 30, (objects, 2))])
+    if objects:
+        boxes = truth_boxes[rng.integers(0, objects, guesses)] + rng.normal(0, 3, (guesses, 4))
+    else:
+        start = rng.uniform(0, 80, (guesses, 2))
+        boxes = np.hstack([start, start + 10])
+    return (ImageBoxes(boxes, rng.integers(0, classes, guesses), rng.random(guesses)),
+            ImageBoxes(truth_boxes, rng.integers(0, classes, objects)))
+
+
+def test_matching_each_image_once_gives_evaluates_map_on_any_draw_of_images():
+    """benchmarks.plateau matches each image once and re-sorts per draw: the same mAP50-95 as evaluate() on the
+    images drawn, repeats included."""
+    from benchmarks.plateau import match, mean_ap
+
+    rng = np.random.default_rng(1)
+    images = [_random_image(rng) for _ in range(30)]
+    predictions, truths = [p for p, _ in images], [t for _, t in images]
+    matched = match(predictions, truths, 3)
+    for draw in (np.arange(30), rng.integers(0, 30, 30), rng.integers(0, 30, 12)):
+        expected = evaluate([predictions[i] for i in draw], [truths[i] for i in draw], 3)["map50_95"]
+        assert mean_ap(matched, draw) == pytest.approx(expected, abs=1e-9)
+    assert 0 < mean_ap(matched, np.arange(30)) < 1
+
+
+def test_the_simulated_rule_stops_where_the_trainer_would():
+    from benchmarks.plateau import simulate
+
+    curve = [0.10, 0.12, 0.13, 0.131, 0.1305, 0.132, 0.129, 0.128, 0.127, 0.126]
+    assert simulate(curve, patience=3, min_delta=0.0, floor=0) == (9, 6)  # 0.132 at epoch 6 was the last gain
+    assert simulate(curve, patience=3, min_delta=0.005, floor=0) == (6, 6)  # nothing above 0.13 + 0.005 after 3
+    assert simulate(curve, patience=3, min_delta=0.005, floor=8) == (8, 6)
+    assert simulate(curve, patience=20, min_delta=0.0, floor=0) == (10, 6)  # never stops: all epochs
