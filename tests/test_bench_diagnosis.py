@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from ale_backend.detector import Detections
+from ale_backend.orders import order
 from benchmarks.active_learning.diagnosis import box_records, object_table, selection_counts
 from benchmarks.active_learning.evaluation import ImageBoxes
 
@@ -64,8 +65,8 @@ def test_the_table_counts_boxes_per_threshold_and_new_class_images_left_at_zero(
 
 def test_selection_counts_what_the_top_images_hold():
     class_scores = [d.above(0.05).class_scores for d in FOUND]
-    counts = selection_counts(class_scores, TRUTH, ["count", "unknown-max", "random"], [1, 2], NEW,
-                              lambda s: np.random.default_rng(0))
+    counts = selection_counts(TRUTH, ["count", "unknown-max", "random"], [1, 2], NEW,
+                              lambda s: order(s, class_scores, np.random.default_rng(0)))
     assert counts["count"]["1"] == {"boxes": 2, "new_boxes": 1, "new_images": 1}  # image 0: two boxes
     assert counts["unknown-max"]["1"] == {"boxes": 2, "new_boxes": 1, "new_images": 1}  # its 0.08 box: 0.92
     assert counts["count"]["2"]["boxes"] == 3

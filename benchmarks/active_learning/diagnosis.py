@@ -18,7 +18,6 @@ from collections.abc import Sequence
 import numpy as np
 
 from ale_backend.detector import Detections
-from ale_backend.scoring import score_images
 from ale_backend.uncertainty import entropy, least_confidence, normalize
 from benchmarks.active_learning.evaluation import ImageBoxes, iou_matrix
 
@@ -79,15 +78,15 @@ def object_table(records: dict[str, list], thresholds: Sequence[float] = THRESHO
     return out
 
 
-def selection_counts(class_scores: Sequence[np.ndarray], truths: Sequence[ImageBoxes], strategies: Sequence[str],
-                     budgets: Sequence[int], new_classes, rng_for) -> dict[str, dict[int, dict]]:
-    """strategy -> budget (a string, as in JSON) -> what its top ``budget`` images hold; ``rng_for(strategy)`` seeds
-    ``random``."""
+def selection_counts(truths: Sequence[ImageBoxes], strategies: Sequence[str], budgets: Sequence[int], new_classes,
+                     queue_of) -> dict[str, dict[int, dict]]:
+    """strategy -> budget (a string, as in JSON) -> what its first ``budget`` images hold; ``queue_of(strategy)``
+    gives its queue (pool indices, first served first)."""
     new_boxes = np.array([int(np.isin(t.classes, list(new_classes)).sum()) for t in truths])
     boxes = np.array([len(t.classes) for t in truths])
     out: dict[str, dict[int, dict]] = {}
     for strategy in strategies:
-        order = np.argsort(-score_images(class_scores, strategy, rng_for(strategy)), kind="stable")
+        order = queue_of(strategy)
         out[strategy] = {str(b): {"boxes": int(boxes[order[:b]].sum()), "new_boxes": int(new_boxes[order[:b]].sum()),
                              "new_images": int((new_boxes[order[:b]] > 0).sum())} for b in budgets}
     return out

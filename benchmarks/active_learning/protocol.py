@@ -41,7 +41,8 @@ from ale_backend import training
 from ale_backend.dataset import DatasetSummary, remapped_validation_set
 from ale_backend.detector import Detector, load_model
 from ale_backend.model_source import ModelSource
-from ale_backend.scoring import DEFAULT_STRATEGY, POWER_STRATEGIES, STRATEGIES, score_images
+from ale_backend.orders import ORDERS, order
+from ale_backend.scoring import DEFAULT_STRATEGY, POWER_STRATEGIES, STRATEGIES
 from ale_backend.settings import DEFAULT_SCORE_CONF, Settings
 from ale_backend.training import fine_tune
 from ale_backend.ultralytics_setup import cpu_cores
@@ -66,9 +67,13 @@ BOX_MATCHED = "random-boxes"
 strategy's at that budget: separates "better images" from "more boxes" (ALE's sqrt(N) buys crowded images)."""
 BASE_ONLY = "base-only"
 """No selection: the fine-tune on the base images alone, the control for what the recipe does without new labels."""
-BENCH_STRATEGIES = (*(s for s in STRATEGIES if s not in POWER_STRATEGIES), BOX_MATCHED, BASE_ONLY, *POWER_STRATEGIES)
-"""What ``--strategies`` takes: the product's strategies and the benchmark's two controls (the position seeds a
-strategy's draws: later additions come last, so that earlier selections stay as they were)."""
+BENCH_STRATEGIES = (*(s for s in STRATEGIES if s not in POWER_STRATEGIES), BOX_MATCHED, BASE_ONLY, *POWER_STRATEGIES,
+                    *ORDERS)
+"""What ``--strategies`` takes: the product's strategies, the benchmark's two controls and the orders decided over
+the pool (:mod:`ale_backend.orders`; the position seeds a strategy's draws: later additions come last, so that
+earlier selections stay as they were)."""
+RANKED = (*STRATEGIES, *ORDERS)
+"""What the selection table counts for every seed (no training)."""
 
 
 @dataclass(frozen=True)
@@ -366,8 +371,7 @@ class _Seed:
             "seed": seed, "base_model": self.base.version, "splits": self.data.counts(),
             "pool_detections_per_image": np.bincount([len(c) for c in self.class_scores]).tolist(),
             "diagnosis": diagnosis.box_records(detections, self.pool_truth, new_classes),
-            "selection": diagnosis.selection_counts(self.class_scores, self.pool_truth, STRATEGIES, config.budgets,
-                                                    new_classes, self._rng),
+            "selection": diagnosis.selection_counts(self.pool_truth, RANKED, config.budgets, new_classes, self.queue),
             "val_map50_95": self.gate.parent["map50_95"], "val": self.gate.parent,
             **self.test(self.base),
         }
@@ -388,10 +392,14 @@ class _Seed:
         if strategy == BOX_MATCHED:
             target = self._boxes[list(self.selection(DEFAULT_STRATEGY, budget))].sum()
             return _up_to_boxes(self._rng(BOX_MATCHED).permutation(len(self.pool)), self._boxes, target)
-        order = np.argsort(-score_images(self.class_scores, strategy, self._rng(strategy)), kind="stable")
+        queue = self.queue(strategy)
         if unit == BOXES:
-            return _up_to_boxes(order, self._boxes, budget)
-        return tuple(sorted(int(i) for i in order[:budget]))
+            return _up_to_boxes(queue, self._boxes, budget)
+        return tuple(sorted(int(i) for i in queue[:budget]))
+
+    def queue(self, strategy: str) -> np.ndarray:
+        """The pool in the order ``strategy`` serves it (:func:`ale_backend.orders.order`)."""
+        return order(strategy, self.class_scores, self._rng(strategy))
 
     @property
     def _boxes(self) -> np.ndarray:
