@@ -40,16 +40,19 @@ class Detections:
     """(N, C) float: every class's score (independent sigmoids, not normalised)."""
     width: int
     height: int
+    features: np.ndarray | None = None
+    """(F,) float: the image's backbone output (the last stage, SPPF) averaged over its positions, from the same
+    forward pass: what the image looks like to the model, for orders that weigh how alike images are."""
 
     def __len__(self) -> int:
         return len(self.class_ids)
 
     def above(self, threshold: float) -> Detections:
-        """The detections whose confidence is at least ``threshold``."""
+        """The detections whose confidence is at least ``threshold`` (the image's features kept)."""
         keep = self.confidences >= threshold
         return Detections(
             self.boxes[keep], self.class_ids[keep], self.confidences[keep], self.class_scores[keep],
-            self.width, self.height,
+            self.width, self.height, self.features,
         )
 
 
@@ -63,6 +66,9 @@ class Detector:
         self._lock = threading.Lock()
         self._yolo = load_model(source, settings)
         self.names: dict[int, str] = dict(self._yolo.names)
+        self._pooled: list = []
+        _backbone_end(self._yolo).register_forward_hook(
+            lambda module, inputs, output: self._pooled.append(output.detach().float().mean(dim=(2, 3)).cpu()))
         logger.info("loaded model %s (%d classes) from %s", self.version, len(self.names), source.path)
 
     def detect(self, images: Sequence[np.ndarray], conf: float | None = None) -> list[Detections]:
@@ -85,6 +91,7 @@ class Detector:
 
     def _detect_batch(self, images: list[np.ndarray], conf: float) -> list[Detections]:
         s = self._settings
+        self._pooled.clear()
         results = self._yolo.predict(
             images,
             predictor=_predictor_class(),
@@ -98,7 +105,22 @@ class Detector:
             verbose=False,
             save=False,
         )
-        return [_to_detections(result, len(self.names)) for result in results]
+        # the last rows are this batch's (ultralytics' first call also runs a warm-up pass through the model)
+        features = np.concatenate([p.numpy() for p in self._pooled])[-len(images):] if self._pooled else None
+        self._pooled.clear()
+        return [_to_detections(result, len(self.names), None if features is None else features[k])
+                for k, result in enumerate(results)]
+
+
+def _backbone_end(yolo):
+    """The module whose output is the backbone's last stage: the SPPF block of the YOLOv5/v8 families, else the
+    layer before the first upsampling."""
+    layers = list(yolo.model.model)
+    spp = [layer for layer in layers if type(layer).__name__ in {"SPPF", "SPP"}]
+    if spp:
+        return spp[-1]
+    first_up = next((i for i, layer in enumerate(layers) if type(layer).__name__ == "Upsample"), len(layers) - 1)
+    return layers[max(0, first_up - 1)]
 
 
 def load_model(source: ModelSource, settings: Settings):
@@ -119,7 +141,7 @@ def load_model(source: ModelSource, settings: Settings):
             ) from exc
 
 
-def _to_detections(result, num_classes: int) -> Detections:
+def _to_detections(result, num_classes: int, features: np.ndarray | None = None) -> Detections:
     height, width = result.orig_shape[:2]
     boxes = result.boxes
     feats = result.feats
@@ -133,6 +155,7 @@ def _to_detections(result, num_classes: int) -> Detections:
         class_scores=class_scores.reshape(-1, num_classes),
         width=int(width),
         height=int(height),
+        features=features,
     )
 
 

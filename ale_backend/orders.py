@@ -9,6 +9,12 @@ photographs is crowded images of known classes; docs/does-ale-help.md) need the 
   class explains, which is how an unseen species looks to the model), the rest ``<strategy>``'s ranking. The lanes
   are interleaved so that every prefix of the queue holds the share: position ``i`` belongs to the discovery lane
   when ``floor((i + 1) * share) > floor(i * share)``; an image already taken by one lane is skipped by the other.
+* ``diverse-<strategy>``: two stages (PPAL, Yang et al. CVPR 2024, without its box-level distance): the
+  :data:`CANDIDATES` times a batch's images that ``<strategy>`` ranks first, then among them the batch picked by
+  k-center greedy on what the images look like to the model (the pooled backbone output of the same forward pass,
+  :attr:`ale_backend.detector.Detections.features`; cosine distance): the top-ranked candidate first (or the one
+  farthest from the earlier batches), then each time the candidate farthest from every image picked so far. Batch
+  after batch until the pool is ordered.
 * ``balanced-<strategy>``: class-balanced picks (Emam et al. 2021, "Active Learning at the ImageNet Scale"): each
   image belongs to its predicted class (the class of most of its boxes, ties to the higher summed score; images
   without boxes to a group of their own), and the queue takes the best remaining image of each group in turn, by
@@ -32,7 +38,9 @@ DISCOVERY_SHARE = 0.3
 """Share of the queue given to the discovery lane (the literature's suggestion: 25 to 30 %)."""
 DISCOVERY_LANE = "unknown-mean"
 """The strategy that ranks the discovery lane."""
-SET_ORDERS = ("discovery", "balanced")
+CANDIDATES = 4
+"""Candidates per image of a batch in the first stage of ``diverse-`` (PPAL's choice)."""
+SET_ORDERS = ("discovery", "diverse", "balanced")
 """Prefixes of the orders decided over a pool."""
 _BASES = tuple(s for s in STRATEGIES if s not in {"random", "count"} and not s.startswith("power-"))
 ORDERS: tuple[str, ...] = tuple(f"{kind}-{base}" for kind in SET_ORDERS for base in ("ale-unknown-mean",
@@ -40,10 +48,12 @@ ORDERS: tuple[str, ...] = tuple(f"{kind}-{base}" for kind in SET_ORDERS for base
 """The set orders the benchmark screens: each kind over the default strategy and over ``unknown-mean``."""
 
 
-def order(name: str, class_scores: Sequence[np.ndarray], rng: np.random.Generator | None = None) -> np.ndarray:
+def order(name: str, class_scores: Sequence[np.ndarray], rng: np.random.Generator | None = None,
+          features: np.ndarray | None = None, batch: int = 10) -> np.ndarray:
     """The queue of the order ``name`` (one of :data:`ORDERS`, or any strategy of :mod:`ale_backend.scoring`, then
     its scores sorted, ties in pool order) over a pool of images given by their detections' raw class scores
-    (``(N_i, C)`` each); pool indices, first served first."""
+    (``(N_i, C)`` each); pool indices, first served first. ``diverse-`` orders need the images' ``features``
+    (``(n, F)``) and the ``batch`` they pick at a time."""
     kind, _, base = name.partition("-")
     if kind not in SET_ORDERS:
         return np.argsort(-score_images(class_scores, name, rng), kind="stable")
@@ -54,6 +64,10 @@ def order(name: str, class_scores: Sequence[np.ndarray], rng: np.random.Generato
     if kind == "discovery":
         lane = np.argsort(-score_images(class_scores, DISCOVERY_LANE, rng), kind="stable")
         return interleave(np.argsort(-scores, kind="stable"), lane, DISCOVERY_SHARE)
+    if kind == "diverse":
+        if features is None or len(features) != len(class_scores):
+            raise ValueError(f"{name} needs every image's features")
+        return diverse_batches(np.argsort(-scores, kind="stable"), np.asarray(features, dtype=np.float64), batch)
     return round_robin(groups_by_predicted_class(class_scores), scores)
 
 
@@ -76,6 +90,29 @@ def interleave(main: np.ndarray, lane: np.ndarray, share: float) -> np.ndarray:
                 break
         taken[pick] = True
         out.append(pick)
+    return np.array(out, dtype=np.int64)
+
+
+def diverse_batches(ranked: np.ndarray, features: np.ndarray, batch: int, candidates: int = CANDIDATES) -> np.ndarray:
+    """The pool in batches of ``batch``: each the k-center greedy picks (cosine distance between ``features``) among
+    the first ``candidates * batch`` images of ``ranked`` not yet picked, starting from the top-ranked one when
+    nothing was picked before, else from the one farthest from everything picked."""
+    batch = max(1, int(batch))
+    norms = np.linalg.norm(features, axis=1, keepdims=True)
+    unit = np.divide(features, norms, out=np.zeros_like(features), where=norms > 0)
+    left = [int(i) for i in ranked]
+    nearest = np.full(len(ranked), np.inf)  # distance of each image to the nearest one picked
+    out: list[int] = []
+    while left:
+        pool = np.array(left[: candidates * batch])
+        for _ in range(min(batch, len(pool))):
+            distance = nearest[pool]
+            pick = int(pool[0]) if not out else int(pool[int(np.argmax(distance))])  # ties: the better ranked
+            out.append(pick)
+            nearest = np.minimum(nearest, 1.0 - unit @ unit[pick])
+            pool = pool[pool != pick]
+        chosen = set(out)
+        left = [i for i in left if i not in chosen]
     return np.array(out, dtype=np.int64)
 
 

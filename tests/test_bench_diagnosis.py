@@ -66,7 +66,7 @@ def test_the_table_counts_boxes_per_threshold_and_new_class_images_left_at_zero(
 def test_selection_counts_what_the_top_images_hold():
     class_scores = [d.above(0.05).class_scores for d in FOUND]
     counts = selection_counts(TRUTH, ["count", "unknown-max", "random"], [1, 2], NEW,
-                              lambda s: order(s, class_scores, np.random.default_rng(0)))
+                              lambda s, b: order(s, class_scores, np.random.default_rng(0)))
     assert counts["count"]["1"] == {"boxes": 2, "new_boxes": 1, "new_images": 1}  # image 0: two boxes
     assert counts["unknown-max"]["1"] == {"boxes": 2, "new_boxes": 1, "new_images": 1}  # its 0.08 box: 0.92
     assert counts["count"]["2"]["boxes"] == 3

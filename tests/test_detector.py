@@ -56,6 +56,22 @@ def test_batches_give_the_same_result_as_one_call(settings, images):
         np.testing.assert_allclose(a.confidences, b.confidences, atol=1e-5)
 
 
+def test_each_image_carries_what_it_looks_like_to_the_backbone_from_the_same_pass(settings, images):
+    """Detections.features: the SPPF output averaged over positions, one vector per image, the same whichever batch
+    the image came in (the sample images share one size), alike for an image and its copy, and unlike another."""
+    whole = get_detector(settings).detect(images)
+    small = get_detector(dataclasses.replace(settings, inference_batch=3)).detect(images)
+    sppf = ultralytics_module(settings.model_dir).YOLO(settings.model_path).model.model[9]
+    width = sppf.cv2.conv.out_channels
+    for a, b in zip(whole, small):
+        assert a.features.shape == (width,) and np.isfinite(a.features).all()
+        np.testing.assert_allclose(a.features, b.features, rtol=1e-4, atol=1e-5)
+        assert a.above(0.9).features is a.features
+    again = get_detector(settings).detect([images[0], images[1], images[0].copy()])
+    np.testing.assert_allclose(again[0].features, again[2].features, rtol=1e-5)
+    assert np.abs(again[0].features - again[1].features).max() > 1e-3
+
+
 def test_weights_are_loaded_once_per_process(settings):
     assert get_detector(settings) is get_detector(dataclasses.replace(settings))
 

@@ -66,6 +66,24 @@ def test_balanced_picks_take_turns_over_the_predicted_classes():
 @pytest.mark.parametrize("name", ORDERS)
 def test_every_order_is_a_permutation_of_the_pool_and_a_bad_name_is_refused(name):
     pool = _pool(np.random.default_rng(1))
-    assert sorted(order(name, pool)) == list(range(len(pool)))
+    features = np.random.default_rng(2).random((len(pool), 8))
+    assert sorted(order(name, pool, features=features, batch=7)) == list(range(len(pool)))
     with pytest.raises(ValueError, match="discovery-ale-unknown-mean"):
         order("discovery-count", pool)
+
+
+def test_diverse_batches_take_the_best_ranked_then_the_unlike_among_the_candidates():
+    """Ranked 0..11; images 0-5, 8, 10 and 11 look alike (one cluster), 6 and 7 like each other and unlike them,
+    9 like neither. In batches of 2 from the first 8 candidates not yet picked: 0 (the best ranked), then 6 (the
+    farthest); the next batch starts from the candidate farthest from both, 9 (of 1-5 and 7-9)."""
+    rng = np.random.default_rng(0)
+    features = np.tile([1.0, 0.0, 0.0], (12, 1)) + rng.normal(0, 0.01, (12, 3))
+    features[6:8] = [0.0, 1.0, 0.0] + rng.normal(0, 0.01, (2, 3))
+    features[9] = [0.0, 0.0, 1.0]
+    queue = order("diverse-unknown-mean", [np.array([[1 - 0.01 * (12 - i), 0.0]]) for i in range(12)],
+                  features=features, batch=2)
+    assert list(queue[:2]) == [0, 6]  # plain ranking: 0, 1
+    assert queue[2] == 9
+    assert sorted(queue) == list(range(12))
+    with pytest.raises(ValueError, match="features"):
+        order("diverse-unknown-mean", [np.zeros((0, 2))] * 3)

@@ -80,15 +80,17 @@ def object_table(records: dict[str, list], thresholds: Sequence[float] = THRESHO
 
 def selection_counts(truths: Sequence[ImageBoxes], strategies: Sequence[str], budgets: Sequence[int], new_classes,
                      queue_of) -> dict[str, dict[int, dict]]:
-    """strategy -> budget (a string, as in JSON) -> what its first ``budget`` images hold; ``queue_of(strategy)``
-    gives its queue (pool indices, first served first)."""
+    """strategy -> budget (a string, as in JSON) -> what its first ``budget`` images hold; ``queue_of(strategy,
+    budget)`` gives its queue for that budget (pool indices, first served first)."""
     new_boxes = np.array([int(np.isin(t.classes, list(new_classes)).sum()) for t in truths])
     boxes = np.array([len(t.classes) for t in truths])
     out: dict[str, dict[int, dict]] = {}
     for strategy in strategies:
-        order = queue_of(strategy)
-        out[strategy] = {str(b): {"boxes": int(boxes[order[:b]].sum()), "new_boxes": int(new_boxes[order[:b]].sum()),
-                             "new_images": int((new_boxes[order[:b]] > 0).sum())} for b in budgets}
+        out[strategy] = {}
+        for b in budgets:
+            first = queue_of(strategy, b)[:b]
+            out[strategy][str(b)] = {"boxes": int(boxes[first].sum()), "new_boxes": int(new_boxes[first].sum()),
+                                     "new_images": int((new_boxes[first] > 0).sum())}
     return out
 
 

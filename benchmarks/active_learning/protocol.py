@@ -241,6 +241,9 @@ def _budgets(config: BenchConfig, strategy: str) -> list[tuple[int, str]]:
 
 IMAGES, BOXES = "images", "boxes"
 """The units of a budget: images annotated, or the (true) boxes they hold."""
+BOX_BUDGET_BATCH = 10
+"""Images a ``diverse-`` order picks at a time under a budget in boxes (the product's ``MIN_NEW_ANNOTATIONS``); under
+a budget in images, the budget."""
 
 
 def _dumps(results: dict) -> str:
@@ -364,6 +367,7 @@ class _Seed:
         detections = every_box.detect(pool_images)
         del pool_images
         self.class_scores = [d.above(config.score_conf).class_scores for d in detections]
+        self.features = np.stack([d.features for d in detections])
         new_classes = set(self.data.new_classes)
         self.test = Evaluation(self.data, self.settings)
         self.gate = PromotionGate(self.data, self.base, self.settings, work / "validation")
@@ -392,14 +396,14 @@ class _Seed:
         if strategy == BOX_MATCHED:
             target = self._boxes[list(self.selection(DEFAULT_STRATEGY, budget))].sum()
             return _up_to_boxes(self._rng(BOX_MATCHED).permutation(len(self.pool)), self._boxes, target)
-        queue = self.queue(strategy)
         if unit == BOXES:
-            return _up_to_boxes(queue, self._boxes, budget)
-        return tuple(sorted(int(i) for i in queue[:budget]))
+            return _up_to_boxes(self.queue(strategy, BOX_BUDGET_BATCH), self._boxes, budget)
+        return tuple(sorted(int(i) for i in self.queue(strategy, budget)[:budget]))
 
-    def queue(self, strategy: str) -> np.ndarray:
-        """The pool in the order ``strategy`` serves it (:func:`ale_backend.orders.order`)."""
-        return order(strategy, self.class_scores, self._rng(strategy))
+    def queue(self, strategy: str, batch: int) -> np.ndarray:
+        """The pool in the order ``strategy`` serves it (:func:`ale_backend.orders.order`; ``diverse-`` orders pick
+        ``batch`` images at a time)."""
+        return order(strategy, self.class_scores, self._rng(strategy), self.features, batch)
 
     @property
     def _boxes(self) -> np.ndarray:
