@@ -7,6 +7,7 @@ import json
 import pytest
 
 from ale_backend.scoring import STRATEGIES
+from ale_backend.settings import Settings
 from benchmarks.active_learning import report
 from benchmarks.active_learning.__main__ import main
 from benchmarks.active_learning.newspecies import GeneratedDigits
@@ -70,7 +71,8 @@ def test_the_cache_key_follows_what_shapes_the_base_model_only(tmp_path):
     other = GeneratedDigits(dataclasses.replace(smoke.data, counts={**smoke.data.counts, "base": 15}))
     assert base_model_key(smoke, other.write(0, tmp_path / "c")) != key
     for unrelated in ({"strategies": ("random",)}, {"budgets": (10,)}, {"finetune_epochs": 3}, {"replay": 7},
-                      {"replay": None}, {"keep_best": True}, {"finetune_patience": 4},
+                      {"replay": None}, {"keep_best": True}, {"finetune_patience": 4}, {"finetune_epochs": None},
+                      {"box_budgets": (50,)},
                       {"recipe": (("train_lr0", 0.001), ("train_freeze", 10))},
                       {"score_conf": 0.3}, {"name": "other"}):
         assert base_model_key(dataclasses.replace(smoke, **unrelated), data) == key, unrelated
@@ -93,6 +95,18 @@ def fake_results(default_gains: dict[int, list[float]]) -> dict:
               "base_epochs": 1, "finetune_epochs": 1, "replay": 1, "batch": 1, "mosaic": 0.0}
     return {"config": config, "selection_knobs": {"conf": 0.1}, "default_strategy": "ale-unknown-mean",
             "new_classes": ["digit3"], "baselines": baselines, "runs": runs, "seconds": 1.0}
+
+
+def test_a_configuration_without_its_own_epochs_trains_the_products_round(tmp_path):
+    from benchmarks.active_learning.protocol import _settings
+
+    product = Settings()
+    rounds = _settings(dataclasses.replace(PRESETS["smoke"], finetune_epochs=None), 0, tmp_path)
+    assert (rounds.train_epochs, rounds.train_patience, rounds.train_min_epochs, rounds.train_min_delta,
+            rounds.train_keep_best) == (product.train_epochs, product.train_patience, product.train_min_epochs,
+                                        product.train_min_delta, True)
+    fixed = _settings(dataclasses.replace(PRESETS["smoke"], finetune_epochs=7), 0, tmp_path)
+    assert (fixed.train_epochs, fixed.train_patience, fixed.train_min_epochs) == (7, 8, 0)
 
 
 @pytest.mark.parametrize("gains, verdict", [

@@ -91,7 +91,10 @@ class BenchConfig:
     """Where the splits come from: the digit generator or a YOLO dataset (``--data``)."""
     imgsz: int = 160
     base_epochs: int = 100
-    finetune_epochs: int = 20
+    finetune_epochs: int | None = 20
+    """Epochs of a fine-tune, none stopped early unless ``finetune_patience`` says; ``None``: the product's round
+    (``TRAIN_EPOCHS`` as the cap, ``TRAIN_PATIENCE``, ``TRAIN_MIN_EPOCHS`` and ``TRAIN_MIN_DELTA``: its plateau
+    rule)."""
     replay: int | None = 40
     """Base training images added to every selection (the same ones for every strategy); ``None``: every base image,
     the paper's protocol (the selection is added to the whole training set)."""
@@ -128,6 +131,11 @@ class BenchConfig:
                  else f"{self.replay} replayed base images")
         kept = (f"the best epoch on the validation split (patience {self.finetune_patience or 'off'})"
                 if self.keep_best else "the last epoch")
+        if self.finetune_epochs is None:
+            rule = Settings()
+            return (f"the selection plus {added}, the product's round: until the validation fitness of the weight "
+                    f"average has not gained more than {rule.train_min_delta} in {rule.train_patience} epochs, "
+                    f"from epoch {rule.train_min_epochs} on and up to {rule.train_epochs} epochs, the best epoch kept")
         return f"the selection plus {added}, up to {self.finetune_epochs} epochs, {kept}"
 
     def selection_knobs(self) -> dict:
@@ -276,11 +284,18 @@ def data_source(config: BenchConfig, cache_dir: Path) -> DataSource:
 
 
 def _settings(config: BenchConfig, seed: int, work: Path) -> Settings:
-    """A fine-tune's settings: the product's defaults (its recipe), the configuration's sizes and ``recipe``."""
+    """A fine-tune's settings: the product's defaults (its recipe and, with ``finetune_epochs=None``, its round's
+    length and plateau rule), the configuration's sizes and ``recipe``."""
+    if config.finetune_epochs is None:
+        product = Settings()
+        length = {"train_keep_best": True, "train_epochs": product.train_epochs,
+                  "train_patience": product.train_patience, "train_min_epochs": product.train_min_epochs,
+                  "train_min_delta": product.train_min_delta}
+    else:
+        length = {"train_keep_best": config.keep_best,
+                  "train_patience": config.finetune_patience or config.finetune_epochs + 1}
     return dataclasses.replace(_common_settings(config, seed, work), **{
-        "train_keep_best": config.keep_best,
-        "train_patience": config.finetune_patience or config.finetune_epochs + 1,
-        **dict(config.recipe)})  # a recipe may set the epochs and patience too
+        **length, **dict(config.recipe)})  # a recipe may set the epochs and patience too
 
 
 def _common_settings(config: BenchConfig, seed: int, work: Path) -> Settings:
@@ -289,7 +304,8 @@ def _common_settings(config: BenchConfig, seed: int, work: Path) -> Settings:
         score_conf=config.score_conf, display_conf=config.score_conf, score_iou=config.score_iou,
         score_max_det=config.score_max_det, agnostic_nms=config.agnostic_nms, train_imgsz=config.imgsz,
         train_batch=config.batch, train_device=config.device, train_workers=config.workers, train_seed=seed,
-        train_epochs=config.finetune_epochs, train_patience=config.finetune_epochs, train_mosaic=config.mosaic,
+        train_epochs=config.finetune_epochs or Settings().train_epochs, train_patience=Settings().train_patience,
+        train_mosaic=config.mosaic,
         train_fliplr=config.fliplr, train_keep_best=False,
     )
 
@@ -297,7 +313,8 @@ def _common_settings(config: BenchConfig, seed: int, work: Path) -> Settings:
 def _base_settings(config: BenchConfig, seed: int, work: Path) -> Settings:
     """The base model's training: from the YAML, ``base_epochs`` epochs, the last one kept."""
     return dataclasses.replace(_common_settings(config, seed, work), train_epochs=config.base_epochs,
-                               train_patience=config.base_epochs, train_keep_best=False)
+                               train_patience=config.base_epochs, train_keep_best=False, train_min_epochs=0,
+                               train_min_delta=0.0)  # (so that a change of the rounds' rule keeps the base models)
 
 
 BASE_CONFIG = "yolov5nu.yaml"
