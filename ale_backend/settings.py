@@ -265,7 +265,7 @@ _VARIABLES: dict[str, tuple[str, str, Callable[[str], object]]] = {
     "train_epochs": ("TRAIN_EPOCHS", "20", _positive_int),
     "train_patience": ("TRAIN_PATIENCE", "10", _positive_int),
     "train_min_epochs": ("TRAIN_MIN_EPOCHS", "0", _non_negative_int),
-    "train_min_delta": ("TRAIN_MIN_DELTA", "0", _unit_interval),
+    "train_min_delta": ("TRAIN_MIN_DELTA", "", _optional_unit_interval),
     "train_imgsz": ("TRAIN_IMGSZ", "640", _positive_int),
     "train_batch": ("TRAIN_BATCH", "16", _positive_int),
     "train_device": ("TRAIN_DEVICE", "", _text),
@@ -398,9 +398,10 @@ class Settings:
     train_min_epochs: int = 0
     """No early stop before this epoch; the weight average's time constant (``train_ema_window``) is sized to this
     many epochs instead of the whole round (``TRAIN_EPOCHS`` is then a cap); 0: neither."""
-    train_min_delta: float = 0.0
-    """A validation fitness at most this much above the best so far does not count as an improvement for
-    ``train_patience`` (the kept epoch is still the best one)."""
+    train_min_delta: float | None = None
+    """A validation fitness at most this much above the last improvement does not count as one for
+    ``train_patience`` (the kept epoch is still the best one); unset: the noise of the round's validation split,
+    which shrinks with its size (``training.least_gain``)."""
     train_imgsz: int = 640
     """Training image size."""
     train_batch: int = 16

@@ -22,6 +22,7 @@ Any exception leaves the registry as it was: a version is only added, complete, 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -105,7 +106,7 @@ def _train_round(project: int, settings: Settings, report: Report, registry: Reg
         report("training", epoch=epoch, epochs=epochs, elapsed_s=round(elapsed),
                left_s=round(elapsed / max(epoch, 1) * (epochs - epoch)))
 
-    recipe, patience = round_patience(settings, summary.val_images)
+    recipe, patience = round_settings(settings, summary.val_images)
     trained = fine_tune(parent, summary.data_yaml, recipe, work / "run", on_epoch=on_epoch)
     report("evaluating")
     metrics = evaluate(trained.weights, summary.data_yaml, settings, work / "run")
@@ -209,13 +210,31 @@ watches is noise (measured with ``benchmarks/patience.py``, docs/training-recipe
 23-image round it was 0 for 13 epochs in two seeds of four, and rose while the test mAP fell in another)."""
 
 
-def round_patience(settings: Settings, val_images: int) -> tuple[Settings, str]:
-    """The round's settings with patience off when its validation split is too small to judge improvement, and what
-    the round's record says of it."""
+VALIDATION_NOISE = 0.008
+"""How much the difference between two epochs' validation mAP50-95 five epochs apart moves with which 40 images
+validate (its standard deviation over draws of 40 images; measured with ``benchmarks/plateau.py`` on the
+photographs, docs/training-recipe.md). A gain smaller than this is no evidence that a round still learns."""
+NOISE_IMAGES = 40
+"""The validation images :data:`VALIDATION_NOISE` was measured at."""
+
+
+def least_gain(val_images: int) -> float:
+    """The least validation gain that counts as an improvement for patience on a split of ``val_images`` images:
+    :data:`VALIDATION_NOISE` scaled as a mean's noise, by ``sqrt(40 / val_images)``."""
+    return round(VALIDATION_NOISE * math.sqrt(NOISE_IMAGES / max(1, val_images)), 4)
+
+
+def round_settings(settings: Settings, val_images: int) -> tuple[Settings, str]:
+    """The round's settings for a validation split of ``val_images`` images: patience off when the split is too
+    small to judge improvement, else the least gain (``TRAIN_MIN_DELTA``, unset: :func:`least_gain`); and what the
+    round's record says of its patience."""
     if val_images < MIN_VALIDATION_FOR_PATIENCE:
-        return (replace(settings, train_patience=settings.train_epochs + 1),
+        return (replace(settings, train_patience=settings.train_epochs + 1, train_min_delta=0.0),
                 f"off: {val_images} validation images (fewer than {MIN_VALIDATION_FOR_PATIENCE})")
-    return settings, str(settings.train_patience)
+    if settings.train_min_delta is None:
+        settings = replace(settings, train_min_delta=least_gain(val_images))
+    return settings, (f"{settings.train_patience} epochs without a gain of more than {settings.train_min_delta:g}, "
+                      f"from epoch {settings.train_min_epochs} on")
 
 
 NEARLY_NOTHING_MAP50 = 0.05

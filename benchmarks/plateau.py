@@ -45,9 +45,9 @@ VAL_SIZES = (20, 40, 60, 100, 150)
 """Validation split sizes whose noise is drawn."""
 GAPS = (1, 5, 10)
 """Epochs apart of the pairs whose difference the noise is measured on."""
-PATIENCES = (5, 10, 15)
-MIN_DELTAS = (0.0, 0.002, 0.005, 0.01)
-FLOORS = (10, 20, 30)
+PATIENCES = (10, 15, 20)
+MIN_DELTAS = (0.0, 0.004, 0.008, 0.012)
+FLOORS = (20, 30, 40)
 
 
 def main(argv: list[str] | None = None) -> int:

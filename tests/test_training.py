@@ -698,6 +698,20 @@ def test_a_round_with_a_floor_trains_to_it_and_sizes_its_weight_average_to_it(da
     assert "min_epochs" not in train_arguments(resolve_model_source(settings), settings)  # off: the same arguments
 
 
+def test_the_least_gain_is_the_noise_of_the_rounds_own_validation_split():
+    from ale_backend.training import VALIDATION_NOISE, least_gain, round_settings
+
+    assert least_gain(40) == VALIDATION_NOISE and least_gain(160) == pytest.approx(VALIDATION_NOISE / 2, abs=1e-4)
+    assert least_gain(20) > least_gain(40) > least_gain(100)  # a larger split can act on smaller gains
+    settings = Settings(train_epochs=80, train_patience=15, train_min_epochs=20)
+    few, said = round_settings(settings, 12)
+    assert (few.train_patience, few.train_min_delta) == (81, 0.0) and said.startswith("off: 12 validation images")
+    sized, said = round_settings(settings, 50)
+    assert sized.train_min_delta == least_gain(50) and sized.train_patience == 15
+    assert said == f"15 epochs without a gain of more than {least_gain(50):g}, from epoch 20 on"
+    assert round_settings(dataclasses.replace(settings, train_min_delta=0.03), 50)[0].train_min_delta == 0.03
+
+
 def test_the_plateau_rule_is_ultralytics_early_stopping_with_a_floor_and_a_least_gain():
     from ultralytics.utils.torch_utils import EarlyStopping
 
@@ -709,9 +723,9 @@ def test_the_plateau_rule_is_ultralytics_early_stopping_with_a_floor_and_a_least
             assert ours(epoch, value) == theirs(epoch, value)
             assert (ours.best_epoch, ours.possible_stop) == (theirs.best_epoch, theirs.possible_stop)
     rising_slowly = [0.10 + 0.001 * e for e in range(30)]
-    stop = PlateauStop(patience=3, min_delta=0.002)  # gains of 0.001 are noise: the round stops
-    assert [stop(e, v) for e, v in enumerate(rising_slowly, start=1)].index(True) + 1 == 7
-    assert stop.best_epoch == 7  # (the kept weights are still the highest fitness)
+    stop = PlateauStop(patience=3, min_delta=0.0035)  # 0.003 in 3 epochs is noise: the round stops
+    assert [stop(e, v) for e, v in enumerate(rising_slowly, start=1)].index(True) + 1 == 4
+    assert stop.best_epoch == 4 and stop.improved_epoch == 1  # (the kept weights are still the highest fitness)
     stop = PlateauStop(patience=3, min_delta=0.0005)
     assert not any(stop(e, v) for e, v in enumerate(rising_slowly, start=1))
     falling = [0.3, 0.2, 0.1, 0.1, 0.1, 0.1, 0.1]

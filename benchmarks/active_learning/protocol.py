@@ -133,9 +133,11 @@ class BenchConfig:
                 if self.keep_best else "the last epoch")
         if self.finetune_epochs is None:
             rule = Settings()
+            gain = (f"{rule.train_min_delta}" if rule.train_min_delta is not None
+                    else "the validation split's noise (training.least_gain)")
             return (f"the selection plus {added}, the product's round: until the validation fitness of the weight "
-                    f"average has not gained more than {rule.train_min_delta} in {rule.train_patience} epochs, "
-                    f"from epoch {rule.train_min_epochs} on and up to {rule.train_epochs} epochs, the best epoch kept")
+                    f"average has not gained more than {gain} in {rule.train_patience} epochs, from epoch "
+                    f"{rule.train_min_epochs} on and up to {rule.train_epochs} epochs, the best epoch kept")
         return f"the selection plus {added}, up to {self.finetune_epochs} epochs, {kept}"
 
     def selection_knobs(self) -> dict:
@@ -373,6 +375,8 @@ class _Seed:
         self.base = cached_base_model(config, self.data, work, cache_dir)
         timings["base_training"] += time.monotonic() - began
         self.settings = _settings(config, seed, work)
+        if config.finetune_epochs is None:  # the product's round: its least gain sized to the validation split
+            self.settings, _ = training.round_settings(self.settings, len(self.data.images("val")))
         self.pool = self.data.images("pool")
         if max(config.budgets) > len(self.pool):
             raise ValueError(f"seed {seed}: a budget of {max(config.budgets)} images from a pool of {len(self.pool)}")
