@@ -724,7 +724,7 @@ def test_the_plateau_rule_is_ultralytics_early_stopping_with_a_floor_and_a_least
             assert (ours.best_epoch, ours.possible_stop) == (theirs.best_epoch, theirs.possible_stop)
     rising_slowly = [0.10 + 0.001 * e for e in range(30)]
     stop = PlateauStop(patience=3, min_delta=0.0035)  # 0.003 in 3 epochs is noise: the round stops
-    assert [stop(e, v) for e, v in enumerate(rising_slowly, start=1)].index(True) + 1 == 4
+    assert next(e for e, v in enumerate(rising_slowly, start=1) if stop(e, v)) == 4
     assert stop.best_epoch == 4 and stop.improved_epoch == 1  # (the kept weights are still the highest fitness)
     stop = PlateauStop(patience=3, min_delta=0.0005)
     assert not any(stop(e, v) for e, v in enumerate(rising_slowly, start=1))
