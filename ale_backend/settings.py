@@ -262,9 +262,9 @@ _VARIABLES: dict[str, tuple[str, str, Callable[[str], object]]] = {
     "redis_url": ("REDIS_URL", "redis://localhost:6379/0", _redis_url),
     "queue_name": ("TRAIN_QUEUE", "ale-training", _text),
     "min_new_annotations": ("MIN_NEW_ANNOTATIONS", "10", _non_negative_int),
-    "train_epochs": ("TRAIN_EPOCHS", "20", _positive_int),
-    "train_patience": ("TRAIN_PATIENCE", "10", _positive_int),
-    "train_min_epochs": ("TRAIN_MIN_EPOCHS", "0", _non_negative_int),
+    "train_epochs": ("TRAIN_EPOCHS", "80", _positive_int),
+    "train_patience": ("TRAIN_PATIENCE", "20", _positive_int),
+    "train_min_epochs": ("TRAIN_MIN_EPOCHS", "30", _non_negative_int),
     "train_min_delta": ("TRAIN_MIN_DELTA", "", _optional_unit_interval),
     "train_imgsz": ("TRAIN_IMGSZ", "640", _positive_int),
     "train_batch": ("TRAIN_BATCH", "16", _positive_int),
@@ -391,11 +391,12 @@ class Settings:
     """RQ queue the web app enqueues on and the worker listens to."""
     min_new_annotations: int = 10
     """Annotation events since the last training before a new one starts (START_TRAINING always starts one)."""
-    train_epochs: int = 20
-    """Fine-tuning epochs per round."""
-    train_patience: int = 10
+    train_epochs: int = 80
+    """Most epochs of a round (the plateau rule stops it earlier: ``train_patience``, ``train_min_epochs``,
+    ``train_min_delta``; docs/training-recipe.md)."""
+    train_patience: int = 20
     """Stop early after this many epochs without validation improvement."""
-    train_min_epochs: int = 0
+    train_min_epochs: int = 30
     """No early stop before this epoch; the weight average's time constant (``train_ema_window``) is sized to this
     many epochs instead of the whole round (``TRAIN_EPOCHS`` is then a cap); 0: neither."""
     train_min_delta: float | None = None
@@ -424,8 +425,9 @@ class Settings:
     """A fixed decay per optimizer step of the moving average of the weights that ultralytics validates and keeps;
     wins over ``train_ema_window``; unset: that one's."""
     train_ema_window: float | None = None
-    """Time constant of that moving average as a fraction of the round's optimizer steps (a decay sized to the
-    round: ``training.ema_decay_for``); 0: ultralytics' own average, whose decay ramps up to 0.9999 over thousands
+    """Time constant of that moving average as a fraction of the optimizer steps of the round's first
+    ``train_min_epochs`` epochs (all of them in a shorter round, or without a floor; ``training.ema_decay_for``); 0:
+    ultralytics' own average, whose decay ramps up to 0.9999 over thousands
     of steps (in a round of a few hundred, close to the last step's weights); unset: the recipe's."""
     train_mosaic: float = 1.0
     """Probability of ultralytics' mosaic augmentation (0 turns it off: faster convergence on small data)."""

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from ale_backend.orders import ORDERS
 from ale_backend.scoring import STRATEGIES
 from ale_backend.settings import Settings
 from benchmarks.active_learning import report
@@ -36,7 +37,7 @@ def test_the_smoke_configuration_produces_every_output(smoke_run):
     for baseline in results["baselines"]:
         assert sum(baseline["pool_detections_per_image"]) == pool  # the N of ALE on the pool, per image
         assert len(baseline["diagnosis"]["images"]) == pool
-        assert set(baseline["selection"]) == set(STRATEGIES)
+        assert set(baseline["selection"]) == set(STRATEGIES) | set(ORDERS)  # the orders are counted too
     report_text = (out / "report.md").read_text()
     for strategy in STRATEGIES:
         assert f"| {strategy} |" in report_text

@@ -664,7 +664,8 @@ def test_a_round_with_a_handful_of_validation_images_is_not_stopped_by_patience(
 
 def test_a_round_stopped_by_patience_says_so(dataset, settings, tmp_path):
     wrecking = dataclasses.replace(settings, train_epochs=8, train_patience=2, train_imgsz=96, train_keep_best=True,
-                                   train_optimizer="Adam", train_lr0=0.01, train_device="cpu")  # fitness only drops
+                                   train_optimizer="Adam", train_lr0=0.01, train_device="cpu", train_min_epochs=0,
+                                   train_min_delta=0.0)  # fitness only drops; ultralytics' own early stopping
     epochs: list[int] = []
     trained = fine_tune(resolve_model_source(settings), dataset / "data.yaml", wrecking, tmp_path,
                         on_epoch=epochs.append)
@@ -695,7 +696,8 @@ def test_a_round_with_a_floor_trains_to_it_and_sizes_its_weight_average_to_it(da
     assert steps == 4 * batches  # the floor's 4 epochs, not the cap's 8
     arguments = train_arguments(resolve_model_source(settings), wrecking)
     assert arguments["min_epochs"] == 4 and "min_delta" not in arguments
-    assert "min_epochs" not in train_arguments(resolve_model_source(settings), settings)  # off: the same arguments
+    without = dataclasses.replace(settings, train_min_epochs=0)  # off: the arguments of a round before the rule
+    assert "min_epochs" not in train_arguments(resolve_model_source(settings), without)
 
 
 def test_the_least_gain_is_the_noise_of_the_rounds_own_validation_split():
