@@ -211,3 +211,18 @@ def test_a_fine_tunes_cached_figures_are_keyed_by_the_test_split_and_every_recip
     label = sorted((data.root / "test" / "labels").glob("*.txt"))[0]
     label.write_text(label.read_text() + "0 0.5 0.5 0.1 0.1\n")  # one more box in the test split
     assert digest() != key
+
+
+def test_a_photographs_run_says_which_of_its_criteria_hold(tmp_path):
+    results = fake_results({25: [0.01, 0.01, 0.01, 0.01, -0.01], 50: [0.02, 0.01, 0.01, -0.01, 0.01]})
+    results["data"] = {"source": "YOLO dataset", "data": "aquarium", "classes": ["a", "b"]}
+    for run in results["runs"]:
+        if run["strategy"] == "random" and run["budget"] == 50:
+            run["map50_95"] = 0.64  # +28 % over the base model's 0.5
+    report.write(results, tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    table = text[text.index("## The photographs' criterion"):]
+    assert "| fine-tunes above their seed's base model: 13 of 20 | no |" in table  # random at 25 stays at 0.5
+    assert "| random at 50 images over the base model: +28% (mean of 5 seeds) | yes |" in table
+    assert "new-class AP at 25 images: +0.006 +- 0.008 (4/5) | yes |" in table
+    assert "mAP50-95 at 50 images: -0.132 +- 0.010 (0/5) | no |" in table
