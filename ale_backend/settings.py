@@ -103,7 +103,13 @@ def _optional_unit_interval(raw: str) -> float | None:
 
 
 def _strategy(raw: str) -> str:
+    from ale_backend.orders import ORDERS  # (orders build on scoring, as this module does)
+
     value = raw.strip().lower()
+    if value in ORDERS:
+        raise ValueError(f"{value} is an order decided over the whole pool, measured on the benchmark only: the "
+                         "backend's queue does not serve it yet (docs/ale.md); expected one of "
+                         f"{', '.join(STRATEGIES)}")
     if value not in STRATEGIES:
         raise ValueError(f"expected one of {', '.join(STRATEGIES)}")
     return value

@@ -103,3 +103,17 @@ def test_the_image_host_allowlist_takes_hosts_not_urls(value):
 def test_the_image_host_allowlist_takes_hosts_and_ports():
     allowed = Settings.from_env({"IMAGE_HOST_ALLOWLIST": "MinIO:9000, 127.0.0.1:8765,[::1]:80,files.lan"})
     assert allowed.image_host_allowlist == ("127.0.0.1:8765", "[::1]:80", "files.lan", "minio:9000")
+
+
+def test_power_sampling_is_served_and_an_order_over_the_pool_is_refused_with_the_reason():
+    assert Settings.from_env({"ALE_STRATEGY": "Power-ALE-Unknown-Mean"}).strategy == "power-ale-unknown-mean"
+    with pytest.raises(SettingsError, match="measured on the benchmark only"):
+        Settings.from_env({"ALE_STRATEGY": "discovery-ale-unknown-mean"})
+
+
+def test_the_rounds_length_and_its_plateau_rule_are_parsed():
+    s = Settings.from_env({"TRAIN_EPOCHS": "60", "TRAIN_MIN_EPOCHS": "0", "TRAIN_MIN_DELTA": "0.01"})
+    assert (s.train_epochs, s.train_min_epochs, s.train_min_delta) == (60, 0, 0.01)
+    assert Settings.from_env({}).train_min_delta is None  # sized to each round's validation split
+    with pytest.raises(SettingsError, match="TRAIN_MIN_DELTA"):
+        Settings.from_env({"TRAIN_MIN_DELTA": "2"})
