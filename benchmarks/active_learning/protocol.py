@@ -135,9 +135,10 @@ class BenchConfig:
             rule = Settings()
             gain = (f"{rule.train_min_delta}" if rule.train_min_delta is not None
                     else "the validation split's noise (training.least_gain)")
-            return (f"the selection plus {added}, the product's round: until the validation fitness of the weight "
-                    f"average has not gained more than {gain} in {rule.train_patience} epochs, from epoch "
-                    f"{rule.train_min_epochs} on and up to {rule.train_epochs} epochs, the best epoch kept")
+            return (f"the selection plus {added}, the product's round: {rule.train_epochs} epochs, the best on the "
+                    f"validation split kept; with {training.MIN_VALIDATION_FOR_PATIENCE} validation images or more "
+                    f"stopped once the weight average's validation fitness has not gained more than {gain} in "
+                    f"{rule.train_patience} epochs, from epoch {rule.train_min_epochs} on")
         return f"the selection plus {added}, up to {self.finetune_epochs} epochs, {kept}"
 
     def selection_knobs(self) -> dict:
