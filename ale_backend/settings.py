@@ -403,8 +403,7 @@ class Settings:
     train_patience: int = 20
     """Stop early after this many epochs without validation improvement."""
     train_min_epochs: int = 30
-    """No early stop before this epoch; the weight average's time constant (``train_ema_window``) is sized to this
-    many epochs instead of the whole round (``TRAIN_EPOCHS`` is then a cap); 0: neither."""
+    """No early stop before this epoch (the plateau rule's floor); 0: none."""
     train_min_delta: float | None = None
     """A validation fitness at most this much above the last improvement does not count as one for
     ``train_patience`` (the kept epoch is still the best one); unset: the noise of the round's validation split,
@@ -431,10 +430,10 @@ class Settings:
     """A fixed decay per optimizer step of the moving average of the weights that ultralytics validates and keeps;
     wins over ``train_ema_window``; unset: that one's."""
     train_ema_window: float | None = None
-    """Time constant of that moving average as a fraction of the optimizer steps of the round's first
-    ``train_min_epochs`` epochs (all of them in a shorter round, or without a floor; ``training.ema_decay_for``); 0:
-    ultralytics' own average, whose decay ramps up to 0.9999 over thousands
-    of steps (in a round of a few hundred, close to the last step's weights); unset: the recipe's."""
+    """Time constant of that moving average as a fraction of the optimizer steps of the round's first 20 epochs
+    (all of a shorter round's; ``training.ema_decay_for``); 0: ultralytics' own average, whose decay ramps up to
+    0.9999 over thousands of steps (in a round of a few hundred, close to the last step's weights); unset: the
+    recipe's."""
     train_mosaic: float = 1.0
     """Probability of ultralytics' mosaic augmentation (0 turns it off: faster convergence on small data)."""
     train_fliplr: float = 0.5

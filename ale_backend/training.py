@@ -280,16 +280,20 @@ class Recipe:
     ema_window: float | None = None
     """Time constant of the weights' moving average as a fraction of the round's optimizer steps
     (:func:`ema_decay_for`); None: ultralytics' own average."""
+    ema_epochs: int | None = None
+    """The steps ``ema_window`` is a fraction of: those of the round's first this many epochs (all of a shorter
+    round's); None: the whole round's."""
 
 
 RECIPES = {
     # a model trained from its YAML: ultralytics' own schedule (SGD, lr0 0.01 decaying to 1e-4, 3 warm-up epochs)
     "from_scratch": Recipe(lr0=0.01, lrf=0.01, warmup_epochs=3, close_mosaic=10),
     # trained weights fine-tuned on a project's annotations: the from-scratch learning rate decaying to a tenth of
-    # it, an optimizer step every batch of 16, no warm-up, and a weight average whose time constant is 0.22 of the
-    # round's least length (TRAIN_MIN_EPOCHS: 6.6 of 30 epochs, the 6.7 epochs the plateau rule was measured with);
+    # it, an optimizer step every batch of 16, no warm-up, and a weight average whose time constant is a third of the
+    # round's first 20 epochs (a third of a shorter round; the 6.7 epochs the long rounds were measured with);
     # chosen on the photographs and the digits: docs/training-recipe.md
-    "warm_start": Recipe(lr0=0.01, lrf=0.1, warmup_epochs=0, close_mosaic=10, nominal_batch=16, ema_window=0.22),
+    "warm_start": Recipe(lr0=0.01, lrf=0.1, warmup_epochs=0, close_mosaic=10, nominal_batch=16, ema_window=0.33,
+                         ema_epochs=20),
 }
 """The training recipes, by the kind of start: the one place the product's rounds and the benchmark take them from."""
 
@@ -330,7 +334,9 @@ def _weight_average(settings: Settings, recipe: Recipe) -> dict[str, float]:
     if settings.train_ema_decay is not None:
         return {"ema_decay": settings.train_ema_decay}
     window = settings.train_ema_window if settings.train_ema_window is not None else recipe.ema_window
-    return {"ema_window": window} if window else {}
+    if not window:
+        return {}
+    return {"ema_window": window, **({"ema_epochs": recipe.ema_epochs} if recipe.ema_epochs else {})}
 
 
 def ema_decay_for(window: float, steps: int) -> float:
@@ -346,10 +352,10 @@ def _set_ema_decay(decay: float | None = None, window: float | None = None,
                    sized_to_epochs: int = 0) -> Callable[[Any], None]:
     """An ultralytics callback (``on_train_start``) that gives the trainer's weight average a constant decay from the
     first step, ``decay`` or :func:`ema_decay_for` ``window`` of the round's optimizer steps (counted from its
-    epochs, batches and gradient accumulation; from ``sized_to_epochs`` epochs instead where that is fewer, so that
-    a round that may stop on a plateau averages as a round of its least length would): the average starts from the
-    parent's weights, which are worth keeping (ultralytics ramps its decay up from 0, for a model whose first
-    weights are random)."""
+    epochs, batches and gradient accumulation; of its first ``sized_to_epochs`` epochs where the round is longer,
+    so that a long round averages over the same few epochs as the rounds it was measured with): the average starts
+    from the parent's weights, which are worth keeping (ultralytics ramps its decay up from 0, for a model whose
+    first weights are random)."""
     def set_decay(trainer) -> None:
         if getattr(trainer, "ema", None) is None:
             return
@@ -420,7 +426,8 @@ def fine_tune(parent: ModelSource, data_yaml: Path, settings: Settings, run_dir:
     min_epochs, min_delta = arguments.pop("min_epochs", 0), arguments.pop("min_delta", 0.0)
     if "ema_decay" in arguments or "ema_window" in arguments:
         model.add_callback("on_train_start", _set_ema_decay(arguments.pop("ema_decay", None),
-                                                            arguments.pop("ema_window", None), min_epochs))
+                                                            arguments.pop("ema_window", None),
+                                                            arguments.pop("ema_epochs", 0)))
     if min_epochs or min_delta:
         model.add_callback("on_train_start", _set_plateau_stop(arguments["patience"], min_delta, min_epochs))
     runtime = training_runtime(settings)

@@ -675,9 +675,11 @@ def test_a_round_stopped_by_patience_says_so(dataset, settings, tmp_path):
                                      f"{trained.epochs - 2}")
 
 
-def test_a_round_with_a_floor_trains_to_it_and_sizes_its_weight_average_to_it(dataset, settings, tmp_path, caplog):
+def test_a_round_with_a_floor_trains_to_it_and_sizes_its_weight_average_to_its_first_epochs(dataset, settings,
+                                                                                            tmp_path, caplog):
     """TRAIN_MIN_EPOCHS: a round whose fitness only drops (so patience 1 alone stops it at epoch 2) trains up to the
-    floor and stops there; its weight average is sized to the floor's optimizer steps, not the cap's."""
+    floor and stops there; its weight average is sized to the steps of its first epochs (the recipe's 20, or all 8
+    of this round's), not to where it stopped."""
     import logging
     import re
 
@@ -693,7 +695,7 @@ def test_a_round_with_a_floor_trains_to_it_and_sizes_its_weight_average_to_it(da
     steps = int(re.search(r"of (\d+) optimizer steps", next(m for m in caplog.messages
                                                             if m.startswith("weight average"))).group(1))
     batches = -(-len(list((dataset / "train" / "images").iterdir())) // wrecking.train_batch)
-    assert steps == 4 * batches  # the floor's 4 epochs, not the cap's 8
+    assert steps == 8 * batches  # the round's 8 epochs (fewer than the recipe's 20), not the 4 it ran
     arguments = train_arguments(resolve_model_source(settings), wrecking)
     assert arguments["min_epochs"] == 4 and "min_delta" not in arguments
     without = dataclasses.replace(settings, train_min_epochs=0)  # off: the arguments of a round before the rule
