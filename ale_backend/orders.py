@@ -123,9 +123,9 @@ def groups_by_predicted_class(class_scores: Sequence[np.ndarray]) -> np.ndarray:
     class with the higher summed score; -1 for an image without boxes."""
     groups = np.full(len(class_scores), -1, dtype=np.int64)
     for i, scores in enumerate(class_scores):
-        scores = np.asarray(scores, dtype=np.float64).reshape(len(scores), -1) if len(scores) else np.zeros((0, 1))
         if not len(scores):
             continue
+        scores = np.asarray(scores, dtype=np.float64).reshape(len(scores), -1)
         votes = np.bincount(scores.argmax(axis=1), minlength=scores.shape[1])
         tied = np.flatnonzero(votes == votes.max())
         groups[i] = int(tied[np.argmax(scores[:, tied].sum(axis=0))])

@@ -428,8 +428,8 @@ def fine_tune(parent: ModelSource, data_yaml: Path, settings: Settings, run_dir:
         model.add_callback("on_train_start", _set_ema_decay(arguments.pop("ema_decay", None),
                                                             arguments.pop("ema_window", None),
                                                             arguments.pop("ema_epochs", 0)))
-    if min_epochs or min_delta:
-        model.add_callback("on_train_start", _set_plateau_stop(arguments["patience"], min_delta, min_epochs))
+    # (without a floor or a least gain it decides as ultralytics' own early stopping: one mechanism for every round)
+    model.add_callback("on_train_start", _set_plateau_stop(arguments["patience"], min_delta, min_epochs))
     runtime = training_runtime(settings)
     model.train(
         data=str(data_yaml), **arguments, device=_device(settings), workers=runtime.workers,
@@ -440,13 +440,12 @@ def fine_tune(parent: ModelSource, data_yaml: Path, settings: Settings, run_dir:
     best = Path(trainer.best)
     run = reported[0]
     stopped = None
-    best_epoch = int(getattr(getattr(trainer, "stopper", None), "best_epoch", 0))  # counted from 1 there
+    best_epoch = int(trainer.stopper.best_epoch)  # counted from 1 there (0: validated only at the end)
     if run < trainer.epochs:
-        improved = getattr(trainer.stopper, "improved_epoch", best_epoch)
         gain = f" of more than {min_delta:g}" if min_delta else ""
         stopped = (f"stopped after epoch {run} of {trainer.epochs}: no validation improvement{gain} in "
-                   f"{settings.train_patience} epochs since epoch {improved} (TRAIN_PATIENCE); the best was epoch "
-                   f"{best_epoch}")
+                   f"{settings.train_patience} epochs since epoch {trainer.stopper.improved_epoch} (TRAIN_PATIENCE); "
+                   f"the best was epoch {best_epoch}")
     return FineTuned(best if best.is_file() else Path(trainer.last), run, stopped,
                      best_epoch if settings.train_keep_best and best_epoch else None)
 

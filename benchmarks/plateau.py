@@ -29,7 +29,6 @@ Three things come out of it:
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import itertools
 import json
@@ -40,6 +39,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.active_learning.evaluation import evaluate_matched, match_images
 
 VAL_SIZES = (20, 40, 60, 100, 150)
 """Validation split sizes whose noise is drawn."""
@@ -129,20 +130,16 @@ def _seed(args, seed: int) -> dict:
     protocol._fine_tune(bench.base, bench.data, [bench.pool[i] for i in chosen], bench.replay, settings, run,
                         on_epoch=keep)
     seconds = time.monotonic() - began
-    with (run / "train" / "results.csv").open() as f:
-        rows = list(csv.DictReader(row.replace(" ", "") for row in f))
-    val = [float(r["metrics/mAP50-95(B)"]) for r in rows]
-    fitness = [0.1 * float(r["metrics/mAP50(B)"]) + 0.9 * v for r, v in zip(rows, val)]
+    log = protocol.validation_log(run / "train" / "results.csv")
+    val = [map50_95 for _, map50_95 in log]
+    fitness = [0.1 * map50 + 0.9 * map50_95 for map50, map50_95 in log]  # ultralytics' fitness
     tested = sorted(int(p.stem.removeprefix("epoch")) for p in kept.glob("epoch*.pt"))
-    matched = {}
-    test = {}
-    for epoch in tested:
-        model = local_model_source(str(kept / f"epoch{epoch}.pt"))
-        predictions = bench.test.predictions(model)
-        matched[epoch] = match(predictions, bench.test.truths, len(bench.data.class_names))
-        test[epoch] = mean_ap(matched[epoch], np.arange(len(bench.test.truths)))
-    noise = validation_noise(matched, [e for e in tested if e >= args.min_epochs], len(bench.test.truths),
-                             args.draws, np.random.default_rng(seed))
+    classes = len(bench.data.class_names)
+    matched = {e: match_images(bench.test.predictions(local_model_source(str(kept / f"epoch{e}.pt"))),
+                               bench.test.truths, classes) for e in tested}
+    test = {e: evaluate_matched(m, classes)["map50_95"] for e, m in matched.items()}
+    noise = validation_noise(matched, classes, [e for e in tested if e >= args.min_epochs], args.draws,
+                             np.random.default_rng(seed))
     return {"seed": seed, "budget": args.budget, "epochs": args.epochs, "min_epochs": args.min_epochs,
             "train_images": len(chosen) + len(bench.replay), "val_images": len(bench.data.images("val")),
             "test_images": len(bench.test.truths), "base_test_map50_95": bench.baseline["map50_95"],
@@ -152,60 +149,15 @@ def _seed(args, seed: int) -> dict:
             "noise": noise, "machine": protocol.machine()}
 
 
-def match(predictions, truths, num_classes: int) -> list[dict]:
-    """Per image: each prediction's class, score and whether it matches an object at each IoU threshold (greedy by
-    score within the image, as :func:`benchmarks.active_learning.evaluation.evaluate` does), and the objects per
-    class."""
-    from benchmarks.active_learning.evaluation import IOU_THRESHOLDS, iou_matrix
-
-    out = []
-    for p, t in zip(predictions, truths):
-        order = np.argsort(-p.scores, kind="stable")
-        classes, scores, boxes = p.classes[order], p.scores[order], p.boxes[order]
-        hits = np.zeros((len(order), len(IOU_THRESHOLDS)), dtype=bool)
-        for cls in np.unique(classes):
-            rows = np.nonzero(classes == cls)[0]
-            objects = t.boxes[t.classes == cls]
-            if not len(objects):
-                continue
-            ious = iou_matrix(boxes[rows], objects)
-            for k, threshold in enumerate(IOU_THRESHOLDS):
-                used = np.zeros(len(objects), dtype=bool)
-                for r, row in zip(rows, ious):
-                    candidates = np.where((row >= threshold - 1e-9) & ~used, row, -1.0)
-                    if candidates.max() >= 0:
-                        used[int(candidates.argmax())] = True
-                        hits[r, k] = True
-        out.append({"classes": classes, "scores": scores, "hits": hits,
-                    "objects": np.bincount(t.classes.astype(int), minlength=num_classes)})
-    return out
-
-
-def mean_ap(matched: list[dict], images: np.ndarray) -> float:
-    """mAP50-95 over the images ``images`` (indices, repeats allowed), classes without objects there left out."""
-    from benchmarks.active_learning.evaluation import average_precision
-
-    objects = np.sum([matched[i]["objects"] for i in images], axis=0)
-    classes = np.concatenate([matched[i]["classes"] for i in images])
-    scores = np.concatenate([matched[i]["scores"] for i in images])
-    hits = np.concatenate([matched[i]["hits"] for i in images])
-    aps = []
-    for cls in np.nonzero(objects)[0]:
-        mine = classes == cls
-        order = np.argsort(-scores[mine], kind="stable")
-        aps.append(np.mean([average_precision(column[order].astype(float), int(objects[cls]))
-                            for column in hits[mine].T]))
-    return float(np.mean(aps)) if aps else 0.0
-
-
-def validation_noise(matched: dict[int, list[dict]], epochs: list[int], images: int, draws: int,
+def validation_noise(matched: dict[int, list], classes: int, epochs: list[int], draws: int,
                      rng: np.random.Generator) -> dict:
     """Per split size n: the std over draws of n images of one epoch's mAP50-95 (``level``) and of the difference
     between two epochs ``gap`` apart (``gap<k>``), averaged over the pairs (epochs at or after the floor)."""
     out = {}
     for n in VAL_SIZES:
+        images = len(next(iter(matched.values())))
         samples = [rng.integers(0, images, n) for _ in range(draws)]
-        maps = {e: np.array([mean_ap(matched[e], s) for s in samples]) for e in epochs}
+        maps = {e: np.array([evaluate_matched(matched[e], classes, s)["map50_95"] for s in samples]) for e in epochs}
         entry = {"level": float(np.mean([m.std() for m in maps.values()]))}
         for gap in GAPS:
             pairs = [(a, b) for a, b in itertools.combinations(epochs, 2) if b - a == gap]

@@ -72,19 +72,22 @@ def _random_image(rng, classes=3):
             ImageBoxes(truth_boxes, rng.integers(0, classes, objects)))
 
 
-def test_matching_each_image_once_gives_evaluates_map_on_any_draw_of_images():
-    """benchmarks.plateau matches each image once and re-sorts per draw: the same mAP50-95 as evaluate() on the
-    images drawn, repeats included."""
-    from benchmarks.plateau import match, mean_ap
+def test_images_matched_once_give_evaluates_figures_on_any_draw_of_them():
+    """benchmarks.plateau matches each image once and evaluates draws of images (repeats included): the same figures
+    as evaluate() on the images of the draw."""
+    from benchmarks.active_learning.evaluation import evaluate_matched, match_images
 
     rng = np.random.default_rng(1)
     images = [_random_image(rng) for _ in range(30)]
     predictions, truths = [p for p, _ in images], [t for _, t in images]
-    matched = match(predictions, truths, 3)
+    matched = match_images(predictions, truths, 3)
     for draw in (np.arange(30), rng.integers(0, 30, 30), rng.integers(0, 30, 12)):
-        expected = evaluate([predictions[i] for i in draw], [truths[i] for i in draw], 3)["map50_95"]
-        assert mean_ap(matched, draw) == pytest.approx(expected, abs=1e-9)
-    assert 0 < mean_ap(matched, np.arange(30)) < 1
+        expected = evaluate([predictions[i] for i in draw], [truths[i] for i in draw], 3)
+        figures = evaluate_matched(matched, 3, draw)
+        for key in ("map50_95", "map50"):
+            assert figures[key] == pytest.approx(expected[key], abs=1e-12)
+        assert figures["ap50_95"] == pytest.approx(expected["ap50_95"], abs=1e-12)
+    assert 0 < evaluate_matched(matched, 3)["map50_95"] < 1
 
 
 def test_the_simulated_rule_stops_where_the_trainer_would():

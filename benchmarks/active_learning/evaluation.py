@@ -58,31 +58,62 @@ def evaluate(predictions: Sequence[ImageBoxes], truths: Sequence[ImageBoxes], nu
     """mAP50-95, mAP50 and per-class AP (NaN for classes without ground truth) over paired images."""
     if len(predictions) != len(truths):
         raise ValueError("one prediction entry per ground-truth image is needed")
+    return evaluate_matched(match_images(predictions, truths, num_classes), num_classes)
+
+
+@dataclass(frozen=True)
+class MatchedImage:
+    """One image's predictions, sorted by score, matched to its objects at every IoU threshold."""
+
+    classes: np.ndarray
+    scores: np.ndarray
+    hits: np.ndarray
+    """(N, thresholds) bool: the prediction matched an object at that threshold."""
+    objects: np.ndarray
+    """Objects per class."""
+
+
+def match_images(predictions: Sequence[ImageBoxes], truths: Sequence[ImageBoxes],
+                 num_classes: int) -> list[MatchedImage]:
+    """Each image's predictions, by descending score, greedily matched per class and threshold to the unmatched object
+    of the same class with the highest IoU. A match depends on the image alone, so images can be matched once and
+    evaluated in any draw (:func:`evaluate_matched`)."""
+    out = []
+    for p, t in zip(predictions, truths):
+        order = np.argsort(-np.asarray(p.scores), kind="stable")
+        classes, scores, boxes = p.classes[order], p.scores[order], p.boxes[order]
+        hits = np.zeros((len(order), len(IOU_THRESHOLDS)), dtype=bool)
+        for cls in np.unique(classes):
+            rows = np.nonzero(classes == cls)[0]
+            objects = t.boxes[t.classes == cls]
+            if not len(objects):
+                continue
+            ious = iou_matrix(boxes[rows], objects)
+            for k, threshold in enumerate(IOU_THRESHOLDS):
+                used = np.zeros(len(objects), dtype=bool)
+                for r, row in zip(rows, ious):
+                    candidates = np.where((row >= threshold - 1e-9) & ~used, row, -1.0)
+                    if candidates.max() >= 0:
+                        used[int(candidates.argmax())] = True
+                        hits[r, k] = True
+        out.append(MatchedImage(classes, scores, hits,
+                                np.bincount(np.asarray(t.classes, dtype=np.int64), minlength=num_classes)))
+    return out
+
+
+def evaluate_matched(matched: Sequence[MatchedImage], num_classes: int, images: np.ndarray | None = None) -> dict:
+    """:func:`evaluate`'s figures over the matched images ``images`` (indices, repeats allowed; default: all)."""
+    images = np.arange(len(matched)) if images is None else images
     ap = np.full((num_classes, len(IOU_THRESHOLDS)), np.nan)
-    for cls in range(num_classes):
-        n_truth = sum(int((t.classes == cls).sum()) for t in truths)
-        if n_truth == 0:
-            continue
-        entries = []  # (score, image index, prediction index)
-        for i, p in enumerate(predictions):
-            for j in np.nonzero(p.classes == cls)[0]:
-                entries.append((float(p.scores[j]), i, int(j)))
-        entries.sort(key=lambda e: -e[0])
-        ious = {i: iou_matrix(predictions[i].boxes[predictions[i].classes == cls],
-                              truths[i].boxes[truths[i].classes == cls]) for i in range(len(truths))}
-        rank_in_image = {}
-        for i in range(len(predictions)):
-            rank_in_image[i] = {int(j): k for k, j in enumerate(np.nonzero(predictions[i].classes == cls)[0])}
-        for t_index, threshold in enumerate(IOU_THRESHOLDS):
-            used = {i: np.zeros(ious[i].shape[1], dtype=bool) for i in ious}
-            tp = np.zeros(len(entries))
-            for e, (_, i, j) in enumerate(entries):
-                row = ious[i][rank_in_image[i][j]] if ious[i].size else np.zeros(0)
-                candidates = np.where((row >= threshold - 1e-9) & ~used[i], row, -1.0)
-                if candidates.size and candidates.max() >= 0:
-                    used[i][int(candidates.argmax())] = True
-                    tp[e] = 1
-            ap[cls, t_index] = average_precision(tp, n_truth)
+    if len(images):
+        objects = np.sum([matched[i].objects for i in images], axis=0)
+        classes = np.concatenate([matched[i].classes for i in images])
+        scores = np.concatenate([matched[i].scores for i in images])
+        hits = np.concatenate([matched[i].hits for i in images])
+        for cls in np.nonzero(objects)[0]:
+            mine = classes == cls
+            order = np.argsort(-scores[mine], kind="stable")
+            ap[cls] = [average_precision(column[order].astype(float), int(objects[cls])) for column in hits[mine].T]
     present = ~np.isnan(ap[:, 0])
     return {
         "map50_95": float(np.nanmean(ap[present])) if present.any() else 0.0,

@@ -84,11 +84,11 @@ class BenchConfig:
     """The strategies that are fine-tuned; the selection of every strategy is counted anyway (no training)."""
     budgets: tuple[int, ...]
     data: NewSpeciesConfig | YoloDatasetConfig = field(default_factory=NewSpeciesConfig)
+    """Where the splits come from: the digit generator or a YOLO dataset (``--data``)."""
     box_budgets: tuple[int, ...] = ()
     """Budgets in boxes (``--box-budgets``): each strategy's ranking taken from the top until its images hold at least
     this many true boxes, so that orders are compared at equal annotation effort (:data:`BOX_MATCHED` does not run
     there: random order is ``random``'s)."""
-    """Where the splits come from: the digit generator or a YOLO dataset (``--data``)."""
     imgsz: int = 160
     base_epochs: int = 100
     finetune_epochs: int | None = 20
@@ -290,13 +290,11 @@ def data_source(config: BenchConfig, cache_dir: Path) -> DataSource:
 def _settings(config: BenchConfig, seed: int, work: Path) -> Settings:
     """A fine-tune's settings: the product's defaults (its recipe and, with ``finetune_epochs=None``, its round's
     length and plateau rule), the configuration's sizes and ``recipe``."""
-    if config.finetune_epochs is None:
-        product = Settings()
-        length = {"train_keep_best": True, "train_epochs": product.train_epochs,
-                  "train_patience": product.train_patience, "train_min_epochs": product.train_min_epochs,
-                  "train_min_delta": product.train_min_delta}
+    if config.finetune_epochs is None:  # the product's defaults hold: its epochs, patience, floor and least gain
+        length = {"train_keep_best": True}
     else:
-        length = {"train_keep_best": config.keep_best, "train_min_epochs": 0, "train_min_delta": 0.0,
+        length = {"train_keep_best": config.keep_best, "train_epochs": config.finetune_epochs,
+                  "train_min_epochs": 0, "train_min_delta": 0.0,
                   "train_patience": config.finetune_patience or config.finetune_epochs + 1}
     return dataclasses.replace(_common_settings(config, seed, work), **{
         **length, **dict(config.recipe)})  # a recipe may set the epochs and patience too
@@ -308,9 +306,7 @@ def _common_settings(config: BenchConfig, seed: int, work: Path) -> Settings:
         score_conf=config.score_conf, display_conf=config.score_conf, score_iou=config.score_iou,
         score_max_det=config.score_max_det, agnostic_nms=config.agnostic_nms, train_imgsz=config.imgsz,
         train_batch=config.batch, train_device=config.device, train_workers=config.workers, train_seed=seed,
-        train_epochs=config.finetune_epochs or Settings().train_epochs, train_patience=Settings().train_patience,
-        train_mosaic=config.mosaic,
-        train_fliplr=config.fliplr, train_keep_best=False,
+        train_mosaic=config.mosaic, train_fliplr=config.fliplr, train_keep_best=False,
     )
 
 
@@ -384,6 +380,8 @@ class _Seed:
             raise ValueError(f"seed {seed}: a budget of {max(config.budgets)} images from a pool of {len(self.pool)}")
         pool_images = [cv2.imread(str(p)) for p in self.pool]
         self.pool_truth = [_labels(label_path(p), image) for p, image in zip(self.pool, pool_images)]
+        self.pool_boxes = np.array([len(t.classes) for t in self.pool_truth])
+        """True boxes per pool image."""
         # every box down to 0.001 once (for the diagnosis); the strategies see those at the scoring threshold
         every_box = Detector(self.base, dataclasses.replace(self.settings, score_conf=DIAGNOSIS_CONF,
                                                             display_conf=DIAGNOSIS_CONF))
@@ -417,21 +415,16 @@ class _Seed:
         if strategy == BASE_ONLY:
             return ()
         if strategy == BOX_MATCHED:
-            target = self._boxes[list(self.selection(DEFAULT_STRATEGY, budget))].sum()
-            return _up_to_boxes(self._rng(BOX_MATCHED).permutation(len(self.pool)), self._boxes, target)
+            target = self.pool_boxes[list(self.selection(DEFAULT_STRATEGY, budget))].sum()
+            return _up_to_boxes(self._rng(BOX_MATCHED).permutation(len(self.pool)), self.pool_boxes, target)
         if unit == BOXES:
-            return _up_to_boxes(self.queue(strategy, BOX_BUDGET_BATCH), self._boxes, budget)
+            return _up_to_boxes(self.queue(strategy, BOX_BUDGET_BATCH), self.pool_boxes, budget)
         return tuple(sorted(int(i) for i in self.queue(strategy, budget)[:budget]))
 
     def queue(self, strategy: str, batch: int) -> np.ndarray:
         """The pool in the order ``strategy`` serves it (:func:`ale_backend.orders.order`; ``diverse-`` orders pick
         ``batch`` images at a time)."""
         return order(strategy, self.class_scores, self._rng(strategy), self.features, batch)
-
-    @property
-    def _boxes(self) -> np.ndarray:
-        """True boxes per pool image."""
-        return np.array([len(t.classes) for t in self.pool_truth])
 
     def has_run(self, strategy: str, budget: int, unit: str = IMAGES) -> bool:
         chosen = self.selection(strategy, budget, unit)
@@ -531,19 +524,19 @@ def _fine_tune(base: ModelSource, data: SeedData, chosen: list[Path], replay: li
     write_image_list(work / "val.txt", (p.resolve() for p in data.images("val")))
     data_yaml = write_data_yaml(work / "data.yaml", work, data.class_names, train="train.txt", val="val.txt")
     tuned = fine_tune(base, data_yaml, settings, work, on_epoch=on_epoch)
-    return _Tuned(ModelSource(str(tuned.weights), work.name, is_config=False), tuned.epochs, tuned.best_epoch,
-                  _validation_curve(work / "train" / "results.csv"))
+    curve = [round(map50_95, 4) for _, map50_95 in validation_log(work / "train" / "results.csv")]
+    return _Tuned(ModelSource(str(tuned.weights), work.name, is_config=False), tuned.epochs, tuned.best_epoch, curve)
 
 
-def _validation_curve(results_csv: Path) -> list[float]:
-    """Validation mAP50-95 of the weight average after each epoch, from ultralytics' log (none where it validated
-    only at the end)."""
+def validation_log(results_csv: Path) -> list[tuple[float, float]]:
+    """(mAP50, mAP50-95) on the validation split of the weight average after each epoch, from ultralytics' log
+    (zeros where it validated only at the end; none without a log)."""
     import csv
 
     if not results_csv.is_file():
         return []
     with results_csv.open() as f:
-        return [round(float(row["metrics/mAP50-95(B)"]), 4)
+        return [(float(row["metrics/mAP50(B)"]), float(row["metrics/mAP50-95(B)"]))
                 for row in csv.DictReader(line.replace(" ", "") for line in f)]
 
 

@@ -46,6 +46,11 @@ class _Runs:
         self.by = {(r["strategy"], r["budget"], r["seed"]): r for r in runs}
         self.base = {b["seed"]: b for b in results["baselines"]}
 
+    def ran(self, strategy: str, budget: int) -> tuple[list[int], list[dict]]:
+        """The seeds that ran ``strategy`` at ``budget``, and their runs."""
+        seeds = [s for s in self.seeds if (strategy, budget, s) in self.by]
+        return seeds, [self.by[(strategy, budget, s)] for s in seeds]
+
     def values(self, strategy: str, budget: int, key: str, seeds=None) -> np.ndarray:
         return np.array([self.by[(strategy, budget, s)][key] for s in (seeds or self.seeds)
                          if (strategy, budget, s) in self.by], float)
@@ -136,10 +141,9 @@ def _what_labels_buy(r: _Runs) -> list[str]:
                                        + _against_base(r, rows, seeds)) + " |")
     for strategy in r.strategies:
         for budget in r.budgets:
-            seeds = [s for s in r.seeds if (strategy, budget, s) in r.by]
+            seeds, rows = r.ran(strategy, budget)
             if not seeds:
                 continue
-            rows = [r.by[(strategy, budget, s)] for s in seeds]
             images = f"{np.mean([x['images'] for x in rows]):.0f}"
             lines.append("| " + " | ".join([f"{strategy}, {budget}", images,
                                             f"{np.mean([x['boxes'] for x in rows]):.0f}"]
@@ -165,7 +169,9 @@ def _gate_against_test(r: _Runs) -> str:
             f"{len(below)} at or below it refuses {len(below) - sum(below)}.")
 
 
-def _against_base(r: _Runs, rows: list[dict], seeds: list[int]) -> list[str]:
+def _against_base(r: _Runs, rows: list[dict], seeds: list[int], promoted: bool = True) -> list[str]:
+    """Cells of mAP50-95, its change and the change per 100 boxes, new-class AP and its change, and (``promoted``)
+    how many the gate serves."""
     cells = []
     for key in ("map50_95", "new_ap50_95"):
         values = np.array([x[key] for x in rows], float)
@@ -173,8 +179,10 @@ def _against_base(r: _Runs, rows: list[dict], seeds: list[int]) -> list[str]:
         cells += [_fmt(values), _paired(values - base)]
         if key == "map50_95":
             cells.append(_per_100_boxes(values - base, rows))
-    promoted = [x["promoted"] for x in rows if "promoted" in x]
-    return cells + [f"{sum(promoted)}/{len(promoted)}" if promoted else ""]
+    if not promoted:
+        return cells
+    served = [x["promoted"] for x in rows if "promoted" in x]
+    return cells + [f"{sum(served)}/{len(served)}" if served else ""]
 
 
 def _per_100_boxes(change: np.ndarray, rows: list[dict]) -> str:
@@ -199,17 +207,16 @@ def _equal_boxes(default: str | None, r: _Runs) -> list[str]:
              "change | mAP vs random | new-class AP vs random |", "|" + "---|" * 11]
     for budget in r.budgets:
         for strategy in r.strategies:
-            seeds = [s for s in r.seeds if (strategy, budget, s) in r.by]
+            seeds, rows = r.ran(strategy, budget)
             if not seeds:
                 continue
-            rows = [r.by[(strategy, budget, s)] for s in seeds]
             against = strategy != "random" and "random" in r.strategies
             versus = [_paired(r.paired(strategy, "random", budget, k)) if against else ""
                       for k in ("map50_95", "new_ap50_95")]
             lines.append("| " + " | ".join([f"{np.mean([x['boxes'] for x in rows]):.0f}", strategy,
                                             f"{np.mean([x['images'] for x in rows]):.1f}",
                                             f"{np.mean([x['new_boxes'] for x in rows]):.1f}"]
-                                           + _against_base(r, rows, seeds)[:-1] + versus) + " |")
+                                           + _against_base(r, rows, seeds, promoted=False) + versus) + " |")
     return lines + [""]
 
 
@@ -253,9 +260,9 @@ def _photographs_criterion(default: str | None, r: _Runs) -> list[str]:
     if above:
         checks.append((f"fine-tunes above their seed's base model: {sum(above)} of {len(above)}",
                        np.mean(above) >= 0.9, "at least 90 %"))
-    if ("random", 50) in {(s, b) for s, b, _ in r.by}:
-        seeds = [s for s in r.seeds if ("random", 50, s) in r.by]
-        gain = np.mean([r.by[("random", 50, s)]["map50_95"] / r.base[s]["map50_95"] - 1 for s in seeds])
+    seeds, rows = r.ran("random", 50)
+    if seeds:
+        gain = np.mean([x["map50_95"] / r.base[s]["map50_95"] - 1 for s, x in zip(seeds, rows)])
         checks.append((f"random at 50 images over the base model: {gain:+.0%} (mean of {len(seeds)} seeds)",
                        gain >= PAPER_GAIN_AT_50, f"at least {PAPER_GAIN_AT_50:+.0%}, the paper's gain at 50"))
     if default and default in r.strategies and "random" in r.strategies:
